@@ -1,0 +1,2 @@
+"""llava_jax: LLaVA-style vision-language models in JAX/Flax."""
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Mesh axes and logical-axis rules: the one place that knows mesh axis names.
+
+Modules name logical axes only (``batch, seq, embed, mlp, heads, kv_heads, head_dim,
+vocab, layers`` for params, ``act_*`` for activations). ``LOGICAL_RULES`` maps them onto
+the mesh ``("data", "fsdp", "tensor")``; configs may override individual rules. The same
+code runs on 1 CPU or a TPU pod: only the mesh shape changes.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axis or axes or None). First match wins, as in flax.linen.partitioning.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # Parameters.
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("patch", None),
+    ("channels", None),
+    ("norm", None),
+    # Activations.
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_vocab", "tensor"),
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+)
+
+
+def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a ``("data", "fsdp", "tensor")`` mesh; one ``-1`` entry takes the remaining devices.
+
+  Uses ``jax.sharding.Mesh`` (Auto axes), not ``jax.make_mesh`` (Explicit by default),
+  because sharding here is driven by logical-axis annotations and ``jit`` shardings.
+  """
+  if isinstance(shape, Mapping):
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    shape = [shape.get(a, 1) for a in MESH_AXES]
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  devices = list(devices if devices is not None else jax.devices())
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one -1")
+  if -1 in shape:
+    rest = int(np.prod([s for s in shape if s != -1]))
+    if len(devices) % rest:
+      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // rest
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices, have {len(devices)}")
+  try:
+    from jax.experimental import mesh_utils
+    dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # pragma: no cover - CPU/unknown topologies
+    dev_array = np.asarray(devices).reshape(shape)
+  return Mesh(dev_array, MESH_AXES)
+
+
+def rules(overrides: Iterable[tuple[str, Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+  """Logical-axis rules with ``overrides`` taking precedence over the defaults."""
+  overrides = tuple(tuple(r) for r in (overrides or ()))
+  names = {r[0] for r in overrides}
+  return overrides + tuple(r for r in LOGICAL_RULES if r[0] not in names)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, overrides: Iterable[tuple[str, Any]] | None = None):
+  """Context in which ``nn.with_logical_constraint`` annotations resolve against ``mesh``."""
+  with mesh, nn.logical_axis_rules(rules(overrides)):
+    yield
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh,
+                        overrides: Iterable[tuple[str, Any]] | None = None) -> Any:
+  """Maps a pytree of logical ``PartitionSpec``s to ``NamedSharding``s on ``mesh``."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules(overrides))
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh,
+                    overrides: Iterable[tuple[str, Any]] | None = None) -> Any:
+  """Shardings for a (boxed, e.g. from ``jax.eval_shape(model.init, ...)``) param tree."""
+  return logical_to_sharding(nn.get_partition_spec(boxed_params), mesh, overrides)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis split over ``data`` and ``fsdp``; everything else replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
