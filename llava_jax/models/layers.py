@@ -1,0 +1,154 @@
+"""Building blocks shared by the ViT and the LLM: norms, dense layers with logical axes,
+activations, RoPE, and the scanned / rematerialised layer stack.
+
+Einsum letters: B batch, T sequence, E embed, F mlp, H heads, K kv heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.models.configs import RopeScaling
+
+Array = jax.Array
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def logical(init: Callable, axes: Sequence[str | None]) -> Callable:
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str,
+          use_bias: bool = True, axis: int | Sequence[int] = -1, dtype=jnp.float32,
+          bias_axes: Sequence[str | None] | None = None) -> nn.DenseGeneral:
+  """DenseGeneral whose kernel (and bias) carry logical axis names (float32 params)."""
+  feats = (features,) if isinstance(features, int) else tuple(features)
+  return nn.DenseGeneral(
+      features=feats, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=logical(nn.initializers.lecun_normal(), axes),
+      bias_init=logical(nn.initializers.zeros_init(), bias_axes or axes[-len(feats):]),
+      name=name)
+
+
+def layer_norm(eps: float, name: str, dtype=jnp.float32) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+                      scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+                      bias_init=logical(nn.initializers.zeros_init(), ("norm",)))
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * w, computed in float32 (as HF Llama/Gemma); Gemma applies (1 + w)."""
+  eps: float = 1e-6
+  plus_one: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
+    w = self.param("scale", logical(init, ("norm",)), (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:  # Gemma multiplies in float32 before casting back
+      return (y * (1.0 + w)).astype(self.dtype)
+    # Llama casts the normalised activations to the input dtype, then scales.
+    return (w * y.astype(x.dtype)).astype(self.dtype)
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "silu":
+    return jax.nn.silu
+  raise ValueError(f"unknown activation {name!r}")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+  """float32[D/2] inverse frequencies, with Llama-3 or linear scaling (as HF computes them)."""
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+  if scaling is None:
+    return inv.astype(np.float32)
+  if scaling.kind == "linear":
+    return (inv / scaling.factor).astype(np.float32)
+  if scaling.kind != "llama3":
+    raise ValueError(f"unsupported rope scaling {scaling.kind!r}")
+  low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+  high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+  smooth = ((scaling.original_max_position / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+  """Rotary embedding in HF's rotate-half convention.
+
+  Args: x float[B, T, H, D]; positions int32[B, T]; inv_freq float32[D/2].
+  Returns: float[B, T, H, D] in x's dtype (angles computed in float32).
+  """
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LayerStack(nn.Module):
+  """``depth`` copies of ``block_cls(cfg)``; runs the first ``num_layers`` of them.
+
+  ``scan=True`` stores params with a leading ``layers`` axis (one compiled block,
+  ``nn.scan``); ``scan=False`` stores ``layers_0 … layers_{depth-1}``. Either way every
+  layer exists in the param tree (so checkpoints round-trip) while only the layers
+  needed are computed (e.g. LLaVA's ``select_layer=-2`` skips the ViT's last block).
+  Blocks are called as ``block(x, *args) -> (x, None)``; ``args`` are broadcast.
+  """
+  block_cls: Any
+  cfg: Any
+  depth: int
+  scan: bool = False
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, x: Array, *args, num_layers: int | None = None) -> Array:
+    n = self.depth if (num_layers is None or self.is_initializing()) else num_layers
+    if not 0 <= n <= self.depth:
+      raise ValueError(f"num_layers {n} out of range [0, {self.depth}]")
+    block = self.block_cls
+    if self.remat != "none":
+      block = nn.remat(block, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    if not self.scan:
+      for i in range(n):
+        x, _ = block(self.cfg, name=f"layers_{i}")(x, *args)
+      return x
+    if n == 0:
+      return x
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast,) * len(args), length=n,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    if n != self.depth:
+      # Run a prefix of the stored layers: slice the stacked params on the way in.
+      scanned = nn.map_variables(scanned, "params", init=False,
+                                 trans_in_fn=lambda t: jax.tree.map(lambda a: a[:n], t))
+    x, _ = scanned(self.cfg, name="layers")(x, *args)
+    return x

@@ -1,0 +1,129 @@
+"""LLaVA: ViT -> projector -> features merged at image placeholders -> decoder LLM.
+
+Param tree: ``{"img": …, "projector": …, "llm": …}`` (as PaliGemma), so regexes such as
+``img/.*`` freeze, shard and set learning rates.
+
+Einsum letters: B batch, T text length, I images in the batch, N image tokens per
+image, E LLM embed, V vocab.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.models.configs import LlavaConfig
+from llava_jax.models.llm import Decoder
+from llava_jax.models.projector import Projector
+from llava_jax.models.vit import VisionTransformer
+
+
+def check_image_tokens(placeholders_per_row, num_images: int, tokens_per_image: int):
+  """Raises ValueError if the placeholder counts cannot hold the given images exactly.
+
+  Args:
+    placeholders_per_row: int[B], image placeholder tokens in each sample.
+    num_images: images in ``pixel_values`` (all samples, in order).
+    tokens_per_image: image features per image (``cfg.num_image_tokens``).
+  """
+  counts = np.asarray(placeholders_per_row).reshape(-1)
+  expected = num_images * tokens_per_image
+  bad_rows = [(i, int(n)) for i, n in enumerate(counts) if n % tokens_per_image]
+  if bad_rows:
+    i, n = bad_rows[0]
+    raise ValueError(
+        f"sample {i} of the batch has {n} image placeholder tokens, not a multiple of the "
+        f"{tokens_per_image} features per image (rows with a remainder: {bad_rows})")
+  if int(counts.sum()) != expected:
+    raise ValueError(
+        f"image placeholder/feature count mismatch: the batch has {int(counts.sum())} image "
+        f"placeholder tokens (per sample {counts.tolist()}) but {num_images} images x "
+        f"{tokens_per_image} features = {expected} image features")
+
+
+def merge_image_features(text_embeds, input_ids, image_features, image_token_id: int):
+  """Writes image features, in order, into the placeholder positions.
+
+  Args:
+    text_embeds: float[B, T, E]; input_ids: int32[B, T];
+    image_features: float[I, N, E] in the order images appear in the batch (row-major).
+  Returns:
+    float[B, T, E]. Counts must already match (see ``check_image_tokens``).
+  """
+  b, t, e = text_embeds.shape
+  is_image = (input_ids == image_token_id).reshape(-1)
+  flat = image_features.reshape(-1, e).astype(text_embeds.dtype)
+  idx = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat.shape[0] - 1)
+  merged = jnp.where(is_image[:, None], flat[idx], text_embeds.reshape(-1, e))
+  return merged.reshape(b, t, e)
+
+
+def default_positions(input_ids, attention_mask):
+  """int32[B, T]: 0, 1, … over the valid (mask == 1) tokens; left padding stays at 0."""
+  if attention_mask is None:
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class Llava(nn.Module):
+  cfg: LlavaConfig
+
+  def setup(self):
+    c = self.cfg
+    self.img = VisionTransformer(c.vision)
+    self.projector = Projector(c.projector, dtype=c.llm.dtype)
+    self.llm = Decoder(c.llm)
+
+  def embed_image(self, pixel_values):
+    """float32[I, S, S, 3] (normalised NHWC) -> float[I, N, E] projected image features."""
+    return self.projector(self.img(pixel_values))
+
+  def embed_inputs(self, input_ids, pixel_values=None):
+    """Token embeddings with image features merged in: float[B, T, E]."""
+    c = self.cfg
+    is_image = input_ids == c.image_token_id
+    # Placeholder ids may lie outside the vocabulary; they are overwritten anyway.
+    embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
+    num_images = 0 if pixel_values is None else pixel_values.shape[0]
+    per_row = jnp.sum(is_image, axis=1)
+    if not isinstance(per_row, jax.core.Tracer):
+      check_image_tokens(per_row, num_images, c.num_image_tokens)
+    elif c.check_image_tokens:
+      # Inside jit the counts are only known on device: a scalar-sized host check.
+      jax.debug.callback(check_image_tokens, per_row, num_images, c.num_image_tokens)
+    if num_images == 0:
+      if self.is_initializing():
+        self.embed_image(jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)))
+      return embeds
+    return merge_image_features(embeds, input_ids, self.embed_image(pixel_values),
+                                c.image_token_id)
+
+  def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None):
+    """LLaVA forward.
+
+    Args:
+      input_ids: int32[B, T] with ``cfg.image_token_id`` at image feature positions
+        (``cfg.num_image_tokens`` per image; text-only rows have none).
+      pixel_values: float32[I, S, S, 3] normalised NHWC, the batch's images in order,
+        or None for a text-only batch.
+      attention_mask: int[B, T], 1 for tokens, 0 for padding (left or right).
+      positions: int32[B, T] RoPE positions; default counts valid tokens from 0.
+    Returns:
+      logits float32[B, T, V].
+    """
+    embeds = self.embed_inputs(input_ids, pixel_values)
+    if positions is None:
+      positions = default_positions(input_ids, attention_mask)
+    segment_ids = None if attention_mask is None else attention_mask.astype(jnp.int32)
+    return self.llm(embeds, positions, segment_ids)
+
+
+def init_params(cfg: LlavaConfig, rng, *, batch: int = 1, seq_len: int = 8, boxed: bool = False):
+  """Random params for ``cfg`` (plain nested dicts; ``boxed`` keeps logical-axis metadata)."""
+  n = cfg.num_image_tokens
+  ids = jnp.concatenate([jnp.full((batch, n), cfg.image_token_id, jnp.int32),
+                         jnp.ones((batch, seq_len), jnp.int32)], axis=1)
+  px = jnp.zeros((batch, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
+  variables = Llava(cfg).init(rng, ids, px)
+  return variables["params"] if boxed else nn.unbox(variables["params"])
