@@ -1,0 +1,1 @@
+"""Data layer: image preprocessing, conversation templates, tokenization with label masks, sources and pipelines."""

@@ -1,0 +1,175 @@
+"""Conversation templates render LLaVA's exact strings and mark exactly the answers (+ their end) as targets."""
+import dataclasses
+import random
+
+import pytest
+
+from llava_jax.data import templates as tp
+
+CONV = [
+    {"from": "human", "value": "What is this?\n<image>"},
+    {"from": "gpt", "value": "A cat."},
+    {"from": "human", "value": "Color?"},
+    {"from": "gpt", "value": "Black."},
+]
+
+VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. "
+              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAVA_SYS = ("A chat between a curious human and an artificial intelligence assistant. "
+             "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAMA2_SYS = ("You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+              "safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or "
+              "illegal content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+              "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
+              "something not correct. If you don't know the answer to a question, please don't share false "
+              "information.")
+
+# (template, full text, target segments), written out by hand from LLaVA's conversation.py / train.py.
+EXPECTED = {
+    "vicuna_v1": (VICUNA_SYS + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
+                  [" A cat.</s>", " Black.</s>"]),
+    "llava_v1": (LLAVA_SYS + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
+                 [" A cat.</s>", " Black.</s>"]),
+    "llama_2": ("[INST] <<SYS>>\n" + LLAMA2_SYS + "\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A cat. </s>"
+                "<s>[INST] Color? [/INST] Black. </s>", [" A cat. </s>", " Black. </s>"]),
+    "mistral_instruct": ("[INST] <image>\nWhat is this? [/INST] A cat.</s>[INST] Color? [/INST] Black.</s>",
+                         [" A cat.</s>", " Black.</s>"]),
+    "chatml": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is this?"
+               "<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n"
+               "<|im_start|>assistant\nBlack.<|im_end|>\n", ["A cat.<|im_end|>\n", "Black.<|im_end|>\n"]),
+    "gemma": ("<start_of_turn>user\n<image>\nWhat is this?<end_of_turn>\n<start_of_turn>model\nA cat.<end_of_turn>\n"
+              "<start_of_turn>user\nColor?<end_of_turn>\n<start_of_turn>model\nBlack.<end_of_turn>\n",
+              ["A cat.<end_of_turn>\n", "Black.<end_of_turn>\n"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_render_exact_text_and_targets(name):
+  text, targets = EXPECTED[name]
+  segs = tp.render(CONV, name)
+  assert "".join(s.text for s in segs) == text
+  assert [s.text for s in segs if s.is_target] == targets
+  # prompt / target alternate, starting with prompt
+  assert [s.is_target for s in segs] == [False, True, False, True]
+
+
+def test_plain_keeps_only_image_and_caption():
+  segs = tp.render(CONV[:2], "plain")
+  assert segs == [tp.Segment("<image>", False), tp.Segment("A cat.\n", True)]
+  assert tp.prompt_for_generation(CONV[:1], "plain") == "<image>"
+  with pytest.raises(tp.ConversationError, match="exactly one user turn"):
+    tp.render(CONV, "plain")
+  with pytest.raises(tp.ConversationError, match="<image>"):
+    tp.render([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}], "plain")
+
+
+@pytest.mark.parametrize("name", sorted(tp.TEMPLATES))
+def test_prompt_for_generation_is_text_before_each_answer(name):
+  conv = CONV[:2] if name == "plain" else CONV
+  segs = tp.render(conv, name)
+  for k in range(0, len(conv), 2):
+    prompt = tp.prompt_for_generation(conv[:k + 1], name)
+    before = "".join(s.text for s in segs[:k + 1])  # everything up to answer k // 2
+    assert prompt == before, (name, k)
+    assert segs[k + 1].is_target
+    assert segs[k + 1].text.startswith(tp.TEMPLATES[name].assistant_format.split("{content}")[0])
+    assert tp.TEMPLATES[name].stop in segs[k + 1].text
+
+
+def test_vicuna_generation_prompt_matches_llava():
+  assert tp.prompt_for_generation(CONV[:1], "vicuna_v1") == VICUNA_SYS + " USER: <image>\nWhat is this? ASSISTANT:"
+
+
+def test_image_tags_moved_to_front_like_llava():
+  assert tp.move_image_tags_first("What is it?\n<image>") == "<image>\nWhat is it?"
+  assert tp.move_image_tags_first("  <image> describe  ") == "<image>\ndescribe"
+  assert tp.move_image_tags_first("a <image> b") == "<image>\na  b"  # LLaVA: replace then strip, inner spaces stay
+  assert tp.move_image_tags_first("<image>") == "<image>"
+  assert tp.move_image_tags_first("no image") == "no image"
+  # Several tags are kept (LLaVA collapses them) so a count mismatch stays visible.
+  assert tp.move_image_tags_first("<image> x <image>") == "<image>\n<image>\nx"
+
+
+def test_roles_system_and_leading_assistant():
+  chat = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "dropped"},
+          {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+  assert "".join(s.text for s in tp.render(chat, "vicuna_v1")) == "Be brief. USER: Hi ASSISTANT: Hello</s>"
+  assert tp.prompt_for_generation(chat[:3], "llama_2") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
+  assert tp.prompt_for_generation(chat[:3], "gemma") == (
+      "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
+  assert tp.prompt_for_generation(chat[:3], "mistral_instruct") == "[INST] Be brief.\n\nHi [/INST]"
+  # An empty system text renders nothing (no <<SYS>> block, no chatml system turn).
+  no_sys = [{"role": "system", "content": ""}] + chat[2:]
+  assert "".join(s.text for s in tp.render(no_sys, "llama_2")) == "[INST] Hi [/INST] Hello </s>"
+  assert tp.prompt_for_generation(no_sys[:2], "chatml") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_trailing_user_turn_is_prompt_only():
+  segs = tp.render(CONV[:3], "vicuna_v1")
+  assert segs[-1] == tp.Segment("USER: Color? ", False)
+  assert sum(s.is_target for s in segs) == 1
+
+
+def test_bad_conversations_raise():
+  with pytest.raises(tp.ConversationError, match="turn 1 .* expected 'assistant'"):
+    tp.render([CONV[0], CONV[0]], "vicuna_v1")
+  with pytest.raises(tp.ConversationError, match="unknown role 'narrator'"):
+    tp.render([{"from": "narrator", "value": "x"}], "vicuna_v1")
+  with pytest.raises(tp.ConversationError, match="string 'from'/'value'"):
+    tp.render([{"from": "human"}], "vicuna_v1")
+  with pytest.raises(tp.ConversationError, match="ending with a user turn"):
+    tp.prompt_for_generation(CONV[:2], "vicuna_v1")
+  with pytest.raises(ValueError, match="unknown conversation template 'nope'"):
+    tp.get_template("nope")
+
+
+def _llava_get_prompt(style, system, roles, messages, sep, sep2):
+  """LLaVA conversation.py `get_prompt` for SeparatorStyle.TWO and LLAMA_2 (the reference, logic unchanged)."""
+  if style == "TWO":
+    seps = [sep, sep2]
+    ret = system + seps[0]
+    for i, (role, message) in enumerate(messages):
+      ret += role + ": " + message + seps[i % 2] if message else role + ":"
+    return ret
+  wrap_sys = lambda msg: f"<<SYS>>\n{msg}\n<</SYS>>\n\n"
+  wrap_inst = lambda msg: f"[INST] {msg} [/INST]"
+  ret = ""
+  for i, (role, message) in enumerate(messages):
+    if message:
+      if i == 0:
+        message = wrap_sys(system) + message
+      if i % 2 == 0:
+        ret += sep + wrap_inst(message)
+      else:
+        ret += " " + message + " " + sep2
+  return ret.lstrip(sep)
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "llava_v1", "llama_2"])
+def test_matches_llava_get_prompt_on_random_conversations(name):
+  rng = random.Random(0)
+  words = ["cat", "dog", "is", "the", "red?", "No.", "Yes!", "a\nb"]
+  t = tp.TEMPLATES[name]
+  style, sep, sep2 = ("TWO", " ", "</s>") if name != "llama_2" else ("LLAMA_2", "<s>", "</s>")
+  for _ in range(50):
+    n = 2 * rng.randint(1, 4)
+    msgs = [" ".join(rng.choices(words, k=rng.randint(1, 5))) for _ in range(n)]
+    msgs[0] = "<image>\n" + msgs[0]
+    conv = [{"from": "human" if i % 2 == 0 else "gpt", "value": m} for i, m in enumerate(msgs)]
+    ref = _llava_get_prompt(style, t.system, ("USER", "ASSISTANT"),
+                            [("USER" if i % 2 == 0 else "ASSISTANT", m) for i, m in enumerate(msgs)], sep, sep2)
+    assert "".join(s.text for s in tp.render(conv, name)) == ref
+    # the generation prompt equals LLaVA's with an empty final assistant message
+    ref_prompt = _llava_get_prompt(style, t.system, ("USER", "ASSISTANT"),
+                                   [("USER" if i % 2 == 0 else "ASSISTANT", m) for i, m in enumerate(msgs[:-1])]
+                                   + [("ASSISTANT", None)], sep, sep2)
+    assert tp.prompt_for_generation(conv[:-1], name) == ref_prompt
+
+
+def test_templates_are_frozen_and_replaceable():
+  t = tp.TEMPLATES["vicuna_v1"]
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    t.system = "x"
+  tight = dataclasses.replace(t, name="tight", assistant_format="{content}</s>")
+  assert tp.get_template(tight) is tight
+  assert "".join(s.text for s in tp.render(CONV[:2], tight)).endswith("ASSISTANT:A cat.</s>")
