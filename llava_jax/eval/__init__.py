@@ -1,0 +1,11 @@
+"""Evaluation: answer normalisation, benchmark metrics and LLaVA-format question/answer files.
+
+Pure Python + numpy; nothing here imports JAX, so scoring runs anywhere, including on
+answers files copied off a pod.
+
+  normalize.py        official VQA answer normalisation and LLaVA's EvalAIAnswerProcessor
+  vqa.py              VQAv2 / TextVQA soft accuracy, GQA and synthetic exact match
+  pope.py             POPE accuracy / precision / recall / F1 / yes-ratio per split
+  multiple_choice.py  ScienceQA and MMBench letter extraction and accuracy
+  files.py            question / annotation readers, resumable answers JSONL, TASKS, score()
+"""
