@@ -27,7 +27,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
-    ("patch", None),
+    ("patch_h", None),
+    ("patch_w", None),
     ("channels", None),
     ("norm", None),
     # Activations.

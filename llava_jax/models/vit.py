@@ -93,7 +93,7 @@ class VisionTransformer(nn.Module):
     self.patch_embedding = nn.Conv(
         c.width, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
         padding="VALID", use_bias=c.patch_bias, dtype=dt, param_dtype=jnp.float32,
-        kernel_init=logical(nn.initializers.lecun_normal(), ("patch", "patch", "channels", "embed")),
+        kernel_init=logical(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
         bias_init=logical(nn.initializers.zeros_init(), ("embed",)))
     n_pos = c.num_patches + int(c.class_token)
     self.position_embedding = self.param(
