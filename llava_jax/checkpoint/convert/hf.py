@@ -193,12 +193,15 @@ def llm_config_from_hf(d: dict, *, tie_embeddings: bool | None = None, **overrid
   if family == "qwen2" and not d.get("use_sliding_window", False):
     sliding = None
   heads = d["num_attention_heads"]
+  head_dim = d.get("head_dim")
+  if head_dim == d["hidden_size"] // heads:
+    head_dim = None  # the default; keeps configs equal across a round trip
   tie = d.get("tie_word_embeddings", family == "gemma") if tie_embeddings is None else tie_embeddings
   return LLMConfig(
       vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
       intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
       num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
-      head_dim=d.get("head_dim"), rope_theta=theta, rope_scaling=scaling,
+      head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
       rms_norm_eps=d.get("rms_norm_eps", 1e-6), act=_LLM_ACT[act], qkv_bias=family == "qwen2",
       tie_embeddings=tie, embed_scale=family == "gemma", norm_plus_one=family == "gemma",
       sliding_window=sliding, max_position_embeddings=d.get("max_position_embeddings", 4096),

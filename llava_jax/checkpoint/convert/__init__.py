@@ -1,0 +1,1 @@
+"""Checkpoint converters: ``hf`` (transformers), ``llava_original`` and ``big_vision``."""

@@ -1,0 +1,1 @@
+"""Inference: ``sampler.generate`` (batched, left-padded prompts)."""
