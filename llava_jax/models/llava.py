@@ -24,10 +24,11 @@ def check_image_tokens(placeholders_per_row, num_images: int, tokens_per_image: 
 
   Args:
     placeholders_per_row: int[B], image placeholder tokens in each sample.
-    num_images: images in ``pixel_values`` (all samples, in order).
+    num_images: real images in ``pixel_values`` (all samples, in order).
     tokens_per_image: image features per image (``cfg.num_image_tokens``).
   """
   counts = np.asarray(placeholders_per_row).reshape(-1)
+  num_images = int(num_images)
   expected = num_images * tokens_per_image
   bad_rows = [(i, int(n)) for i, n in enumerate(counts) if n % tokens_per_image]
   if bad_rows:
@@ -42,16 +43,21 @@ def check_image_tokens(placeholders_per_row, num_images: int, tokens_per_image: 
         f"{tokens_per_image} features = {expected} image features")
 
 
-def merge_image_features(text_embeds, input_ids, image_features, image_token_id: int):
+def merge_image_features(text_embeds, input_ids, image_features, image_token_id: int,
+                         image_mask=None):
   """Writes image features, in order, into the placeholder positions.
 
   Args:
     text_embeds: float[B, T, E]; input_ids: int32[B, T];
     image_features: float[I, N, E] in the order images appear in the batch (row-major).
+    image_mask: bool[I] or None; False marks padding image slots (fixed-shape batches
+      with text-only samples), which are skipped.
   Returns:
     float[B, T, E]. Counts must already match (see ``check_image_tokens``).
   """
   b, t, e = text_embeds.shape
+  if image_mask is not None:  # stable: valid images first, in their original order
+    image_features = image_features[jnp.argsort(~image_mask, stable=True)]
   is_image = (input_ids == image_token_id).reshape(-1)
   flat = image_features.reshape(-1, e).astype(text_embeds.dtype)
   idx = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat.shape[0] - 1)
@@ -79,27 +85,38 @@ class Llava(nn.Module):
     """float32[I, S, S, 3] (normalised NHWC) -> float[I, N, E] projected image features."""
     return self.projector(self.img(pixel_values))
 
-  def embed_inputs(self, input_ids, pixel_values=None):
-    """Token embeddings with image features merged in: float[B, T, E]."""
+  def embed_inputs(self, input_ids, pixel_values=None, image_mask=None):
+    """Token embeddings with image features merged in: float[B, T, E].
+
+    ``pixel_values`` float32[I, S, S, 3] or [B, M, S, S, 3] (M image slots per sample,
+    flattened row-major); ``image_mask`` bool[I] or [B, M] marks real images.
+    """
     c = self.cfg
+    if pixel_values is not None and pixel_values.ndim == 5:
+      pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
+    if image_mask is not None:
+      image_mask = image_mask.reshape(-1).astype(bool)
     is_image = input_ids == c.image_token_id
     # Placeholder ids may lie outside the vocabulary; they are overwritten anyway.
     embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
     num_images = 0 if pixel_values is None else pixel_values.shape[0]
+    if image_mask is not None:
+      num_images = jnp.sum(image_mask)
     per_row = jnp.sum(is_image, axis=1)
-    if not isinstance(per_row, jax.core.Tracer):
+    if not isinstance(per_row, jax.core.Tracer) and not isinstance(num_images, jax.core.Tracer):
       check_image_tokens(per_row, num_images, c.num_image_tokens)
     elif c.check_image_tokens:
       # Inside jit the counts are only known on device: a scalar-sized host check.
       jax.debug.callback(check_image_tokens, per_row, num_images, c.num_image_tokens)
-    if num_images == 0:
+    if pixel_values is None or pixel_values.shape[0] == 0:
       if self.is_initializing():
         self.embed_image(jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)))
       return embeds
     return merge_image_features(embeds, input_ids, self.embed_image(pixel_values),
-                                c.image_token_id)
+                                c.image_token_id, image_mask)
 
-  def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None):
+  def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
+               image_mask=None):
     """LLaVA forward.
 
     Args:
@@ -109,10 +126,11 @@ class Llava(nn.Module):
         or None for a text-only batch.
       attention_mask: int[B, T], 1 for tokens, 0 for padding (left or right).
       positions: int32[B, T] RoPE positions; default counts valid tokens from 0.
+      image_mask: bool[I] (or [B, M] with 5-D pixel_values); False = padding image slot.
     Returns:
       logits float32[B, T, V].
     """
-    embeds = self.embed_inputs(input_ids, pixel_values)
+    embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
     if positions is None:
       positions = default_positions(input_ids, attention_mask)
     segment_ids = None if attention_mask is None else attention_mask.astype(jnp.int32)

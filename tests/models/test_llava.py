@@ -75,6 +75,23 @@ def test_text_only_batch(hf_llava):
   assert np.abs(np.asarray(out) - ref).max() < 1e-4
 
 
+def test_padding_image_slots_with_image_mask(hf_llava):
+  """Fixed-shape batches: [B, M] image slots, text-only samples' slots marked padding."""
+  model, cfg, params = hf_llava
+  ids, mask, px = make_batch(cfg)  # row 0: 2 images, row 1: none, row 2: 1 image
+  slots = np.zeros((3, 2) + px.shape[1:], np.float32)
+  slots[0, 0], slots[0, 1], slots[2, 0] = px[0], px[1], px[2]
+  slots[1] = 7.0  # garbage in padding slots must not leak into the output
+  image_mask = np.array([[1, 1], [0, 0], [1, 0]], bool)
+  fn = jax.jit(lambda p, i, x, m, im: Llava(cfg).apply({"params": p}, i, x, m, image_mask=im))
+  out = np.asarray(fn(params, ids, slots, mask, image_mask))
+  ref = hf_logits(model, ids, mask, px)
+  valid = mask.astype(bool)
+  assert np.abs(out[valid] - ref[valid]).max() < 1e-4
+  with pytest.raises(Exception, match="but 2 images"):
+    jax.block_until_ready(fn(params, ids, slots, mask, np.array([[1, 1], [0, 0], [0, 0]], bool)))
+
+
 def test_placeholder_mismatch_eager_names_both_numbers(hf_llava):
   _, cfg, params = hf_llava
   ids, mask, px = make_batch(cfg)
