@@ -18,11 +18,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1):
   init is 0.02) so activations stay O(1), where float32 noise is ~1e-6 and the
   1e-5 / 1e-4 tolerances have meaning."""
   g = torch.Generator().manual_seed(seed)
-  gemma = "gemma" in type(model).__name__.lower()
+  # Gemma's RMSNorm applies (1 + w): its weights are centred on 0, every other norm's on 1.
+  gemma_norms = {f"{m_name}.weight" if m_name else "weight"
+                 for m_name, m in model.named_modules() if type(m).__name__ == "GemmaRMSNorm"}
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = scale * torch.randn(p.shape, generator=g)
-      if "norm" in name and name.endswith("weight") and not gemma:
+      if "norm" in name and name.endswith("weight") and name not in gemma_norms:
         p.copy_(1.0 + noise)
       else:
         p.copy_(noise)

@@ -37,6 +37,7 @@ class VisionConfig:
   # (0 = embeddings, -1 = last layer); only the layers needed are computed.
   select_layer: int = -2
   select_feature: str = "patch"   # "patch" drops the class token, "cls_patch" keeps it
+  feature_norm: bool = False      # apply post_layernorm to the selected features (PaliGemma)
   attn_impl: str = "xla"
   scan: bool = False
   remat: str = "none"             # "none" | "full" | "dots" (checkpoint policy)

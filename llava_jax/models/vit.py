@@ -146,6 +146,8 @@ class VisionTransformer(nn.Module):
     if self.is_initializing():  # create every param, including the unused tail
       self.tower(pixel_values)
     x = self.hidden_state(pixel_values, c.num_layers_used)
+    if c.feature_norm:
+      x = self.post_layernorm(x)
     if c.class_token and c.select_feature == "patch":
       x = x[:, 1:]
     return x

@@ -129,3 +129,14 @@ def test_no_safetensors_is_a_clear_error(tmp_path):
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
   with pytest.raises(FileNotFoundError, match="no .safetensors weights.*pytorch_model.bin"):
     common.read_checkpoint_dir(str(tmp_path))
+
+
+def test_old_buffers_are_skipped(hf_dir, tmp_path):
+  """Older transformers saved position_ids / inv_freq buffers with the weights."""
+  _, path = hf_dir
+  cfg, params = load_hf_llava(path)
+  _rewrite(path, str(tmp_path), lambda t: t.update({
+      "vision_tower.embeddings.position_ids": np.arange(17)[None],
+      "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+  _, params2 = load_hf_llava(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, params2, params)

@@ -377,11 +377,9 @@ def load_paligemma_npz(path_or_dict, *, llm_overrides: dict | None = None,
 
   What a user gets is PaliGemma's *weights* in LLaVA's *forward*, which differs in three ways:
 
-  * Features: PaliGemma projects the tower's *post-LayerNorm* output
-    (``encoder_norm``; ``tower(px)[0]`` here), LLaVA's ``img(px)`` is
-    ``hidden_states[-1]`` *before* ``post_layernorm`` (as HF LLaVA with a SigLIP tower).
-    ``VisionConfig`` has no switch for this; ``Llava.embed_image`` therefore feeds the
-    projector un-normalised features until fine-tuned.
+  * Features: PaliGemma projects the tower's *post-LayerNorm* output (``encoder_norm``),
+    so the config sets ``VisionConfig.feature_norm=True`` (LLaVA itself projects
+    ``hidden_states[select_layer]`` before ``post_layernorm``).
   * Image scale: big_vision and transformers >= 5 multiply only the *text* embeddings by
     sqrt(E) and insert image features unscaled (transformers 4.x divided the features by
     sqrt(E) and then scaled everything: the same thing). ``Llava`` merges first, then its
@@ -391,23 +389,16 @@ def load_paligemma_npz(path_or_dict, *, llm_overrides: dict | None = None,
   * Attention: PaliGemma's prefix (image + prompt) attends bidirectionally, the suffix
     causally; ``Llava`` is causal over the whole sequence.
 
-  Exact PaliGemma logits under a causal mask (HF ``PaliGemmaForConditionalGeneration``
-  called without ``token_type_ids``) are, with the default fold::
-
-    def paligemma_forward(m, ids, px):  # Llava(cfg).apply({"params": p}, ids, px, method=…)
-      feats = m.projector(m.img.tower(px)[0])
-      embeds = merge_image_features(m.llm.embed(jnp.where(ids == cfg.image_token_id, 0, ids)),
-                                    ids, feats, cfg.image_token_id)
-      return m.llm(embeds, default_positions(ids, None))
-
-  (the test checks this to 1e-4); the bidirectional prefix additionally needs
+  With these, ``Llava(cfg).apply({"params": p}, ids, px)`` gives PaliGemma's logits under
+  a causal mask (HF ``PaliGemmaForConditionalGeneration`` without ``token_type_ids``;
+  the test checks 1e-4); the bidirectional prefix additionally needs
   ``kernels.attention``'s ``prefix_len``, which ``Llava`` does not pass.
 
   Position ids: big_vision counts from 0, HF PaliGemma from 1; RoPE is relative, so both
   give the same logits. Returns ``(LlavaConfig, params)`` as float32 numpy nested dicts.
   """
   tensors = read_npz(path_or_dict)
-  vision = siglip_config_from_npz(tensors, **(vision_overrides or {}))
+  vision = siglip_config_from_npz(tensors, **{"feature_norm": True, **(vision_overrides or {})})
   if vision.head:
     raise ValueError("img/MAPHead_0: PaliGemma's tower has no MAP head (pool_type 'none'); "
                      "this looks like a SigLIP image-text checkpoint (use load_siglip_npz)")

@@ -255,6 +255,14 @@ _LLAVA_PREFIXES = (  # (old prefix, canonical prefix); first match wins
 )
 
 
+# Buffers older transformers versions saved with the weights; recomputed, never learned.
+_BUFFER_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
+
+
+def buffer_keys(tensors) -> list[str]:
+  return [k for k in tensors if k.endswith(_BUFFER_SUFFIXES)]
+
+
 def canonical_llava_keys(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for k, v in tensors.items():
@@ -322,7 +330,8 @@ def load_hf_llava(path: str, *, vision_overrides: dict | None = None,
   cfg = llava_config_from_hf(d, tensors, **(llm_overrides or {}))
   if vision_overrides:
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision_overrides))
-  flat = common.apply_specs(llava_specs(cfg), tensors, f"LLaVA checkpoint {path}")
+  flat = common.apply_specs(llava_specs(cfg), tensors, f"LLaVA checkpoint {path}",
+                            buffer_keys(tensors))
   return cfg, finalize(cfg, flat)
 
 
@@ -374,7 +383,7 @@ def load_hf_vision(path: str, **overrides) -> tuple[VisionConfig, dict]:
   raw = common.read_checkpoint_dir(path)
   tensors = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v
              for k, v in raw.items()}
-  ignore = [k for k in tensors if k.startswith(_NON_VISION_PREFIXES)]
+  ignore = [k for k in tensors if k.startswith(_NON_VISION_PREFIXES)] + buffer_keys(tensors)
   tensors = split_in_proj(tensors, "head.attention.")
   cfg = vision_config_from_hf(d, **overrides)
   flat = common.apply_specs(vision_specs(cfg), tensors, f"vision checkpoint {path}", ignore)
@@ -395,7 +404,8 @@ def load_hf_llm(path: str, **overrides) -> tuple[LLMConfig, dict]:
   raw = common.read_checkpoint_dir(path)
   tensors = {k[len("model."):] if k.startswith("model.") else k: v for k, v in raw.items()}
   cfg = llm_config_from_hf(d, tie_embeddings="lm_head.weight" not in tensors, **overrides)
-  flat = common.apply_specs(llm_specs(cfg) + lm_head_specs(cfg), tensors, f"LLM checkpoint {path}")
+  flat = common.apply_specs(llm_specs(cfg) + lm_head_specs(cfg), tensors, f"LLM checkpoint {path}",
+                            buffer_keys(tensors))
   if cfg.scan:
     flat = common.stack_layers(flat, ("decoder",), cfg.num_layers)
   expected = jax.eval_shape(lambda: init_llm(cfg, jax.random.key(0), boxed=True))
