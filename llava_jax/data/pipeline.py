@@ -1,0 +1,369 @@
+"""The grain input pipeline: LLaVA records -> fixed-shape, checkpointable training batches.
+
+    it = make_dataset(ArrayRecordLlavaSource(dir), tokenizer=tok, template="llava_v1",
+                      image_config=image_config_for("clip", 336, "pad"), image_token_id=32000,
+                      num_image_tokens=576, max_len=2048, max_images=1, batch_size=32, seed=0)
+    batch = next(it)                     # dict of numpy arrays (keys below)
+    state = it.get_state()               # JSON-able; store it with the checkpoint
+    it.counts()                          # {"bad_image": 3, "template_mismatch": 0, ...}
+
+Stages (grain 0.2 `MapDataset` / `IterDataset`):
+
+    MapDataset.source(source)            records {"id", "conversations", "images"}
+      [shard_index::shard_count] slice   this host's disjoint part (see `shard_range`)
+      .shuffle(seed).repeat(num_epochs)  global shuffle of the host's part, reshuffled per epoch
+      .map(PrepareExample)               decode + preprocess images, tokenize: an example or a Rejected
+      .to_iter_dataset(ReadOptions)      threads; .mp_prefetch() if worker_count > 0 (processes)
+    _CountRejected                       main process: counts, logs, skips or raises per policy
+      .batch(batch_size, collate)        fixed shapes
+
+Rejections travel through the workers as `tokenize.Rejected` values and are
+counted in the main process, so `counts()` covers every worker, and the counts
+are part of `get_state()` (restored with it). Each is logged with its sample
+id by `tokenize.apply_policy` (Python logging, which absl's handler prints:
+the first 10 per reason, then every 1000th). Because the only many-to-one
+step runs after the workers, the batches do not depend on `worker_count`.
+
+Batch (B = batch_size, T = max_len, M = max_images, S = image_config.size):
+
+    input_ids       int32[B, T]          pad_id after the sample; image_token_id at image features
+    labels          int32[B, T]          IGNORE (-100) except learned answer tokens
+    attention_mask  int32[B, T]          1 on the sample's tokens, 0 on padding
+    pixel_values    float32[B, M, S, S, 3]  normalized; zeros in unused slots
+    image_mask      bool[B, M]           True for real images (the first `num_images` slots)
+    ids             object[B]            sample ids (str), for logging; "" on padding rows
+
+`ids` is not an array JAX can take: drop it before `jax.device_put`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from llava_jax.data.images import ImageConfig, load_image, preprocess
+from llava_jax.data.templates import Template
+from llava_jax.data.tokenize import (IGNORE, Rejected, RejectReason, TokenizedSample, apply_policy, sample_id_of,
+                                     tokenize_conversation)
+from llava_jax.tokenizer import Tokenizer
+
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "ids")
+# With policy "skip", this many rejections in a row mean the configuration is wrong
+# (template, image root, max_len), not the data: raise rather than spin forever.
+MAX_CONSECUTIVE_REJECTS = 10_000
+
+
+# ----------------------------------------------------------------------------- one example
+
+def _images_of(record: Mapping) -> list:
+  images = record.get("images", record.get("image"))
+  if images is None:
+    return []
+  return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
+                    image_token_id: int, num_image_tokens: int, max_len: int,
+                    max_images: int) -> dict[str, Any] | Rejected:
+  """One source record -> a padded example, or a Rejected saying why not.
+
+  Args:
+    record: `{"id", "conversations", "images": [path | bytes | None, ...]}`
+      (a `sources` record; LLaVA's "image" key works too).
+    tokenizer, template, image_token_id, num_image_tokens, max_len: as
+      `tokenize.tokenize_conversation`.
+    image_config: preprocessing; S = image_config.size.
+    max_images: image slots M per example.
+
+  Returns:
+    {"input_ids": int32[T], "labels": int32[T], "attention_mask": int32[T],
+    "pixel_values": float32[M, S, S, 3], "image_mask": bool[M], "ids": str}
+    with T = max_len, or Rejected(id, reason, detail): `image_count_mismatch`
+    for more than M images, `bad_image` for a missing (None, or no such
+    file) or undecodable image,
+    and every reason of `tokenize_conversation`.
+  """
+  sid = sample_id_of(record)
+  images = _images_of(record)
+  if len(images) > max_images:
+    return Rejected(sid, RejectReason.IMAGE_COUNT_MISMATCH,
+                    f"{len(images)} images, more than the max_images={max_images} slots per example")
+  tokenized = tokenize_conversation({"id": sid, "conversations": record.get("conversations"), "images": images},
+                                    tokenizer, template, image_token_id=image_token_id,
+                                    num_image_tokens=num_image_tokens, max_len=max_len)
+  if isinstance(tokenized, Rejected):
+    return tokenized
+  s = image_config.size
+  pixels = np.zeros((max_images, s, s, 3), np.float32)
+  # Images cut away by truncation are already rejected (truncated_image), so all are used.
+  for k, image in enumerate(images):
+    if image is None:  # a source that could not provide it
+      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)} is missing (None)")
+    try:
+      pixels[k] = preprocess(load_image(image), image_config)
+    except (ValueError, OSError) as e:  # load_image: ValueError naming the file; OSError: unreadable
+      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)}: {e}")
+  return pad_example(tokenized, max_len=max_len, pad_id=tokenizer.pad_id, pixel_values=pixels,
+                     num_images=len(images))
+
+
+def pad_example(sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_values: np.ndarray,
+                num_images: int) -> dict[str, Any]:
+  """A TokenizedSample (L <= max_len tokens) -> fixed-length arrays (see `prepare_example`)."""
+  n = len(sample.input_ids)
+  input_ids = np.full((max_len,), pad_id, np.int32)
+  labels = np.full((max_len,), IGNORE, np.int32)
+  mask = np.zeros((max_len,), np.int32)
+  input_ids[:n], labels[:n], mask[:n] = sample.input_ids, sample.labels, 1
+  image_mask = np.zeros((pixel_values.shape[0],), bool)
+  image_mask[:num_images] = True
+  return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_values,
+          "image_mask": image_mask, "ids": sample.sample_id}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareExample(grain.transforms.Map):
+  """`prepare_example` as a picklable grain transform (it runs in worker processes)."""
+  tokenizer: Tokenizer
+  template: str | Template
+  image_config: ImageConfig
+  image_token_id: int
+  num_image_tokens: int
+  max_len: int
+  max_images: int
+
+  def map(self, record):
+    return prepare_example(record, tokenizer=self.tokenizer, template=self.template,
+                           image_config=self.image_config, image_token_id=self.image_token_id,
+                           num_image_tokens=self.num_image_tokens, max_len=self.max_len,
+                           max_images=self.max_images)
+
+
+def collate(examples: Sequence[Mapping[str, Any]], batch_size: int | None = None,
+            pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Stacks examples into a batch (see the module docstring for keys and shapes).
+
+  With `batch_size` larger than len(examples) (the last batch of a finite
+  pass), empty rows are added: `pad_id` tokens, IGNORE labels, mask 0, no
+  images, id "".
+  """
+  out = {k: np.stack([e[k] for e in examples]) for k in BATCH_KEYS if k != "ids"}
+  ids = [str(e["ids"]) for e in examples]
+  missing = 0 if batch_size is None else batch_size - len(examples)
+  if missing > 0:
+    fill = {"input_ids": pad_id, "labels": IGNORE}
+    for k, v in out.items():
+      out[k] = np.concatenate([v, np.full((missing,) + v.shape[1:], fill.get(k, 0), v.dtype)])
+    ids += [""] * missing
+  out["ids"] = np.asarray(ids, dtype=object)
+  return out
+
+
+# ----------------------------------------------------------------------------- rejection counting
+
+class RejectCounter:
+  """Rejections per reason (every `RejectReason`, zero until seen). `counts()` -> dict[str, int]."""
+
+  def __init__(self):
+    self._counts = {r.value: 0 for r in RejectReason}
+
+  def counts(self) -> dict[str, int]:
+    return dict(self._counts)
+
+  @property
+  def total(self) -> int:
+    return sum(self._counts.values())
+
+  def _mapping(self) -> dict[str, int]:
+    return self._counts  # mutated by tokenize.apply_policy
+
+  def _restore(self, counts: Mapping[str, int]):
+    self._counts = {r.value: int(counts.get(r.value, 0)) for r in RejectReason}
+
+
+class _CountRejectedIterator(grain.DatasetIterator):
+  """Passes examples through; counts, logs and skips (or raises on) `Rejected` values."""
+
+  def __init__(self, parent: grain.DatasetIterator, policy: str, counter: RejectCounter):
+    super().__init__(parent)
+    self._policy = policy
+    self._counter = counter
+
+  def __next__(self):
+    in_a_row = 0
+    while True:
+      value = next(self._parent)
+      if not isinstance(value, Rejected):
+        return value
+      apply_policy(value, self._policy, self._counter._mapping())  # raises under "raise"
+      in_a_row += 1
+      if in_a_row >= MAX_CONSECUTIVE_REJECTS:
+        raise RuntimeError(f"{in_a_row} samples in a row rejected (last: {value}); counts so far "
+                           f"{self._counter.counts()}: check the template, image root and max_len")
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._parent.get_state(), "rejected": self._counter.counts()}
+
+  def set_state(self, state: dict[str, Any]):
+    self._parent.set_state(state["parent"])
+    self._counter._restore(state["rejected"])
+
+  def __str__(self) -> str:
+    return f"CountRejected(policy={self._policy!r})"
+
+
+class _CountRejected(grain.IterDataset):
+  """IterDataset wrapper of `_CountRejectedIterator`; its iterators share `counter`."""
+
+  def __init__(self, parent: grain.IterDataset, policy: str, counter: RejectCounter):
+    super().__init__(parent)
+    self._policy = policy
+    self._counter = counter
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _CountRejectedIterator(self._parent.__iter__(), self._policy, self._counter)
+
+  def __str__(self) -> str:
+    return f"CountRejected(policy={self._policy!r})"
+
+
+class LlavaBatchIterator(grain.DatasetIterator):
+  """What `make_dataset` returns: a grain DatasetIterator of batches, plus `counts()`.
+
+  `get_state()` / `set_state()` are grain's (JSON-able dicts; orbax saves
+  them with `grain.checkpoint.CheckpointSave(it)`); restoring continues with
+  exactly the batches that followed the saved state, and restores the
+  rejection counts of that moment.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, counter: RejectCounter):
+    super().__init__(parent)
+    self._counter = counter
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def counts(self) -> dict[str, int]:
+    """Rejected samples per reason so far (all workers; all `RejectReason` values as keys)."""
+    return self._counter.counts()
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]):
+    self._parent.set_state(state)
+
+  def __str__(self) -> str:
+    return "LlavaBatchIterator"
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def shard_range(num_records: int, shard_index: int, shard_count: int, *, even: bool = True) -> slice:
+  """The records of one host.
+
+  even=True: contiguous blocks of `num_records // shard_count` records (the
+  last `num_records % shard_count` are left out), so every host has the same
+  number of records and, with drop_remainder, the same number of batches per
+  epoch. even=False: every `shard_count`-th record from `shard_index`
+  (covers all records; hosts may differ by one).
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+  if not even:
+    return slice(shard_index, None, shard_count)
+  per = num_records // shard_count
+  if per == 0:
+    raise ValueError(f"{num_records} records cannot give each of {shard_count} hosts one; use even=False")
+  return slice(shard_index * per, (shard_index + 1) * per)
+
+
+def _ensure_absl_flags_parsed():
+  """grain's worker processes read absl flags; a library caller (tests, notebooks) may not have parsed them."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_iter_dataset(source, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
+                      image_token_id: int, num_image_tokens: int, max_len: int, max_images: int, batch_size: int,
+                      seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
+                      worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
+                      drop_remainder: bool = True, even_shards: bool = True, read_threads: int = 2,
+                      prefetch_buffer_size: int = 16,
+                      counter: RejectCounter | None = None) -> tuple[grain.IterDataset, RejectCounter]:
+  """The pipeline as a grain IterDataset (of batches) and its RejectCounter; see `make_dataset`."""
+  if policy not in ("skip", "raise"):
+    raise ValueError(f"policy must be 'skip' or 'raise', got {policy!r}")
+  if batch_size < 1 or max_images < 0 or max_len < 1:
+    raise ValueError(f"need batch_size >= 1, max_images >= 0, max_len >= 1; got {batch_size}, {max_images}, {max_len}")
+  if shard_index is None or shard_count is None:
+    import jax  # local: only for the default host sharding
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+  counter = counter or RejectCounter()
+  ds = grain.MapDataset.source(source)
+  ds = ds[shard_range(len(ds), shard_index, shard_count, even=even_shards)]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  ds = ds.map(PrepareExample(tokenizer, template, image_config, image_token_id, num_image_tokens, max_len,
+                             max_images))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+  if worker_count > 0:
+    _ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  it = _CountRejected(it, policy, counter)
+  it = it.batch(batch_size, drop_remainder=drop_remainder,
+                batch_fn=functools.partial(collate, batch_size=batch_size, pad_id=tokenizer.pad_id))
+  return it, counter
+
+
+def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
+                 image_token_id: int, num_image_tokens: int, max_len: int, max_images: int, batch_size: int,
+                 seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
+                 worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
+                 drop_remainder: bool = True, even_shards: bool = True, read_threads: int = 2,
+                 prefetch_buffer_size: int = 16) -> LlavaBatchIterator:
+  """Training batches from a record source (see the module docstring for the batch).
+
+  Args:
+    source: a random-access source of records (`sources.LlavaJsonSource`,
+      `sources.ArrayRecordLlavaSource`, or a list of record dicts).
+    tokenizer, template, image_token_id, num_image_tokens, max_len: as
+      `tokenize.tokenize_conversation`; T = max_len.
+    image_config: image preprocessing; S = image_config.size.
+    max_images: image slots M per example; a sample with more images is
+      rejected (`image_count_mismatch`).
+    batch_size: B, per host.
+    seed: shuffle seed (each epoch is reshuffled from it).
+    shuffle: False keeps the source order (e.g. evaluation).
+    num_epochs: passes over the data; None repeats forever.
+    policy: "skip" (count, log the id, drop) or "raise" (ValueError naming
+      the sample id, reason and detail) for rejected samples.
+    worker_count: grain worker processes (0: decode in this process's threads).
+    shard_index, shard_count: this host's part of the data; default
+      `jax.process_index()` / `jax.process_count()`. See `shard_range`.
+    drop_remainder: drop the last partial batch of a finite pass; False pads
+      it to B with empty rows (labels all IGNORE, id "").
+    even_shards: equal-size host shards (see `shard_range`); multi-host
+      training needs every host to produce the same number of batches, which
+      also needs num_epochs=None (rejections differ per host).
+    read_threads, prefetch_buffer_size: grain ReadOptions per process.
+
+  Returns:
+    LlavaBatchIterator: `next(it)` -> dict with keys `BATCH_KEYS`;
+    `it.get_state()` / `it.set_state(state)`; `it.counts()` -> {reason: n}.
+  """
+  ds, counter = make_iter_dataset(
+      source, tokenizer=tokenizer, template=template, image_config=image_config, image_token_id=image_token_id,
+      num_image_tokens=num_image_tokens, max_len=max_len, max_images=max_images, batch_size=batch_size, seed=seed,
+      shuffle=shuffle, num_epochs=num_epochs, policy=policy, worker_count=worker_count, shard_index=shard_index,
+      shard_count=shard_count, drop_remainder=drop_remainder, even_shards=even_shards, read_threads=read_threads,
+      prefetch_buffer_size=prefetch_buffer_size)
+  return LlavaBatchIterator(ds.__iter__(), counter)

@@ -1,0 +1,478 @@
+"""Sample sources: LLaVA JSON / JSONL files and array_record shards, as grain random-access sources.
+
+    src = LlavaJsonSource("llava_v1_5_mix665k.json", image_root="/data/images")
+    report = write_array_record(iter_records("llava_v1_5_mix665k.json"), "/data/llava_ar",
+                                image_root="/data/images", num_shards=64, split="train")
+    src = ArrayRecordLlavaSource("/data/llava_ar", split="train")
+
+Both sources implement grain's `RandomAccessDataSource` protocol (`__len__`,
+`__getitem__`, picklable for worker processes) and return the same record:
+
+    {"id": str, "conversations": [{"from": "human" | "gpt", "value": str}, ...],
+     "images": [str path | bytes, ...]}      # [] for a text-only sample
+
+`images` holds file paths (LlavaJsonSource; `image_root` joined) or the encoded
+file bytes (ArrayRecordLlavaSource); `llava_jax.data.images.load_image`
+accepts either. The input record may name its images LLaVA's way (`"image":
+"a.jpg"` or a list) or as `"images": [...]`.
+
+JSON files. A `.jsonl` file is indexed by line (byte offsets, one pass over
+the file in 16 MiB blocks). A `.json` file (LLaVA's usual top-level array) is
+indexed the same way: one pass of a small scanner records the byte range of
+each top-level element (strings are skipped by a C regex, so only structural
+characters reach Python; ~10 s for LLaVA-665k's 1 GB). Neither loads the
+whole file: a record is parsed when it is read (`os.pread`), so every grain
+worker holds just the offsets (16 bytes per record). Reading images from a
+network file system one file at a time is slow; for real training, convert
+once with `write_array_record` and read the shards.
+
+array_record layout (tfds-compatible). `write_array_record` writes
+`out_dir/<name>-<split>.array_record-0000k-of-0000N` plus tfds's
+`dataset_info.json` / `features.json` (written by
+`tfds.folder_dataset.write_metadata`, which works without TensorFlow), so the
+directory is also readable as
+
+    tfds.builder_from_directory(out_dir).as_data_source(split)   # -> dicts of bytes
+
+Each record is a `tf.train.Example` (serialized by tfds's own proto code, no
+TensorFlow needed) with features `id: Text`, `conversations: Text` (the turns
+as JSON), `images: Sequence(bytes)` (encoded files) and `image_names:
+Sequence(Text)` (the paths as the records name them). JPEG and PNG files are stored
+byte for byte; other formats are decoded and re-encoded as JPEG (quality 95).
+Record k of the input goes to shard k % num_shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import io
+import json
+import logging
+import mmap
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from llava_jax.data.images import load_image
+from llava_jax.data.tokenize import sample_id_of
+
+log = logging.getLogger(__name__)
+
+Record = dict[str, Any]
+
+_BLOCK = 16 << 20
+# A JSON string (skipped whole, in C) or one structural character.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- record normalisation
+
+def image_list(record: Mapping) -> list:
+  """The images a LLaVA record names: its "image" (one, or a list) or "images" list; [] if none."""
+  images = record.get("image", record.get("images"))
+  if images is None:
+    return []
+  if isinstance(images, (list, tuple)):
+    return list(images)
+  return [images]
+
+
+def _resolve(image, image_root: str | None):
+  if isinstance(image, (bytes, bytearray, memoryview)) or image_root is None:
+    return image
+  return os.path.join(image_root, os.fspath(image))  # an absolute path stays as is
+
+
+def normalize_record(record: Mapping, image_root: str | os.PathLike | None = None, *,
+                     default_id: str | None = None) -> Record:
+  """A LLaVA JSON record -> `{"id", "conversations", "images"}` (image paths joined to `image_root`)."""
+  root = None if image_root is None else os.fspath(image_root)
+  sid = sample_id_of(record)
+  if sid == "<no id>" and default_id is not None:
+    sid = default_id
+  return {"id": sid, "conversations": record.get("conversations"),
+          "images": [_resolve(im, root) for im in image_list(record)]}
+
+
+# ----------------------------------------------------------------------------- JSON / JSONL
+
+def index_jsonl(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """Byte ranges of the non-empty lines of a JSONL file.
+
+  Returns:
+    (starts, ends): int64[N] each; record i is `file[starts[i]:ends[i]]`
+    (without the newline). Lines holding only "\\r" or nothing are skipped.
+  """
+  starts, ends = [], []
+  with open(path, "rb") as f:
+    pos, line_start = 0, 0
+    while True:
+      block = f.read(_BLOCK)
+      if not block:
+        break
+      nl = np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64) + pos
+      s = np.concatenate([[line_start], nl[:-1] + 1]) if len(nl) else np.zeros(0, np.int64)
+      starts.append(s)
+      ends.append(nl)
+      if len(nl):
+        line_start = int(nl[-1]) + 1
+      pos += len(block)
+    if line_start < pos:  # last line without a newline
+      starts.append(np.asarray([line_start], np.int64))
+      ends.append(np.asarray([pos], np.int64))
+  starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+  ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+  # "\r\n" endings: a line of length 1 may be just "\r"; check those few by reading them.
+  keep = ends - starts > 0
+  short = np.flatnonzero(ends - starts == 1)
+  if len(short):
+    with open(path, "rb") as f:
+      for i in short:
+        f.seek(int(starts[i]))
+        keep[i] = f.read(1) not in (b"\r", b" ", b"\t")
+  return starts[keep], ends[keep]
+
+
+def index_json_array(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+  """Byte ranges of the top-level elements of a JSON array file (`[{...}, {...}]`), without parsing them.
+
+  Returns:
+    (starts, ends): int64[N]; `json.loads(file[starts[i]:ends[i]])` is element i
+    (the ranges may include surrounding whitespace).
+
+  Raises:
+    ValueError: the file is not a JSON array (or its brackets do not balance).
+  """
+  starts, ends = [], []
+  with open(path, "rb") as f:
+    if os.fstat(f.fileno()).st_size == 0:
+      raise ValueError(f"{path}: empty file, expected a JSON array")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+      depth, elem_start, closed = 0, -1, False
+      for m in _JSON_TOKEN.finditer(mm):
+        c = mm[m.start()]
+        if c == 0x22:  # a string: content, never structure
+          if depth == 0:
+            raise ValueError(f"{path}: expected a top-level JSON array, found a string at byte {m.start()}")
+          continue
+        if closed:
+          raise ValueError(f"{path}: data after the top-level array at byte {m.start()}")
+        if c in (0x5B, 0x7B):  # [ {
+          if depth == 0:
+            if c != 0x5B or mm[:m.start()].strip():
+              raise ValueError(f"{path}: expected a top-level JSON array, found {chr(c)!r} at byte {m.start()}")
+            elem_start = m.end()
+          depth += 1
+        elif c in (0x5D, 0x7D):  # ] }
+          depth -= 1
+          if depth < 0:
+            raise ValueError(f"{path}: unbalanced {chr(c)!r} at byte {m.start()}")
+          if depth == 0:
+            if mm[elem_start:m.start()].strip():
+              starts.append(elem_start)
+              ends.append(m.start())
+            closed = True
+        elif depth == 1:  # a comma between top-level elements
+          starts.append(elem_start)
+          ends.append(m.start())
+          elem_start = m.end()
+      if depth != 0 or not closed:
+        raise ValueError(f"{path}: truncated JSON array ({depth} brackets left open)")
+  return np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+
+
+class LlavaJsonSource:
+  """Random access to a LLaVA `.json` (top-level array) or `.jsonl` file; see the module docstring.
+
+  Args:
+    path: the annotation file. `.jsonl` is read by line, anything else as a JSON array.
+    image_root: directory the records' image paths are relative to (None: as written).
+
+  `source[i]` -> `{"id", "conversations", "images": [path, ...]}`; a record
+  without "id" gets `"<file name>:<i>"` so rejections can still be traced.
+  """
+
+  def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None):
+    self.path = os.fspath(path)
+    self.image_root = None if image_root is None else os.fspath(image_root)
+    index = index_jsonl if self.path.endswith(".jsonl") else index_json_array
+    self._starts, self._ends = index(self.path)
+    self._fd = os.open(self.path, os.O_RDONLY)
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def read_raw(self, index: int) -> dict:
+    """Record `index` exactly as stored (a dict parsed from its JSON)."""
+    start, end = int(self._starts[index]), int(self._ends[index])
+    text = os.pread(self._fd, end - start, start)  # thread-safe: no shared file position
+    try:
+      return json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is not valid JSON: {e}") from e
+
+  def __getitem__(self, index) -> Record:
+    index = int(index)
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"record {index} out of range for {len(self)} records in {self.path}")
+    index %= len(self)
+    return normalize_record(self.read_raw(index), self.image_root,
+                            default_id=f"{os.path.basename(self.path)}:{index}")
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state["_fd"]  # a descriptor does not survive pickling; reopen in the worker
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._fd = os.open(self.path, os.O_RDONLY)
+
+  def __del__(self):
+    fd = self.__dict__.get("_fd")
+    if fd is not None:
+      try:
+        os.close(fd)
+      except OSError:
+        pass
+
+  def __repr__(self) -> str:
+    return f"LlavaJsonSource({self.path!r}, image_root={self.image_root!r}, records={len(self)})"
+
+
+def iter_records(path: str | os.PathLike) -> Iterable[dict]:
+  """The raw records of a LLaVA `.json` / `.jsonl` file, in order (streamed, as `LlavaJsonSource`)."""
+  src = LlavaJsonSource(path)
+  return (src.read_raw(i) for i in range(len(src)))
+
+
+# ----------------------------------------------------------------------------- array_record
+
+@functools.lru_cache(maxsize=1)
+def record_features():
+  """The tfds FeaturesDict of one array_record record (see the module docstring)."""
+  import tensorflow_datasets as tfds  # local: ~1 s to import, only the array_record path needs it
+  return tfds.features.FeaturesDict({
+      "id": tfds.features.Text(),
+      "conversations": tfds.features.Text(),  # JSON list of turns
+      "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+      "image_names": tfds.features.Sequence(tfds.features.Text()),
+  })
+
+
+def encode_record(record: Mapping, image_bytes: Sequence[bytes], image_names: Sequence[str],
+                  sample_id: str | None = None) -> bytes:
+  """One record -> serialized `tf.train.Example` bytes (the array_record payload); id defaults to the record's."""
+  return record_features().serialize_example({
+      "id": sample_id_of(record) if sample_id is None else sample_id,
+      "conversations": json.dumps(record.get("conversations"), ensure_ascii=False),
+      "images": [bytes(b) for b in image_bytes],
+      "image_names": [str(n) for n in image_names],
+  })
+
+
+def decode_record(raw: bytes) -> Record:
+  """Serialized record -> `{"id", "conversations", "images": [bytes, ...], "image_names": [str, ...]}`."""
+  ex = record_features().deserialize_example_np(raw)
+  as_str = lambda b: b.decode("utf-8") if isinstance(b, bytes) else str(b)
+  return {"id": as_str(ex["id"]), "conversations": json.loads(as_str(ex["conversations"])),
+          "images": [bytes(b) for b in ex["images"]], "image_names": [as_str(n) for n in ex["image_names"]]}
+
+
+def stored_image_bytes(image, *, jpeg_quality: int = 95) -> bytes:
+  """What the converter stores for one image: JPEG / PNG bytes unchanged, anything else re-encoded as JPEG.
+
+  Args:
+    image: a path or the encoded bytes.
+
+  Raises:
+    FileNotFoundError: the path does not exist.
+    ValueError: not JPEG/PNG and not decodable.
+  """
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    data = bytes(image)
+  else:
+    with open(image, "rb") as f:
+      data = f.read()
+  if data.startswith(_JPEG_MAGIC) or data.startswith(_PNG_MAGIC):
+    return data
+  img = load_image(data)  # ValueError if undecodable
+  out = io.BytesIO()
+  img.save(out, format="JPEG", quality=jpeg_quality)
+  return out.getvalue()
+
+
+@dataclasses.dataclass
+class ConversionReport:
+  """What `write_array_record` did.
+
+  Attributes:
+    written: records written.
+    shard_lengths: records per shard file.
+    skipped: records left out, per reason ("missing_image", "bad_image").
+    skipped_ids: ids of the first 100 skipped records, with their reason.
+    files: the shard paths.
+  """
+  written: int = 0
+  shard_lengths: list[int] = dataclasses.field(default_factory=list)
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+  skipped_ids: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  files: list[str] = dataclasses.field(default_factory=list)
+
+
+def shard_paths(out_dir: str | os.PathLike, name: str, split: str, num_shards: int) -> list[str]:
+  """tfds file names: `out_dir/<name>-<split>.array_record-0000k-of-0000N`."""
+  return [os.path.join(os.fspath(out_dir), f"{name}-{split}.array_record-{k:05d}-of-{num_shards:05d}")
+          for k in range(num_shards)]
+
+
+def _other_splits(out_dir: str, split: str) -> list:
+  """SplitInfos already recorded in out_dir's dataset_info.json, except `split` (so splits can be added one by one)."""
+  import tensorflow_datasets as tfds
+  path = os.path.join(out_dir, "dataset_info.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    info = json.load(f)
+  return [tfds.core.SplitInfo(name=s["name"], shard_lengths=[int(n) for n in s.get("shardLengths", [])],
+                              num_bytes=int(s.get("numBytes", 0)), filename_template=None)
+          for s in info.get("splits", []) if s["name"] != split]
+
+
+def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *,
+                       image_root: str | os.PathLike | None = None, num_shards: int = 1, split: str = "train",
+                       name: str = "llava", policy: str = "skip", jpeg_quality: int = 95) -> ConversionReport:
+  """Writes LLaVA records with their image bytes into tfds-layout array_record shards.
+
+  Args:
+    records: LLaVA JSON records (`"image"` path or list, or `"images"`), or
+      the dicts `LlavaJsonSource` returns (paths already joined).
+    out_dir: created if needed; other splits already in it are kept.
+    image_root: relative image paths are joined to it.
+    num_shards: files to write; record k goes to shard k % num_shards.
+    split: split name in the file names and dataset_info.json. A record
+      without "id" is stored as "<name>-<split>:<index in records>".
+    name: dataset name in the file names.
+    policy: a record whose image file is missing ("missing_image") or
+      undecodable and not JPEG/PNG ("bad_image"): "skip" (count, log, leave it
+      out) or "raise" (ValueError naming the record id and the image).
+    jpeg_quality: for re-encoded images.
+
+  Returns:
+    ConversionReport (also logged).
+  """
+  from array_record.python import array_record_module  # local: only the converter needs the writer
+  import tensorflow_datasets as tfds
+
+  if policy not in ("skip", "raise"):
+    raise ValueError(f"policy must be 'skip' or 'raise', got {policy!r}")
+  if num_shards < 1:
+    raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  pattern = f"{glob.escape(name)}-{glob.escape(split)}.array_record-*"
+  for stale in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+    os.remove(stale)  # an earlier conversion with another shard count would otherwise mix in
+  report = ConversionReport(shard_lengths=[0] * num_shards, files=shard_paths(out_dir, name, split, num_shards))
+  root = None if image_root is None else os.fspath(image_root)
+  writers = [array_record_module.ArrayRecordWriter(p, "group_size:1") for p in report.files]
+  try:
+    k = 0
+    for i, record in enumerate(records):
+      sid = sample_id_of(record)
+      sid = f"{name}-{split}:{i}" if sid == "<no id>" else sid  # traceable in later rejection logs
+      names, blobs, problem = [], [], None
+      for image in image_list(record):
+        path = _resolve(image, root)
+        # The name as the record gives it (relative to image_root): output independent of where data lives.
+        names.append("<bytes>" if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image))
+        try:
+          blobs.append(stored_image_bytes(path, jpeg_quality=jpeg_quality))
+        except FileNotFoundError as e:
+          problem = ("missing_image", f"image {len(blobs)} not found: {e.filename or path}")
+        except (OSError, ValueError) as e:
+          problem = ("bad_image", f"image {len(blobs)} ({names[-1]}): {e}")
+        if problem:
+          break
+      if problem:
+        reason, detail = problem
+        report.skipped[reason] = report.skipped.get(reason, 0) + 1
+        if len(report.skipped_ids) < 100:
+          report.skipped_ids.append((sid, reason))
+        msg = f"record {i} (id {sid!r}) not converted ({reason}): {detail}"
+        if policy == "raise":
+          raise ValueError(msg)
+        if report.skipped[reason] <= 10 or report.skipped[reason] % 1000 == 0:
+          log.warning("%s [%s #%d]", msg, reason, report.skipped[reason])
+        continue
+      writers[k % num_shards].write(encode_record(record, blobs, names, sid))
+      report.shard_lengths[k % num_shards] += 1
+      k += 1
+    report.written = k
+  finally:
+    for w in writers:
+      w.close()
+  num_bytes = sum(os.path.getsize(p) for p in report.files)
+  split_info = tfds.core.SplitInfo(name=split, shard_lengths=report.shard_lengths, num_bytes=num_bytes,
+                                   filename_template=None)
+  tfds.folder_dataset.write_metadata(
+      data_dir=out_dir, features=record_features(), split_infos=_other_splits(out_dir, split) + [split_info],
+      filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", check_data=False)
+  log.info("wrote %d records of split %r to %s in %d shards; skipped %s", report.written, split, out_dir,
+           num_shards, report.skipped or "none")
+  return report
+
+
+def find_shards(path: str | os.PathLike, split: str = "train") -> list[str]:
+  """Shard files of `split` in a directory (sorted), or [path] for one file."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return [path]
+  files = sorted(glob.glob(os.path.join(glob.escape(path), f"*-{glob.escape(split)}.array_record-*-of-*")))
+  if not files:
+    raise FileNotFoundError(f"no '*-{split}.array_record-*-of-*' shards in {path}: "
+                            f"found {sorted(os.listdir(path)) if os.path.isdir(path) else 'no such directory'}")
+  return files
+
+
+class ArrayRecordLlavaSource:
+  """Random access to shards written by `write_array_record`.
+
+  Args:
+    path: the output directory of `write_array_record` (or one shard file,
+      or a list of shard files).
+    split: which split's shards to read from a directory.
+
+  `source[i]` -> `{"id", "conversations", "images": [bytes, ...], "image_names": [str, ...]}`.
+  """
+
+  def __init__(self, path: str | os.PathLike | Sequence[str], split: str = "train"):
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    self.files = list(path) if isinstance(path, (list, tuple)) else find_shards(path, split)
+    self.split = split
+    self._source = ArrayRecordDataSource(self.files)  # picklable: reopens its readers in a worker
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index) -> Record:
+    return decode_record(self._source[int(index)])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Record]:
+    return [decode_record(r) for r in self._source.__getitems__([int(i) for i in indices])]
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordLlavaSource({len(self.files)} shards, split={self.split!r}, records={len(self)})"
