@@ -1,0 +1,138 @@
+"""Pure training/eval step functions: ``train_step(state, batch) -> (state, metrics)``.
+
+Batches (from ``llava_jax.data.pipeline``): ``input_ids int32[B, T]``, ``labels
+int32[B, T]`` (IGNORE = -100 except assistant answers), ``attention_mask int32[B, T]``,
+``pixel_values float32[B, M, S, S, 3]``, ``image_mask bool[B, M]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from llava_jax.models.configs import LlavaConfig
+from llava_jax.models.llava import Llava
+
+IGNORE = -100
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array        # int32[]
+  params: Any
+  opt_state: Any
+  rng: jax.Array         # uint32[2] raw key data (checkpointable)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  grad_accum: int = 1             # microbatches per optimizer step (scan, one update)
+  loss_norm: str = "token"        # "token": mean over target tokens; "example": mean of per-example means
+
+
+def token_loss(logits, labels, attention_mask=None):
+  """Next-token cross-entropy on positions whose label is not IGNORE.
+
+  Args: logits float32[B, T, V]; labels int32[B, T] (label t is the target at position
+  t, as in HF: logits[:, t] predicts labels[:, t+1]).
+  Returns: (nll float32[B, T-1], weights float32[B, T-1], correct bool[B, T-1]).
+  """
+  targets = labels[:, 1:]
+  logits = logits[:, :-1].astype(jnp.float32)
+  weights = (targets != IGNORE).astype(jnp.float32)
+  if attention_mask is not None:
+    weights = weights * attention_mask[:, 1:].astype(jnp.float32)
+  safe = jnp.where(targets == IGNORE, 0, targets)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  correct = jnp.argmax(logits, axis=-1) == safe
+  return nll, weights, correct
+
+
+def loss_fn(params, batch, cfg: LlavaConfig, step_cfg: StepConfig):
+  """Returns (loss, aux) with aux sums for exact aggregation across microbatches."""
+  model_batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
+  logits = Llava(cfg).apply({"params": params}, model_batch["input_ids"],
+                            model_batch.get("pixel_values"), model_batch.get("attention_mask"),
+                            image_mask=model_batch.get("image_mask"))
+  nll, w, correct = token_loss(logits, model_batch["labels"], model_batch.get("attention_mask"))
+  tokens = jnp.sum(w)
+  per_example = jnp.sum(w, axis=1)
+  examples = jnp.sum(per_example > 0)
+  aux = {"nll_sum": jnp.sum(nll * w), "tokens": tokens, "correct": jnp.sum(correct * w),
+         "example_loss_sum": jnp.sum(jnp.sum(nll * w, 1) / jnp.maximum(per_example, 1.0)),
+         "examples": examples.astype(jnp.float32)}
+  return _normalised(aux, step_cfg), aux
+
+
+def _normalised(aux, step_cfg: StepConfig):
+  if step_cfg.loss_norm == "token":
+    return aux["nll_sum"] / jnp.maximum(aux["tokens"], 1.0)
+  if step_cfg.loss_norm == "example":
+    return aux["example_loss_sum"] / jnp.maximum(aux["examples"], 1.0)
+  raise ValueError(f"loss_norm {step_cfg.loss_norm!r}: expected 'token' or 'example'")
+
+
+def make_train_step(cfg: LlavaConfig, optimizer: optax.GradientTransformation, trainable: Any,
+                    step_cfg: StepConfig = StepConfig()) -> Callable:
+  """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
+
+  ``trainable`` is a bool tree over params; frozen leaves go through ``stop_gradient``.
+  With ``grad_accum = k`` the batch is split into k microbatches along B and summed
+  statistics give exactly the same loss normalisation as one big batch.
+  """
+  def freeze(params):
+    return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+  def sums_and_grads(params, batch):
+    def raw(p):  # un-normalised sums: normalise once over all microbatches
+      _, aux = loss_fn(freeze(p), batch, cfg, step_cfg)
+      key = "nll_sum" if step_cfg.loss_norm == "token" else "example_loss_sum"
+      return aux[key], aux
+    return jax.grad(raw, has_aux=True)(params)
+
+  def train_step(state: TrainState, batch):
+    k = step_cfg.grad_accum
+    if k == 1:
+      grads, aux = sums_and_grads(state.params, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), None)
+
+      def body(carry, mb):
+        g_acc, a_acc = carry
+        g, a = sums_and_grads(state.params, mb)
+        g_acc = jax.tree.map(jnp.add, g_acc, g)
+        a_acc = a if a_acc is None else jax.tree.map(jnp.add, a_acc, a)
+        return (g_acc, a_acc), None
+
+      first_g, first_a = sums_and_grads(state.params, jax.tree.map(lambda x: x[0], micro))
+      (grads, aux), _ = jax.lax.scan(body, (first_g, first_a), jax.tree.map(lambda x: x[1:], micro))
+      del zeros
+    denom = jnp.maximum(aux["tokens"] if step_cfg.loss_norm == "token" else aux["examples"], 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": _normalised(aux, step_cfg),
+               "token_accuracy": aux["correct"] / jnp.maximum(aux["tokens"], 1.0),
+               "target_tokens": aux["tokens"], "examples_with_targets": aux["examples"],
+               "grad_norm": optax.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: LlavaConfig, step_cfg: StepConfig = StepConfig()) -> Callable:
+  """``eval_step(params, batch) -> {"loss", "tokens"}`` (teacher-forced loss)."""
+  def eval_step(params, batch):
+    loss, aux = loss_fn(params, batch, cfg, step_cfg)
+    return {"loss": loss, "tokens": aux["tokens"]}
+  return eval_step
+
+
+def init_state(params, optimizer: optax.GradientTransformation, rng) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
