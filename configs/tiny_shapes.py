@@ -1,0 +1,79 @@
+r"""Tiny LLaVA on the embedded shapes dataset: the CPU demo, same code path as a pod run.
+
+  python -m llava_jax.train --config=configs/tiny_shapes.py:stage1,root=runs/shapes --workdir=runs/shapes/stage1
+  python -m llava_jax.train --config=configs/tiny_shapes.py:stage2,root=runs/shapes --workdir=runs/shapes/stage2
+
+There is no pretrained tower or LLM to start from here (nothing can be downloaded), so
+both stages train every parameter (``lr_rules``): stage 1 (captions, ``plain``
+template) teaches the ViT, projector and LLM to describe images; stage 2 starts from
+stage 1 and learns the VQA conversations (``vicuna_v1``). With real weights the stage-1
+rule would be ``projector/.*`` only (see ``llava15_stage1.py``).
+"""
+import ml_collections
+
+STAGES = ("stage1", "stage2", "test")
+
+
+def parse_arg(arg: str) -> dict:
+  """``"stage2,root=runs/x"`` -> {"stage": "stage2", "root": "runs/x"}."""
+  out = {"stage": "stage1", "root": "runs/shapes"}
+  for part in filter(None, (arg or "").split(",")):
+    if "=" in part:
+      k, v = part.split("=", 1)
+      out[k] = v
+    else:
+      out["stage"] = part
+  if out["stage"] not in STAGES:
+    raise ValueError(f"stage {out['stage']!r}: expected one of {STAGES}")
+  return out
+
+
+def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
+  a = parse_arg(arg)
+  stage, root = a["stage"], a["root"]
+  data_dir = f"{root}/data"
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(
+      vision="clip-tiny", llm="tiny", projector="mlp2x_gelu", vocab_from_tokenizer=True,
+      image_token="<image>",
+      vision_overrides=dict(width=96, depth=3, mlp_dim=192, num_heads=4, select_layer=-1),
+      llm_overrides=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=512))
+  c.data = dict(
+      synthetic=dict(dir=data_dir, seed=0, n_train=4000, n_val=200, image_size=28),
+      tokenizer=f"{data_dir}/tokenizer.model", image_root=f"{data_dir}/images",
+      train=f"{data_dir}/{'stage1' if stage == 'stage1' else 'stage2'}.jsonl",
+      val=f"{data_dir}/{'stage1' if stage == 'stage1' else 'stage2'}_val.jsonl",
+      eval_questions=f"{data_dir}/eval_questions.jsonl",
+      eval_annotations=f"{data_dir}/eval_annotations.jsonl",
+      template="plain" if stage == "stage1" else "vicuna_v1",
+      max_len=64 if stage == "stage1" else 160, max_images=1, policy="skip", workers=0,
+      image_mode=None)
+  c.optim = dict(lr=3e-3, warmup_ratio=0.05, final_lr_ratio=0.05, weight_decay=0.0,
+                 grad_clip=1.0, lr_rules=[(".*", 1.0)])
+  c.train = dict(steps=600 if stage == "stage1" else 900, batch_size=32, grad_accum=1,
+                 loss_norm="token", log_every=25, ckpt_every=300, keep=2,
+                 eval_every=300, eval_batch_size=50, peak_tflops=None, tensorboard=True,
+                 progress=True, async_checkpoint=True)
+  c.init = dict(from_run=f"{root}/stage1" if stage == "stage2" else None, from_run_params=".*")
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.sharding_rules = []
+  if stage == "test":  # a few steps for the resume / CLI tests
+    c.data.template = "vicuna_v1"
+    c.data.train = f"{data_dir}/stage2.jsonl"
+    c.data.val = ""
+    c.data.synthetic.update(n_train=64, n_val=8)
+    c.model.vision_overrides.update(width=32, mlp_dim=64, depth=2)
+    c.model.llm_overrides.update(hidden_size=32, intermediate_size=64, num_layers=2)
+    c.train.update(steps=6, batch_size=8, log_every=1, ckpt_every=2, eval_every=0,
+                   tensorboard=False, progress=False)
+    c.optim.lr = 1e-3
+  return c
+
+
+def sweep():
+  """Learning-rate x width sweep of stage 2 (``launch/sweep.py`` runs one job per dict)."""
+  for lr in (1e-3, 3e-3):
+    for hidden in (96, 128):
+      yield {"optim.lr": lr, "model.llm_overrides.hidden_size": hidden}

@@ -1,0 +1,163 @@
+"""Training checkpoints (orbax ``CheckpointManager``) and the run directory layout.
+
+A training workdir holds::
+
+  run.json        model config, tokenizer path, template, image preprocessing, full config
+  checkpoints/N/  params | train (opt_state, step, rng) | data (grain iterator state)
+  metrics.jsonl   eval.json   tb/ (TensorBoard)
+
+``params`` is its own item so inference restores only the weights; restoring takes an
+abstract tree with shardings, so a checkpoint written on one mesh loads onto another.
+Saves are async and atomic (orbax writes to a temporary directory and renames it on
+commit), so a run killed mid-save never loses the previous checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from llava_jax.data.images import ImageConfig
+from llava_jax.models.configs import LlavaConfig
+
+RUN_FILE = "run.json"
+CKPT_DIR = "checkpoints"
+
+
+def write_run_info(workdir: str, *, model: LlavaConfig, tokenizer: str, template: str,
+                   image: ImageConfig, config: dict | None = None):
+  """Writes ``run.json``; on resume, refuses a different model than the checkpoints hold."""
+  path = os.path.join(workdir, RUN_FILE)
+  info = {"model": model.to_dict(), "tokenizer": os.path.abspath(tokenizer),
+          "template": template, "image": dataclasses.asdict(image), "config": config or {}}
+  info = json.loads(json.dumps(info, default=_jsonable))
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old.get("model") != info["model"] and os.path.isdir(os.path.join(workdir, CKPT_DIR)):
+      raise ValueError(f"{workdir} holds checkpoints of a different model config; use a new "
+                       "--workdir (or delete it) to start over")
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _jsonable(o):
+  if isinstance(o, (np.integer, np.floating)):
+    return o.item()
+  if isinstance(o, (tuple, set)):
+    return list(o)
+  return str(o)
+
+
+def read_run_info(workdir: str) -> dict:
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} is not a training run directory (no {RUN_FILE})")
+  with open(path) as f:
+    return json.load(f)
+
+
+class Checkpointer:
+  """Keep-N, every-K async checkpoints of ``{params, train, data}``."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, every: int = 1000, async_save: bool = True):
+    self.every = every
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, CKPT_DIR)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: Any = None, *, force: bool = False) -> bool:
+    """Saves if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did."""
+    if not force and step % self.every:
+      return False
+    train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    args = {"params": ocp.args.StandardSave(state.params), "train": ocp.args.StandardSave(train)}
+    if data_state is not None:
+      args["data"] = ocp.args.JsonSave(data_state)
+    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    if saved:
+      logging.info("checkpoint %d queued (async) under %s", step, self.manager.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state, *, with_data: bool = True):
+    """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs).
+
+    Returns ``(state, data_state or None)``.
+    """
+    train = {"opt_state": abstract_state.opt_state, "step": abstract_state.step,
+             "rng": abstract_state.rng}
+    args = {"params": ocp.args.StandardRestore(abstract_state.params),
+            "train": ocp.args.StandardRestore(train)}
+    items = self.manager.item_metadata(step)
+    if with_data and "data" in (items.keys() if hasattr(items, "keys") else []):
+      args["data"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    t = out["train"]
+    state = abstract_state.replace(params=out["params"], opt_state=t["opt_state"],
+                                   step=t["step"], rng=t["rng"])
+    return state, (out["data"] if "data" in args else None)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with the given shardings (restore targets)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def restore_params(workdir: str, cfg: LlavaConfig, step: int | None = None, shardings=None):
+  """Only the ``params`` item of a run's checkpoint (latest by default)."""
+  from llava_jax.models.llava import init_params
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoints under {os.path.join(workdir, CKPT_DIR)}")
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  out = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_like(shapes, shardings))))
+  manager.close()
+  return step, out["params"]
+
+
+@dataclasses.dataclass
+class Run:
+  cfg: LlavaConfig
+  params: Any
+  tokenizer: Any
+  template: str
+  image: ImageConfig
+  step: int
+
+
+def load_run(workdir: str, step: int | None = None, *, shardings=None) -> Run:
+  """Everything inference needs from a training workdir."""
+  from llava_jax.tokenizer import load_tokenizer
+  info = read_run_info(workdir)
+  cfg = LlavaConfig.from_dict(info["model"])
+  step, params = restore_params(workdir, cfg, step, shardings)
+  image = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["image"].items()})
+  return Run(cfg=cfg, params=params, tokenizer=load_tokenizer(info["tokenizer"]),
+             template=info["template"], image=image, step=int(step))

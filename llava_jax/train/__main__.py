@@ -1,0 +1,3 @@
+from llava_jax.train.cli import run
+
+run()

@@ -1,0 +1,207 @@
+"""The training loop: config -> data, model, mesh, state -> steps, logs, checkpoints, evals.
+
+The ConfigDict is read here once and turned into typed configs; everything below works on
+those. Restarting with the same command resumes from the latest checkpoint (params,
+optimizer, step, RNG and the grain iterator state), so the loss sequence continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from llava_jax import sharding
+from llava_jax.checkpoint import orbax as ckpt
+from llava_jax.data import images as images_lib
+from llava_jax.models.configs import LLM_VARIANTS, VISION_VARIANTS, LlavaConfig, llava_config
+from llava_jax.train import metrics as metrics_lib
+from llava_jax.train import optim
+from llava_jax.train import state as state_lib
+from llava_jax.train.step import MODEL_KEYS, StepConfig, make_train_step
+
+
+def _get(config, path: str, default=None):
+  node = config
+  for key in path.split("."):
+    if node is None or key not in node:
+      return default
+    node = node[key]
+  return node
+
+
+def prepare_synthetic(config) -> None:
+  """Writes the embedded dataset if the config asks for it and it is not there yet."""
+  syn = _get(config, "data.synthetic")
+  if not syn or not syn.get("dir"):
+    return
+  marker = os.path.join(syn["dir"], "tokenizer.model")
+  if os.path.exists(marker):
+    return
+  from llava_jax.data.synthetic import write_synthetic
+  kwargs = {k: v for k, v in syn.items() if k != "dir"}
+  logging.info("writing the embedded synthetic dataset to %s", syn["dir"])
+  write_synthetic(syn["dir"], **kwargs)
+
+
+def model_config(config, tokenizer) -> LlavaConfig:
+  """LlavaConfig from ``config.model`` (variants + overrides); vocab/ids from the tokenizer."""
+  m = config.model
+  vision = dataclasses.replace(VISION_VARIANTS[m.vision], **dict(m.get("vision_overrides", {})))
+  llm_over = dict(m.get("llm_overrides", {}))
+  if m.get("vocab_from_tokenizer", False):
+    llm_over["vocab_size"] = tokenizer.vocab_size
+  llm = dataclasses.replace(LLM_VARIANTS[m.llm], **llm_over)
+  token = m.get("image_token", "<image>")
+  image_token_id = token if isinstance(token, int) else tokenizer.token_to_id(token)
+  if image_token_id is None:
+    image_token_id = llm.vocab_size  # outside the vocabulary: placeholders map to row 0
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  return llava_config(vision, llm, projector=m.get("projector", "mlp2x_gelu"),
+                      image_token_id=image_token_id, pad_token_id=pad)
+
+
+def initial_params(config, cfg: LlavaConfig) -> Any | None:
+  """Params to start from: a previous run (regex-selected subtrees) and/or converted
+  HF towers; None means random init."""
+  init = _get(config, "init", {}) or {}
+  params = None
+  if init.get("hf_llava"):
+    from llava_jax.checkpoint.convert.hf import load_hf_llava
+    loaded_cfg, params = load_hf_llava(init["hf_llava"])
+    if loaded_cfg.llm.vocab_size != cfg.llm.vocab_size:
+      raise ValueError(f"{init['hf_llava']}: vocab {loaded_cfg.llm.vocab_size} != config {cfg.llm.vocab_size}")
+  base = params if params is not None else jax.tree.map(np.asarray, state_lib.init_params(cfg, jax.random.key(config.seed)))
+  if init.get("vision_hf"):
+    from llava_jax.checkpoint.convert.hf import load_hf_vision
+    _, base["img"] = load_hf_vision(init["vision_hf"], select_layer=cfg.vision.select_layer,
+                                    select_feature=cfg.vision.select_feature, scan=cfg.vision.scan)
+  if init.get("llm_hf"):
+    from llava_jax.checkpoint.convert.hf import load_hf_llm
+    _, base["llm"] = load_hf_llm(init["llm_hf"], scan=cfg.llm.scan, remat=cfg.llm.remat)
+  if init.get("from_run"):
+    step, prev = ckpt.restore_params(init["from_run"], cfg)
+    pattern = init.get("from_run_params", r"projector/.*")
+    names = optim.param_names(prev)
+    base = jax.tree.map(lambda n, new, old: np.asarray(new) if re.fullmatch(pattern, n) else old,
+                        names, prev, base)
+    logging.info("initialised params matching %r from %s (step %d)", pattern, init["from_run"], step)
+  return base
+
+
+def make_train_iterator(config, cfg: LlavaConfig, tokenizer, image_config):
+  from llava_jax.data import pipeline, sources
+  d = config.data
+  path = d.train
+  source = (sources.ArrayRecordLlavaSource(path) if os.path.isdir(path)
+            else sources.LlavaJsonSource(path, image_root=d.get("image_root")))
+  return pipeline.make_dataset(
+      source, tokenizer=tokenizer, template=d.template, image_config=image_config,
+      image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,
+      max_len=d.max_len, max_images=d.get("max_images", 1),
+      batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
+      policy=d.get("policy", "skip"), worker_count=d.get("workers", 0))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          eval_fn: Callable[[Any, int], dict] | None = None) -> dict:
+  """Runs (or resumes) training; returns the last logged metrics."""
+  from llava_jax.tokenizer import load_tokenizer
+  prepare_synthetic(config)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  cfg = model_config(config, tokenizer)
+  image_config = images_lib.image_config_for(cfg.vision.kind, cfg.vision.image_size,
+                                             config.data.get("image_mode"))
+  ckpt.write_run_info(workdir, model=cfg, tokenizer=config.data.tokenizer,
+                      template=config.data.template, image=image_config,
+                      config=config.to_dict())
+  t = config.train
+  mesh = sharding.make_mesh(dict(config.get("mesh", {"data": -1})))
+  rules = tuple(tuple(r) for r in config.get("sharding_rules", ()))
+  ocfg = optim.OptimConfig(
+      learning_rate=config.optim.lr, warmup_ratio=config.optim.get("warmup_ratio", 0.03),
+      final_lr_ratio=config.optim.get("final_lr_ratio", 0.0), total_steps=t.steps,
+      weight_decay=config.optim.get("weight_decay", 0.0),
+      grad_clip=config.optim.get("grad_clip", 1.0),
+      lr_rules=tuple((r, m) for r, m in config.optim.lr_rules))
+  step_cfg = StepConfig(grad_accum=t.get("grad_accum", 1), loss_norm=t.get("loss_norm", "token"))
+
+  checkpointer = ckpt.Checkpointer(workdir, keep=t.get("keep", 2), every=t.get("ckpt_every", 1000),
+                                   async_save=t.get("async_checkpoint", True))
+  latest = checkpointer.latest_step()
+  params = None if latest is not None else initial_params(config, cfg)
+  abstract = jax.eval_shape(lambda: state_lib.init_params(cfg, jax.random.key(0)))
+  optimizer = optim.make_optimizer(ocfg, abstract)
+  trainable = optim.trainable_mask(abstract, ocfg)
+  n_train = sum(int(np.prod(a.shape)) for a, m in zip(jax.tree.leaves(abstract), jax.tree.leaves(trainable)) if m)
+  logging.info("model: %s trainable of %s params", f"{n_train:,}",
+               f"{sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract)):,}")
+
+  data = make_train_iterator(config, cfg, tokenizer, image_config)
+  if latest is not None:
+    shardings = state_lib.state_shardings(cfg, optimizer, mesh, rules)
+    abstract_state = jax.eval_shape(
+        lambda: state_lib.init_state(state_lib.init_params(cfg, jax.random.key(0)), optimizer,
+                                     jax.random.key(0)))
+    state, data_state = checkpointer.restore(latest, ckpt.abstract_like(abstract_state, shardings))
+    if data_state is not None:
+      data.set_state(data_state)
+    logging.info("resumed from checkpoint %d", latest)
+  else:
+    state, shardings = state_lib.create_state(cfg, optimizer, mesh, jax.random.key(config.seed),
+                                              params=params, rules=rules)
+  start = int(state.step)
+
+  example = {k: v for k, v in _peek(data).items() if k in MODEL_KEYS}
+  train_step = state_lib.jit_train_step(make_train_step(cfg, optimizer, trainable, step_cfg),
+                                        shardings, mesh, example)
+  with sharding.use_mesh(mesh, rules):
+    compiled = train_step.lower(state, example).compile()
+  peak = (t.get("peak_tflops") or 0) * 1e12 or metrics_lib.measure_matmul_peak()
+  throughput = metrics_lib.Throughput(metrics_lib.compiled_flops(compiled), peak, jax.device_count())
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.get("tensorboard", True))
+  log_every, eval_every = t.get("log_every", 10), t.get("eval_every", 0)
+  crash_after = t.get("crash_after_step", None)  # fault injection for resume tests
+  last: dict = {}
+  bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True,
+             disable=not t.get("progress", True))
+  with sharding.use_mesh(mesh, rules):
+    for step in range(start + 1, t.steps + 1):
+      batch = next(data)
+      model_batch = {k: batch[k] for k in MODEL_KEYS}
+      state, m = compiled(state, model_batch)
+      throughput.update(int(np.sum(batch["attention_mask"])), len(batch["input_ids"]))
+      if step % log_every == 0 or step == t.steps or step == start + 1:
+        m = jax.device_get(m)
+        last = {**{k: float(v) for k, v in m.items()}, "lr": float(optim.current_lr(ocfg, step - 1)),
+                **throughput.report(),
+                **{f"skipped/{k}": v for k, v in data.counts().items()}}
+        writer.write(step, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['token_accuracy']:.3f}")
+      bar.update(1)
+      checkpointer.save(step, state, data.get_state(), force=step == t.steps)
+      if eval_fn is not None and eval_every and (step % eval_every == 0 or step == t.steps):
+        results = eval_fn(state.params, step)
+        writer.write_eval(step, results)
+        logging.info("eval at step %d: %s", step, results)
+      if crash_after is not None and step == crash_after:
+        os._exit(42)  # like a kill: no cleanup, an in-flight async save may be lost
+  bar.close()
+  checkpointer.close()
+  writer.close()
+  data.close()
+  return last
+
+
+def _peek(data):
+  """The first batch's shapes without consuming it (restores the iterator state)."""
+  state = data.get_state()
+  batch = next(data)
+  data.set_state(state)
+  return batch

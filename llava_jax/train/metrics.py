@@ -1,0 +1,114 @@
+"""Training telemetry: ``metrics.jsonl``, TensorBoard, MFU and throughput.
+
+MFU uses the FLOPs XLA counts for the compiled train step (``cost_analysis``), so frozen
+towers, remat recomputation and attention are all accounted for as the program runs
+them (recomputation counts as work done, i.e. this is hardware FLOPs utilisation).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled function, or None if the backend does not say."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pragma: no cover - backend without cost analysis
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def measure_matmul_peak(n: int = 1024, reps: int = 5) -> float:
+  """FLOP/s of a float32 n x n matmul on one default device: the CPU 'peak' for MFU."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to
+  TensorBoard (``tb/``); ``eval.json`` holds the latest evaluation."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.workdir = workdir
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = None
+    if tensorboard and jax.process_index() == 0:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:
+        logging.warning("tensorboardX not installed: no TensorBoard summaries")
+
+  def write(self, step: int, metrics: Mapping[str, Any]):
+    row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+    if jax.process_index() == 0:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+      if self._tb is not None:
+        for k, v in row.items():
+          if k != "step" and isinstance(v, (int, float)):
+            self._tb.add_scalar(k, v, step)
+
+  def write_eval(self, step: int, results: Mapping[str, Any]):
+    row = {"step": int(step), **{k: _scalar(v) for k, v in results.items()}}
+    if jax.process_index() == 0:
+      path = os.path.join(self.workdir, "eval.json")
+      with open(path + ".tmp", "w") as f:
+        json.dump(row, f, indent=2)
+      os.replace(path + ".tmp", path)
+      self.write(step, {f"eval/{k}": v for k, v in results.items()})
+
+  def close(self):
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _scalar(v):
+  if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+    v = np.asarray(v).item()
+  if isinstance(v, float) and not np.isfinite(v):
+    return str(v)
+  return v
+
+
+class Throughput:
+  """Tokens/s, examples/s and MFU over the steps since the last ``report``."""
+
+  def __init__(self, flops_per_step: float | None, peak_flops: float | None, num_devices: int):
+    self.flops_per_step, self.peak, self.devices = flops_per_step, peak_flops, num_devices
+    self._t, self._steps, self._tokens, self._examples = time.perf_counter(), 0, 0, 0
+
+  def update(self, tokens: int, examples: int):
+    self._steps += 1
+    self._tokens += tokens
+    self._examples += examples
+
+  def report(self) -> dict[str, float]:
+    now = time.perf_counter()
+    dt = max(now - self._t, 1e-9)
+    out = {"tokens_per_s": self._tokens / dt, "examples_per_s": self._examples / dt,
+           "step_time_s": dt / max(self._steps, 1)}
+    if self.flops_per_step and self.peak:
+      out["mfu"] = self.flops_per_step * self._steps / dt / (self.peak * self.devices)
+    self._t, self._steps, self._tokens, self._examples = now, 0, 0, 0
+    return out
