@@ -55,7 +55,9 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
   c.train = dict(steps=600 if stage == "stage1" else 900, batch_size=32, grad_accum=1,
                  loss_norm="token", log_every=25, ckpt_every=300, keep=2,
                  eval_every=300, eval_batch_size=50, peak_tflops=None, tensorboard=True,
-                 progress=True, async_checkpoint=True)
+                 progress=True, async_checkpoint=True,
+                 # Fault injection for the resume tests: exit (like a kill) after this step.
+                 crash_after_step=ml_collections.config_dict.placeholder(int))
   c.init = dict(from_run=f"{root}/stage1" if stage == "stage2" else None, from_run_params=".*")
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = []
@@ -67,7 +69,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.model.vision_overrides.update(width=32, mlp_dim=64, depth=2)
     c.model.llm_overrides.update(hidden_size=32, intermediate_size=64, num_layers=2)
     c.train.update(steps=6, batch_size=8, log_every=1, ckpt_every=2, eval_every=0,
-                   tensorboard=False, progress=False)
+                   tensorboard=False, progress=False, peak_tflops=1.0)
     c.optim.lr = 1e-3
   return c
 
