@@ -18,7 +18,6 @@ kernel (``jax.experimental.pallas.ops.tpu.flash_attention``) and ours.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import sys
 import time
@@ -28,6 +27,9 @@ from absl import app, flags
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import replace_section  # noqa: E402
 
 from llava_jax.kernels import flash_tpu
 from llava_jax.kernels.flash_attention import BlockSizes, flash_attention
@@ -160,18 +162,6 @@ def speed_table(seq_lens, b: int = 4, h: int = 16, k: int = 16, d: int = 128) ->
   return "\n".join(rows)
 
 
-def write_section(path: Path, body: str):
-  """Adds or replaces this benchmark's section of a markdown results file."""
-  text = path.read_text() if path.exists() else "# Benchmark results\n"
-  section = f"{SECTION}\n\n{body.strip()}\n"
-  pattern = re.compile(re.escape(SECTION) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
-  else:
-    text = text.rstrip() + "\n\n" + section
-  path.write_text(text)
-
-
 def main(argv):
   del argv
   command = "python " + " ".join(sys.argv)
@@ -179,7 +169,7 @@ def main(argv):
   if jax.default_backend() in ("gpu", "tpu"):
     parts += ["", "### Speed", "", speed_table([int(t) for t in _SPEED_SEQ_LENS.value])]
   if _RESULTS.value:
-    write_section(Path(_RESULTS.value), "\n".join(parts))
+    replace_section(_RESULTS.value, SECTION[len("## "):], "\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
       eval_questions=f"{data_dir}/eval_questions.jsonl",
       eval_annotations=f"{data_dir}/eval_annotations.jsonl",
       template="plain" if stage == "stage1" else "vicuna_v1",
-      max_len=64 if stage == "stage1" else 160, max_images=1, policy="skip", workers=0,
+      max_len=64 if stage == "stage1" else 128, max_images=1, policy="skip", workers=0,
       image_mode=None)
   c.optim = dict(lr=3e-3, warmup_ratio=0.05, final_lr_ratio=0.05, weight_decay=0.0,
                  grad_clip=1.0, lr_rules=[(".*", 1.0)])

@@ -1,0 +1,39 @@
+"""Helpers shared by the config files (argument parsing, the LLaVA-1.5 recipe skeleton)."""
+import ml_collections
+
+
+def parse_arg(arg: str, **defaults) -> dict:
+  """``"size=13b,data=/d"`` -> dict, with ``defaults`` filled in and unknown keys refused."""
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key not in out:
+      raise ValueError(f"unknown config argument {key!r}; expected {sorted(out)}")
+    out[key] = value
+  return out
+
+
+def llava_recipe(*, stage: int, vision: str, llm: str, data: dict, template: str, lr: float,
+                 batch_size: int, steps: int, max_len: int, init: dict,
+                 lr_rules, image_mode: str = "pad") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = dict(vision=vision, llm=llm, projector="mlp2x_gelu", vocab_from_tokenizer=False,
+                 image_token="<image>",
+                 vision_overrides=dict(select_layer=-2, scan=True, remat="full", dtype="bfloat16"),
+                 llm_overrides=dict(scan=True, remat="full", dtype="bfloat16",
+                                    attn_impl="xla"))
+  c.data = dict(synthetic=None, template=template, max_len=max_len, max_images=1,
+                policy="skip", workers=16, image_mode=image_mode, val="",
+                eval_questions="", eval_annotations="", **data)
+  c.optim = dict(lr=lr, warmup_ratio=0.03, final_lr_ratio=0.0, weight_decay=0.0, grad_clip=1.0,
+                 lr_rules=list(lr_rules))
+  c.train = dict(steps=steps, batch_size=batch_size, grad_accum=1, loss_norm="token",
+                 log_every=10, ckpt_every=500, keep=3, eval_every=0, eval_batch_size=batch_size,
+                 peak_tflops=ml_collections.config_dict.placeholder(float), tensorboard=True,
+                 progress=True, async_checkpoint=True,
+                 crash_after_step=ml_collections.config_dict.placeholder(int))
+  c.init = dict(init)
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)  # FSDP over every chip: 7B/13B fit a v4-32/v5e-32
+  c.sharding_rules = []
+  return c
