@@ -117,3 +117,21 @@ def test_no_trainable_params_is_a_clear_error():
   params = state_lib.init_params(cfg, jax.random.key(0))
   with pytest.raises(ValueError, match="no trainable params"):
     optim.make_optimizer(optim.OptimConfig(lr_rules=((r"vision/.*", 1.0),)), params)
+
+
+def test_bf16_compute_keeps_float32_master_params():
+  cfg = tiny_cfg()
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"),
+                            llm=dataclasses.replace(cfg.llm, dtype="bfloat16"))
+  _, state, losses = run(cfg, STAGE2, 8)
+  assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+  assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+
+
+def test_schedule_warmup_then_cosine():
+  c = optim.OptimConfig(learning_rate=1.0, warmup_ratio=0.1, final_lr_ratio=0.1, total_steps=100)
+  s = optim.schedule(c)
+  assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(1.0)
+  assert float(s(5)) == pytest.approx(0.5)
+  assert float(s(100)) == pytest.approx(0.1)
+  assert float(s(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-4)  # half-way down the cosine
