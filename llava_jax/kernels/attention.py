@@ -6,7 +6,11 @@ bidirectional prefix, GQA without repeating K/V.
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
+from jax.sharding import PartitionSpec as P
 
 from llava_jax.kernels.reference import attention_mask, mha_reference
 
@@ -49,8 +53,45 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=
                                         implementation="cudnn")
   if impl == "pallas":
     from llava_jax.kernels import flash_attention  # imported lazily: Pallas import is slow
-    return flash_attention.flash_attention(
-        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        prefix_len=prefix_len, interpret=interpret, logits_soft_cap=logits_soft_cap,
-        sliding_window=sliding_window)
+    kernel = functools.partial(flash_attention.flash_attention, causal=causal, interpret=interpret,
+                               logits_soft_cap=logits_soft_cap, sliding_window=sliding_window)
+    return _per_shard(kernel, q, k, v, segment_ids, kv_segment_ids, prefix_len)
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+
+
+def _ambient_mesh():
+  """The mesh of an enclosing ``with mesh:`` (``sharding.use_mesh``), or None."""
+  from jax._src import mesh as mesh_lib  # the legacy context has no public getter
+  mesh = mesh_lib.thread_resources.env.physical_mesh
+  return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def _per_shard(kernel, q, k, v, segment_ids, kv_segment_ids, prefix_len):
+  """Runs a Pallas kernel per shard under ``shard_map``.
+
+  XLA cannot partition a Pallas custom call: under a sharded ``jit`` it would gather
+  q/k/v onto every device. Attention is independent per batch row and per (kv) head, so
+  each device runs the kernel on its own rows and heads. Batch goes over the mesh axes of
+  ``act_batch`` and heads over those of ``act_heads``; heads stay whole when the kv heads
+  don't divide (a query head must sit with its kv head).
+  """
+  mesh = _ambient_mesh()
+  call = lambda q, k, v, s, ks, pl: kernel(q, k, v, segment_ids=s, kv_segment_ids=ks, prefix_len=pl)
+  if mesh is None:
+    return call(q, k, v, segment_ids, kv_segment_ids, prefix_len)
+  import flax.linen as nn
+  batch_axes, head_axes = nn.logical_to_mesh_axes(("act_batch", "act_heads"))
+  size = lambda axes: 1 if axes is None else (
+      mesh.shape[axes] if isinstance(axes, str) else math.prod(mesh.shape[a] for a in axes))
+  if q.shape[0] % size(batch_axes):
+    batch_axes = None
+  if q.shape[2] % size(head_axes) or k.shape[2] % size(head_axes):
+    head_axes = None
+  if batch_axes is None and head_axes is None:
+    return call(q, k, v, segment_ids, kv_segment_ids, prefix_len)
+  qkv = P(batch_axes, None, head_axes, None)
+  rows = P(batch_axes, None)
+  specs = (qkv, qkv, qkv, None if segment_ids is None else rows,
+           None if kv_segment_ids is None else rows, None if prefix_len is None else P(batch_axes))
+  return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(
+      q, k, v, segment_ids, kv_segment_ids, prefix_len)
