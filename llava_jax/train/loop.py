@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from typing import Any, Callable
 
 import jax
@@ -169,8 +170,10 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   log_every, eval_every = t.get("log_every", 10), t.get("eval_every", 0)
   crash_after = t.get("crash_after_step", None)  # fault injection for resume tests
   last: dict = {}
-  bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True,
-             disable=not t.get("progress", True))
+  # A live bar on a terminal; in log files (pods, CI) a plain line per logged step instead.
+  bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
+             disable=None if t.get("progress", True) else True)
+  t_start = time.perf_counter()
   with sharding.use_mesh(mesh, rules):
     for step in range(start + 1, t.steps + 1):
       batch = next(data)
@@ -184,6 +187,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 **{f"skipped/{k}": v for k, v in data.counts().items()}}
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['token_accuracy']:.3f}")
+        if bar.disable:
+          per_step = (time.perf_counter() - t_start) / (step - start)
+          logging.info("step %d/%d loss %.4f token_acc %.3f %.0f tokens/s, ETA %s", step, t.steps,
+                       last["loss"], last["token_accuracy"], last["tokens_per_s"],
+                       _hms(per_step * (t.steps - step)))
       bar.update(1)
       checkpointer.save(step, state, data.get_state(), force=step == t.steps)
       if eval_fn is not None and eval_every and (step % eval_every == 0 or step == t.steps):
@@ -197,6 +205,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   writer.close()
   data.close()
   return last
+
+
+def _hms(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}"
 
 
 def _peek(data):
