@@ -7,19 +7,21 @@ transformers, saved and loaded through ``load_hf_llava``, so both sides run the 
 weights. Prefill (prompt + image into the cache) and decode are timed separately:
 prefill = one forward over the prompt; decode = (full generate - prefill), per generated
 token after the first. Compilation is excluded (one warm-up call); the median of
-``--repeats`` runs is reported. Both sides run in float32 on the same CPU cores.
+``--repeats`` runs, interleaved between the two sides, is reported. Both sides run in float32 on the same CPU cores.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import replace_section  # noqa: E402
 
 
 def build_model(path: str, *, layers: int, width: int, vocab: int, image_token: int):
@@ -52,17 +54,21 @@ def make_inputs(batch: int, prompt: int, n_img: int, image_token: int, vocab: in
   return ids, mask, px
 
 
-def timed(fn, repeats: int) -> float:
-  fn()  # warm-up / compile
-  times = []
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+  """Median seconds per callable; one warm-up each, then the callables take turns in every
+  repeat so that background load on shared cores hits all of them alike."""
+  for fn in fns.values():
+    fn()  # warm-up / compile
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_ours(path, ids, mask, px, new_tokens, repeats):
+def ours_fns(path, ids, mask, px, new_tokens):
   import jax
 
   from llava_jax.checkpoint.convert.hf import load_hf_llava
@@ -77,10 +83,10 @@ def bench_ours(path, ids, mask, px, new_tokens, repeats):
   def run_generate():
     return np.asarray(sampler.generate(cfg, params, ids, px, mask, max_new_tokens=new_tokens))
 
-  return timed(run_prefill, repeats), timed(run_generate, repeats), run_generate()
+  return run_prefill, run_generate
 
 
-def bench_hf(model, ids, mask, px, new_tokens, repeats):
+def hf_fns(model, ids, mask, px, new_tokens):
   import torch
   t_ids, t_mask = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
   t_px = torch.from_numpy(np.ascontiguousarray(px.transpose(0, 3, 1, 2)))
@@ -97,18 +103,7 @@ def bench_hf(model, ids, mask, px, new_tokens, repeats):
                            do_sample=False, pad_token_id=0)
     return out[:, ids.shape[1]:].numpy()
 
-  return timed(run_prefill, repeats), timed(run_generate, repeats), run_generate()
-
-
-def write_section(path: str, text: str):
-  """Adds or replaces this benchmark's ``## Generation`` section of RESULTS.md."""
-  title = "## Generation (benchmarks/generate.py)"
-  old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-  pattern = re.compile(re.escape(title) + r".*?(?=^## |\Z)", re.S | re.M)
-  section = f"{title}\n\n{text.strip()}\n\n"
-  new = pattern.sub(lambda _: section, old) if pattern.search(old) else old.rstrip() + "\n\n" + section
-  with open(path, "w") as f:
-    f.write(new.rstrip() + "\n")
+  return run_prefill, run_generate
 
 
 def main(argv=None):
@@ -133,8 +128,12 @@ def main(argv=None):
                         image_token=image_token)
     ids, mask, px = make_inputs(args.batch, args.prompt, 16, image_token, args.vocab)
     load_before = os.getloadavg()[0]
-    hf_pre, hf_gen, hf_tok = bench_hf(model, ids, mask, px, args.new_tokens, args.repeats)
-    ours_pre, ours_gen, ours_tok = bench_ours(path, ids, mask, px, args.new_tokens, args.repeats)
+    ours_pre_fn, ours_gen_fn = ours_fns(path, ids, mask, px, args.new_tokens)
+    hf_pre_fn, hf_gen_fn = hf_fns(model, ids, mask, px, args.new_tokens)
+    t = timed_interleaved({"hf_pre": hf_pre_fn, "ours_pre": ours_pre_fn, "hf_gen": hf_gen_fn,
+                           "ours_gen": ours_gen_fn}, args.repeats)
+    ours_tok, hf_tok = ours_gen_fn(), hf_gen_fn()
+  ours_pre, ours_gen, hf_pre, hf_gen = t["ours_pre"], t["ours_gen"], t["hf_pre"], t["hf_gen"]
 
   b, p, n = args.batch, args.prompt, args.new_tokens
   rows = []
@@ -148,7 +147,7 @@ def main(argv=None):
       f"Random LLaVA: CLIP-tiny tower (56 px, 16 image tokens), Llama {args.layers} layers x "
       f"width {args.width} (MHA, {args.width // 64} heads), vocab {args.vocab}; float32; batch "
       f"{b}, prompt {p} (left-padded, lengths {p - 7}..{p}, one image each), {n} new tokens, "
-      f"greedy, no early stop. Median of {args.repeats} after a warm-up. jax {jax.__version__} "
+      f"greedy, no early stop. Median of {args.repeats} interleaved runs after a warm-up. jax {jax.__version__} "
       f"({jax.default_backend()}, {jax.device_count()} devices), torch {torch.__version__} "
       f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
       f"{os.cpu_count()} CPU cores (1-min load average {load_before:.1f} at the start: other "
@@ -166,7 +165,7 @@ def main(argv=None):
   text = "\n".join(lines)
   print(text)
   if args.results:
-    write_section(args.results, text)
+    replace_section(args.results, "Generation (benchmarks/generate.py)", text)
 
 
 if __name__ == "__main__":

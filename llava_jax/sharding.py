@@ -87,8 +87,12 @@ def rules(overrides: Iterable[tuple[str, Any]] | None = None) -> tuple[tuple[str
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, overrides: Iterable[tuple[str, Any]] | None = None):
-  """Context in which ``nn.with_logical_constraint`` annotations resolve against ``mesh``."""
-  with mesh, nn.logical_axis_rules(rules(overrides)):
+  """Context in which ``nn.with_logical_constraint`` annotations resolve against ``mesh``.
+
+  Flax applies logical constraints only when an abstract mesh is set; the concrete
+  ``with mesh`` context is kept for code (and Pallas ``shard_map``) that needs devices.
+  """
+  with mesh, jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules(overrides)):
     yield
 
 

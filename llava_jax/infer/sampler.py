@@ -1,20 +1,42 @@
-"""Batched generation for LLaVA: greedy, temperature, top-k and top-p sampling.
+"""Batched generation for LLaVA with a KV cache: greedy, temperature, top-k and top-p.
 
-This first version re-runs the decoder over a fixed-size [B, P + N] buffer every step
-(no KV cache): exact and jit-compiled once, O((P+N)^2) per token. The KV-cache sampler
-keeps this signature.
+    tokens = generate(cfg, params, input_ids, pixel_values, attention_mask,
+                      max_new_tokens=64, eos_token_id=tok.eos_id)      # int32[B, N]
+    for step in generate_stream(cfg, params, ...):                      # int32[B] per token
+      ...
 
-Einsum letters: B batch, P prompt length, N new tokens, E embed, V vocab.
+How it runs. The prompt (image features merged by ``Llava.embed_inputs``) is prefilled
+into a fixed-shape cache of S = P + N slots in one decoder pass; then one token per step
+is decoded against the cache inside a jitted ``jax.lax.while_loop`` that exits as soon
+as every row has emitted a stop token. Prompts are left-padded: all rows share the slot
+layout, padding slots carry segment id 0 (never attended to), and RoPE positions count
+valid tokens only (``cumsum(mask) - 1``), as HF ``generate`` does. After a stop token a
+row emits ``cfg.pad_token_id``. Sampling keys are ``fold_in(rng, step)``, so a seed gives
+the same tokens whether or not the loop exits early, streamed or not.
+
+Sharding. Pass ``mesh=`` (a ``llava_jax.sharding`` mesh) with params placed on it
+(``sharding.param_shardings``): the cache and activations follow the logical-axis
+annotations (batch over ``data``/``fsdp``, kv heads over ``tensor``).
+
+Einsum letters: B batch, P prompt length, N new tokens, S cache slots, L layers,
+K kv heads, D head dim, E embed, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava, default_positions
+from llava_jax.models.llm import CACHE_AXES, init_cache
+
+__all__ = ["generate", "generate_stream", "prefill", "decode_step", "sample_logits",
+           "init_cache"]
 
 
 def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: int | None = None,
@@ -29,69 +51,259 @@ def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: int | None = 
   if top_p is not None:
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-    drop_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) >= top_p
+    drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= top_p
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
     logits = jnp.where(drop, -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+# ------------------------------------------------------------------- traced pieces
+
+def _ctx_key(mesh, rules):
+  """Hashable (mesh, rule overrides), a static jit argument so each mesh traces its own."""
+  return None if mesh is None else (mesh, tuple(tuple(r) for r in (rules or ())))
+
+
+def _mesh_ctx(ctx):
+  """Entered around the jitted calls, so tracing sees the mesh and the logical rules."""
+  if ctx is None:
+    return contextlib.nullcontext()
+  from llava_jax import sharding
+  return sharding.use_mesh(ctx[0], ctx[1])
+
+
+def _constrain_cache(cache, ctx):
+  """Shards the cache like activations (batch over data x fsdp, kv heads over tensor).
+
+  The mesh is passed explicitly: under the legacy ``with mesh:`` context the modules'
+  own logical constraints are no-ops in this flax version (they need ``jax.set_mesh``).
+  """
+  if ctx is None:
+    return cache
+  import flax.linen as nn
+  from llava_jax import sharding
+  axes = {"k": (None,) + CACHE_AXES, "v": (None,) + CACHE_AXES,
+          "segment_ids": ("act_batch", "act_seq")}
+  return {name: nn.with_logical_constraint(x, axes[name], rules=sharding.rules(ctx[1]),
+                                           mesh=ctx[0]) for name, x in cache.items()}
+
+
+def _prefill(cfg: LlavaConfig, params, input_ids, pixel_values, attention_mask, image_mask,
+             cache_len: int, ctx=None):
+  """-> (last logits float32[B, V], cache, next positions int32[B])."""
+  model = Llava(cfg)
+  b = input_ids.shape[0]
+  embeds = model.apply({"params": params}, input_ids, pixel_values, image_mask,
+                       method=Llava.embed_inputs)
+  positions = default_positions(input_ids, attention_mask)
+  cache = _constrain_cache(init_cache(cfg.llm, b, cache_len), ctx)
+  logits, cache = model.apply(
+      {"params": params}, embeds, positions, attention_mask, cache,
+      method=lambda m, e, q, s, c: m.llm(e, q, s, c, last_only=True))
+  return logits[:, 0], _constrain_cache(cache, ctx), jnp.sum(attention_mask, axis=1).astype(jnp.int32)
+
+
+def _decode(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, ctx=None):
+  """tokens int32[B] at slot ``cache_index`` -> (logits float32[B, V], cache)."""
+  def run(m, t, c, i, q):
+    return m.llm(m.llm.embed(t[:, None]), q[:, None], None, c, i, last_only=True)
+  logits, cache = Llava(cfg).apply({"params": params}, tokens, cache, cache_index, positions,
+                                   method=run)
+  return logits[:, 0], _constrain_cache(cache, ctx)
+
+
+def _stop(tokens, stop_ids: tuple[int, ...]):
+  if not stop_ids:
+    return jnp.zeros(tokens.shape, bool)
+  return jnp.isin(tokens, jnp.asarray(stop_ids, jnp.int32))
+
+
+# ------------------------------------------------------------------- public API
+
+def _inputs(input_ids, attention_mask, temperature, rng, max_new_tokens, eos_token_id,
+            stop_token_ids, mesh, rules):
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be int32[B, P], got shape {input_ids.shape}")
+  if temperature > 0 and rng is None:
+    raise ValueError("sampling (temperature > 0) needs an explicit rng key")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask,
+                                                                              jnp.int32)
+  if mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+  stops = set(int(s) for s in (stop_token_ids or ()))
+  if eos_token_id is not None:
+    stops.add(int(eos_token_id))
+  rng = jax.random.key(0) if rng is None else rng
+  return input_ids, mask, tuple(sorted(stops)), rng, _ctx_key(mesh, rules)
+
+
 def generate(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_mask=None, *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | None = None, rng=None):
-  """Generates ``max_new_tokens`` per prompt.
+             top_p: float | None = None, eos_token_id: int | None = None, rng=None,
+             image_mask=None, stop_token_ids: Sequence[int] = (), mesh=None, rules=None,
+             return_num_steps: bool = False):
+  """Generates up to ``max_new_tokens`` per prompt (prefill + jitted decode loop).
 
   Args:
     input_ids: int32[B, P], prompts left-padded (``attention_mask`` 0 on the left), with
       ``cfg.num_image_tokens`` image placeholders per image.
-    pixel_values: float32[I, S, S, 3] normalised NHWC, or None.
+    pixel_values: float32[I, S, S, 3] normalised NHWC (or [B, M, S, S, 3]), or None.
     attention_mask: int[B, P] or None (no padding).
     temperature, top_k, top_p: sampling controls; greedy when temperature == 0.
-    eos_token_id: a row stops after emitting it; later positions hold ``cfg.pad_token_id``.
+    eos_token_id, stop_token_ids: a row stops after emitting any of them (the stop token
+      is kept); later positions hold ``cfg.pad_token_id``. The loop ends early once every
+      row has stopped.
     rng: PRNG key, required when sampling.
+    image_mask: bool[I] (or [B, M]); False marks padding image slots.
+    mesh, rules: optional ``llava_jax.sharding`` mesh (and logical-rule overrides) the
+      params live on; the cache and activations are sharded by the logical axes.
+    return_num_steps: also return the int32 number of tokens generated per row before
+      the loop ended (``max_new_tokens`` unless every row stopped earlier).
   Returns:
-    int32[B, max_new_tokens].
+    int32[B, max_new_tokens] (and the step count with ``return_num_steps``).
   """
-  if temperature > 0 and rng is None:
-    raise ValueError("sampling (temperature > 0) needs an explicit rng key")
-  if attention_mask is None:
-    attention_mask = jnp.ones_like(input_ids)
-  rng = jax.random.key(0) if rng is None else rng
-  return _generate(cfg, params, jnp.asarray(input_ids, jnp.int32), pixel_values,
-                   jnp.asarray(attention_mask, jnp.int32), rng, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), top_k=top_k, top_p=top_p,
-                   eos_token_id=eos_token_id)
+  ids, mask, stops, rng, ctx = _inputs(input_ids, attention_mask, temperature, rng,
+                                       max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
+  with _mesh_ctx(ctx):
+    tokens, steps = _generate(cfg, params, ids, pixel_values, mask, image_mask, rng,
+                              max_new_tokens=max_new_tokens, temperature=float(temperature),
+                              top_k=top_k, top_p=top_p, stop_ids=stops, ctx=ctx)
+  return (tokens, steps) if return_num_steps else tokens
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id"))
-def _generate(cfg, params, input_ids, pixel_values, attention_mask, rng, *, max_new_tokens,
-              temperature, top_k, top_p, eos_token_id):
-  model = Llava(cfg)
+    "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "ctx"))
+def _generate(cfg, params, input_ids, pixel_values, attention_mask, image_mask, rng, *,
+              max_new_tokens, temperature, top_k, top_p, stop_ids, ctx):
   b, p = input_ids.shape
   n = max_new_tokens
-  prompt = model.apply({"params": params}, input_ids, pixel_values, method=Llava.embed_inputs)
-  embeds = jnp.concatenate([prompt, jnp.zeros((b, n, prompt.shape[-1]), prompt.dtype)], axis=1)
-  mask = jnp.concatenate([attention_mask, jnp.zeros((b, n), jnp.int32)], axis=1)
-  tokens = jnp.full((b, n), cfg.pad_token_id, jnp.int32)
-  done = jnp.zeros((b,), bool)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask,
+                                      image_mask, p + n, ctx)
+  first = sample(logits, jax.random.fold_in(rng, 0))
+  tokens = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
 
-  def step(i, state):
-    embeds, mask, tokens, done, rng = state
-    logits = model.apply({"params": params}, embeds, default_positions(mask, mask), mask,
-                         method=lambda m, e, q, s: m.llm(e, q, s))
-    last = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
-    rng, sub = jax.random.split(rng)
-    nxt = sample_logits(last, sub, temperature=temperature, top_k=top_k, top_p=top_p)
-    nxt = jnp.where(done, cfg.pad_token_id, nxt)
-    if eos_token_id is not None:
-      done = done | (nxt == eos_token_id)
-    tokens = tokens.at[:, i].set(nxt)
-    new = model.apply({"params": params}, nxt[:, None], method=lambda m, t: m.llm.embed(t))
-    embeds = jax.lax.dynamic_update_slice_in_dim(embeds, new.astype(embeds.dtype), p + i, axis=1)
-    mask = mask.at[:, p + i].set(1)
-    return embeds, mask, tokens, done, rng
+  def cond(state):
+    i, _, _, _, _, done = state
+    return (i < n) & ~jnp.all(done)
 
-  _, _, tokens, _, _ = jax.lax.fori_loop(0, n, step, (embeds, mask, tokens, done, rng))
-  return tokens
+  def body(state):
+    i, last, cache, positions, tokens, done = state
+    logits, cache = _decode(cfg, params, last, cache, p + i - 1, positions, ctx)
+    nxt = jnp.where(done, cfg.pad_token_id, sample(logits, jax.random.fold_in(rng, i)))
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, i, axis=1)
+    return i + 1, nxt, cache, positions + 1, tokens, done | _stop(nxt, stop_ids)
+
+  state = (jnp.int32(1), first, cache, positions, tokens, _stop(first, stop_ids))
+  steps, _, _, _, tokens, _ = jax.lax.while_loop(cond, body, state)
+  return tokens, steps
+
+
+def generate_stream(cfg: LlavaConfig, params, input_ids, pixel_values=None,
+                    attention_mask=None, *, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    eos_token_id: int | None = None, rng=None, image_mask=None,
+                    stop_token_ids: Sequence[int] = (), mesh=None,
+                    rules=None) -> Iterator[np.ndarray]:
+  """Like ``generate`` (same arguments, same tokens) but yields each step's tokens as soon as
+  they exist: numpy int32[B] per step, at most ``max_new_tokens`` times, stopping after
+  the step in which every row has emitted a stop token. A host loop over a jitted
+  single-step function (the cache is donated), for interactive use."""
+  ids, mask, stops, rng, ctx = _inputs(input_ids, attention_mask, temperature, rng,
+                                       max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
+                  ctx=ctx)
+  p = ids.shape[1]
+  with _mesh_ctx(ctx):
+    tok, done, cache, positions = _stream_first(cfg, params, ids, pixel_values, mask,
+                                                image_mask, rng, cache_len=p + max_new_tokens,
+                                                **sampling)
+  for i in range(1, max_new_tokens + 1):
+    host_tok, host_done = jax.device_get((tok, done))
+    yield np.asarray(host_tok, np.int32)
+    if i == max_new_tokens or bool(np.all(host_done)):
+      return
+    with _mesh_ctx(ctx):
+      tok, done, cache, positions = _stream_step(cfg, params, tok, done, cache, positions,
+                                                 jnp.int32(p + i - 1), jax.random.fold_in(rng, i),
+                                                 **sampling)
+
+
+_STREAM_STATIC = ("temperature", "top_k", "top_p", "stop_ids", "ctx")
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len",) + _STREAM_STATIC)
+def _stream_first(cfg, params, input_ids, pixel_values, attention_mask, image_mask, rng, *,
+                  cache_len, temperature, top_k, top_p, stop_ids, ctx):
+  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask,
+                                      image_mask, cache_len, ctx)
+  tok = sample_logits(logits, jax.random.fold_in(rng, 0), temperature=temperature,
+                      top_k=top_k, top_p=top_p)
+  return tok, _stop(tok, stop_ids), cache, positions
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STREAM_STATIC,
+                   donate_argnames=("cache",))
+def _stream_step(cfg, params, last, done, cache, positions, cache_index, key, *, temperature,
+                 top_k, top_p, stop_ids, ctx):
+  logits, cache = _decode(cfg, params, last, cache, cache_index, positions, ctx)
+  nxt = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+  nxt = jnp.where(done, cfg.pad_token_id, nxt)
+  return nxt, done | _stop(nxt, stop_ids), cache, positions + 1
+
+
+# ------------------------------------------------------------ building blocks
+
+def prefill(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_mask=None,
+            image_mask=None, *, cache_len: int, mesh=None, rules=None):
+  """Runs the prompt into a fresh cache of ``cache_len`` slots (>= P).
+
+  Args: as ``generate``; attention_mask int[B, P] (None: no padding).
+  Returns:
+    logits float32[B, V] at the last prompt position, the cache
+    (``{"k", "v": [L, B, cache_len, K, D], "segment_ids": int32[B, cache_len]}``) and
+    int32[B], the position of each row's next token.
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  if cache_len < input_ids.shape[1]:
+    raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({input_ids.shape[1]})")
+  mask = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
+          else jnp.asarray(attention_mask, jnp.int32))
+  ctx = _ctx_key(mesh, rules)
+  with _mesh_ctx(ctx):
+    return _prefill_jit(cfg, params, input_ids, pixel_values, mask, image_mask,
+                        cache_len=cache_len, ctx=ctx)
+
+
+def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, *,
+                mesh=None, rules=None):
+  """One token per row into the cache (the cache passed in is not donated).
+
+  Args: tokens int32[B]; cache from ``prefill``/``decode_step``; cache_index int32 scalar,
+    the slot the tokens go to (P + step); positions int32[B] their RoPE positions.
+  Returns: (logits float32[B, V] for the next token, the updated cache).
+  """
+  ctx = _ctx_key(mesh, rules)
+  with _mesh_ctx(ctx):
+    return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache,
+                       jnp.asarray(cache_index, jnp.int32), jnp.asarray(positions, jnp.int32),
+                       ctx=ctx)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len", "ctx"))
+def _prefill_jit(cfg, params, input_ids, pixel_values, attention_mask, image_mask, *,
+                 cache_len, ctx):
+  return _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask,
+                  cache_len, ctx)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("ctx",))
+def _decode_jit(cfg, params, tokens, cache, cache_index, positions, *, ctx):
+  return _decode(cfg, params, tokens, cache, cache_index, positions, ctx)

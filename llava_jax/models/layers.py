@@ -26,16 +26,48 @@ def logical(init: Callable, axes: Sequence[str | None]) -> Callable:
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
+class DenseGeneral(nn.Module):
+  """``x @ kernel (+ bias)`` contracting ``axis`` of x, with the kernel created at its full
+  shape (e.g. [E, H, D]) so its logical axis names always match its rank.
+
+  (flax.linen.DenseGeneral creates the kernel flat and reshapes it afterwards, which
+  breaks logical-sharding constraints on multi-dimensional kernels under a mesh.)
+  """
+  features: tuple[int, ...]
+  axis: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  bias_axes: tuple[str | None, ...]
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    axis = tuple(a % x.ndim for a in self.axis)
+    in_shape = tuple(x.shape[a] for a in axis)
+    n_in, n_out = len(in_shape), len(self.features)
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", logical(init, self.kernel_axes), in_shape + self.features,
+                        jnp.float32)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axis, tuple(range(n_in))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical(nn.initializers.zeros_init(), self.bias_axes),
+                        self.features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str,
           use_bias: bool = True, axis: int | Sequence[int] = -1, dtype=jnp.float32,
-          bias_axes: Sequence[str | None] | None = None) -> nn.DenseGeneral:
-  """DenseGeneral whose kernel (and bias) carry logical axis names (float32 params)."""
+          bias_axes: Sequence[str | None] | None = None) -> DenseGeneral:
+  """A dense layer whose kernel (and bias) carry logical axis names (float32 params)."""
   feats = (features,) if isinstance(features, int) else tuple(features)
-  return nn.DenseGeneral(
-      features=feats, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=logical(nn.initializers.lecun_normal(), axes),
-      bias_init=logical(nn.initializers.zeros_init(), bias_axes or axes[-len(feats):]),
-      name=name)
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  return DenseGeneral(features=feats, axis=axis, kernel_axes=tuple(axes),
+                      bias_axes=tuple(bias_axes or axes[-len(feats):]), use_bias=use_bias,
+                      dtype=dtype, name=name)
 
 
 def layer_norm(eps: float, name: str, dtype=jnp.float32) -> nn.LayerNorm:
@@ -122,6 +154,11 @@ class LayerStack(nn.Module):
   layer exists in the param tree (so checkpoints round-trip) while only the layers
   needed are computed (e.g. LLaVA's ``select_layer=-2`` skips the ViT's last block).
   Blocks are called as ``block(x, *args) -> (x, None)``; ``args`` are broadcast.
+
+  ``layer_state`` (e.g. a KV cache): a pytree whose leaves have a leading layer axis
+  [num_layers, ...]. Layer i then gets ``block(x, *args, state_i) -> (x, new_state_i)``
+  and the call returns ``(x, new_layer_state)`` with the new states stacked the same way
+  (scanned input and output under ``scan=True``).
   """
   block_cls: Any
   cfg: Any
@@ -130,25 +167,40 @@ class LayerStack(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, x: Array, *args, num_layers: int | None = None) -> Array:
+  def __call__(self, x: Array, *args, num_layers: int | None = None, layer_state: Any = None):
     n = self.depth if (num_layers is None or self.is_initializing()) else num_layers
     if not 0 <= n <= self.depth:
       raise ValueError(f"num_layers {n} out of range [0, {self.depth}]")
+    has_state = layer_state is not None
+    if has_state:
+      for leaf in jax.tree.leaves(layer_state):
+        if leaf.shape[0] != n:
+          raise ValueError(f"layer_state leaves need a leading axis of {n} layers, got "
+                           f"shape {leaf.shape}")
+      args = args + (layer_state,)
     block = self.block_cls
     if self.remat != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
     if not self.scan:
+      new_states = []
       for i in range(n):
-        x, _ = block(self.cfg, name=f"layers_{i}")(x, *args)
+        call_args = args
+        if has_state:
+          call_args = args[:-1] + (jax.tree.map(lambda a: a[i], layer_state),)
+        x, new = block(self.cfg, name=f"layers_{i}")(x, *call_args)
+        new_states.append(new)
+      if has_state:
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *new_states)
       return x
     if n == 0:
-      return x
+      return (x, layer_state) if has_state else x
+    in_axes = (nn.broadcast,) * (len(args) - has_state) + ((0,) if has_state else ())
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * len(args), length=n,
+                      in_axes=in_axes, length=n,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     if n != self.depth:
       # Run a prefix of the stored layers: slice the stacked params on the way in.
       scanned = nn.map_variables(scanned, "params", init=False,
                                  trans_in_fn=lambda t: jax.tree.map(lambda a: a[:n], t))
-    x, _ = scanned(self.cfg, name="layers")(x, *args)
-    return x
+    x, new_states = scanned(self.cfg, name="layers")(x, *args)
+    return (x, new_states) if has_state else x

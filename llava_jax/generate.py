@@ -1,0 +1,126 @@
+r"""Chat with a LLaVA checkpoint about an image; text is printed as tokens arrive.
+
+  python -m llava_jax.generate --checkpoint=DIR --image=cat.jpg --prompt="What is this?"
+  python -m llava_jax.generate --checkpoint=DIR --image=cat.jpg --interactive
+
+DIR: a training workdir, a HF LLaVA or an original LLaVA directory
+(``llava_jax.infer.loading.load_model``). ``--interactive`` keeps the whole conversation
+in the template (the image in the first user turn, as LLaVA's ``cli.py``) and answers
+each line read from stdin until an empty line or EOF.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence, TextIO
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory", required=True)
+_IMAGE = flags.DEFINE_string("image", None, "image file (optional: text-only without it)")
+_PROMPT = flags.DEFINE_string("prompt", None, "the (first) user message")
+_INTERACTIVE = flags.DEFINE_bool("interactive", False, "multi-turn chat on stdin")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "answer length limit")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+_TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling mass (with temperature > 0)")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_TEMPLATE = flags.DEFINE_string("template", None, "override the conversation template")
+_STEP = flags.DEFINE_integer("step", None, "training workdirs: checkpoint step")
+
+
+def _held_back(text: str, stop: str) -> int:
+  """Length of the longest suffix of ``text`` that could be the start of ``stop``."""
+  for k in range(min(len(stop) - 1, len(text)), 0, -1):
+    if stop.startswith(text[-k:]):
+      return k
+  return 0
+
+
+def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_p: float | None = None, seed: int = 0,
+                  out: TextIO = sys.stdout) -> str:
+  """Generates the next assistant turn, writing its text to ``out`` as it grows.
+
+  Args:
+    model: ``LoadedModel``; conversation: turns ending with a user turn.
+    pixels: float32[S, S, 3] for the conversation's one ``<image>``, or None.
+  Returns: the answer text (as ``model.decode_answer`` gives it).
+  """
+  import jax
+
+  from llava_jax.data.templates import get_template
+  from llava_jax.infer.sampler import generate_stream
+
+  _, ids = model.encode_prompt(conversation)
+  stops = model.stop_token_ids()
+  stop_text = get_template(model.template).stop
+  tokens, printed = [], ""
+  steps = generate_stream(model.cfg, model.params, ids[None], None if pixels is None else pixels[None],
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          rng=jax.random.key(seed), stop_token_ids=stops)
+  for step in steps:
+    token = int(step[0])
+    if token in stops:
+      break
+    tokens.append(token)
+    text = model.decode(tokens)
+    finished = bool(stop_text) and stop_text in text
+    if finished:
+      safe = text[:text.index(stop_text)]
+    else:  # hold back a possible partial stop string (e.g. "</" of "</s>")
+      safe = text[:len(text) - _held_back(text, stop_text)] if stop_text else text
+    if safe.startswith(printed):
+      out.write(safe[len(printed):])
+      out.flush()
+      printed = safe
+    if finished:
+      break
+  steps.close()
+  return model.decode_answer(tokens)
+
+
+def main(argv):
+  del argv
+  from llava_jax.data.images import load_image, preprocess
+  from llava_jax.data.templates import IMAGE_TAG
+  from llava_jax.infer.loading import load_model
+
+  if not _INTERACTIVE.value and not _PROMPT.value:
+    raise app.UsageError("--prompt is required unless --interactive")
+  model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value)
+  pixels = None
+  if _IMAGE.value:
+    pixels = preprocess(load_image(_IMAGE.value), model.image_config)
+  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                top_p=_TOP_P.value, seed=_SEED.value)
+  conversation: list[dict] = []
+
+  def ask(message: str):
+    if not conversation and pixels is not None:
+      message = f"{IMAGE_TAG}\n{message.replace(IMAGE_TAG, '').strip()}"
+    conversation.append({"from": "human", "value": message})
+    answer = stream_answer(model, conversation, pixels, **kwargs)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    conversation.append({"from": "gpt", "value": answer})
+
+  if not _INTERACTIVE.value:
+    ask(_PROMPT.value)
+    return
+  first = _PROMPT.value
+  while True:
+    if first:
+      message, first = first, None
+      print(f"USER: {message}")
+    else:
+      try:
+        message = input("USER: ")
+      except EOFError:
+        break
+    if not message.strip():
+      break
+    sys.stdout.write("ASSISTANT: ")
+    ask(message)
+
+
+if __name__ == "__main__":
+  app.run(main)

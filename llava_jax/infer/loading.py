@@ -1,0 +1,168 @@
+"""One entry point that turns a checkpoint directory into everything inference needs.
+
+    m = load_model("path/to/dir")          # LoadedModel(cfg, params, tokenizer, template, …)
+
+Three kinds of directory are recognised, in this order:
+
+* a training workdir: ``DIR/run.json`` (``llava_jax.checkpoint.orbax.load_run``; the run
+  records its tokenizer, template and image preprocessing);
+* a Hugging Face ``LlavaForConditionalGeneration`` directory: ``config.json`` with
+  ``model_type == "llava"`` and a ``text_config`` (``load_hf_llava``), the tokenizer in
+  the same directory, the template guessed from the text model family;
+* an original LLaVA directory: ``config.json`` with ``mm_vision_tower`` /
+  ``mm_projector_type`` (``load_llava_original``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from llava_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, image_config_for
+import numpy as np
+
+from llava_jax.data.templates import get_template, prompt_for_generation
+from llava_jax.data.tokenize import tokenize_prompt
+from llava_jax.models.configs import LlavaConfig
+from llava_jax.tokenizer import Tokenizer, load_tokenizer
+
+# Text model family (``checkpoint.convert.hf.llm_family``) -> conversation template.
+# Llama-family LLaVA (1.5, vicuna) uses LLaVA's conv_llava_v1.
+FAMILY_TEMPLATES = {"llama": "llava_v1", "mistral": "mistral_instruct", "qwen2": "chatml",
+                    "gemma": "gemma"}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model ready for ``sampler.generate``.
+
+  Attributes:
+    cfg: the LlavaConfig; params: nested dict of arrays ``{"img", "projector", "llm"}``.
+    tokenizer: ``llava_jax.tokenizer.Tokenizer``; template: a ``TEMPLATES`` name.
+    image_config: how raw images are preprocessed; step: training step (None for
+      converted checkpoints). source: "run" | "hf" | "llava_original".
+  """
+  cfg: LlavaConfig
+  params: Any
+  tokenizer: Tokenizer
+  template: str
+  image_config: ImageConfig
+  step: int | None = None
+  source: str = "hf"
+
+  def encode_prompt(self, conversation) -> tuple[str, np.ndarray]:
+    """A conversation ending with a user turn (``<image>`` tags where images go) ->
+    (prompt text, int32[T] ids with ``cfg.num_image_tokens`` placeholders per image)."""
+    text = prompt_for_generation(conversation, self.template)
+    ids = tokenize_prompt(text, self.tokenizer, image_token_id=self.cfg.image_token_id,
+                          num_image_tokens=self.cfg.num_image_tokens)
+    return text, ids
+
+  def decode(self, ids) -> str:
+    """Ids -> text, special tokens dropped; ids the tokenizer does not have (the image
+    placeholder, the padded rows of a model's vocabulary) are dropped too."""
+    n = self.tokenizer.vocab_size
+    return self.tokenizer.decode([int(i) for i in ids if 0 <= int(i) < n])
+
+  def decode_answer(self, ids) -> str:
+    """Generated ids -> answer text: cut after the first stop token and at the template's
+    stop string, special tokens dropped, surrounding whitespace stripped."""
+    ids = [int(i) for i in ids]
+    stops = set(self.stop_token_ids())
+    for k, i in enumerate(ids):
+      if i in stops:
+        ids = ids[:k]
+        break
+    text = self.decode(ids)
+    stop = get_template(self.template).stop
+    if stop and stop in text:
+      text = text[:text.index(stop)]
+    return text.strip()
+
+  def stop_token_ids(self) -> list[int]:
+    """EOS plus the template's stop string when that is a single token (e.g. ``<|im_end|>``)."""
+    ids = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+    stop = get_template(self.template).stop
+    single = self.tokenizer.token_to_id(stop) if stop else None
+    if single is not None and single not in ids and single != self.tokenizer.unk_id:
+      ids.append(single)
+    return ids
+
+
+def guess_template(cfg: LlavaConfig) -> str:
+  """Conversation template for the text model family of ``cfg``."""
+  from llava_jax.checkpoint.convert.hf import llm_family
+  return FAMILY_TEMPLATES[llm_family(cfg.llm)]
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _hf_image_config(path: str, cfg: LlavaConfig) -> ImageConfig:
+  """From ``preprocessor_config.json`` when present, else the tower family's processor."""
+  pre = os.path.join(path, "preprocessor_config.json")
+  base = image_config_for(cfg.vision.kind, cfg.vision.image_size)
+  if not os.path.exists(pre):
+    return base
+  d = _read_json(pre)
+  crop = bool(d.get("do_center_crop", base.mode == "square"))
+  return ImageConfig(size=cfg.vision.image_size, mode="square" if crop else "resize",
+                     mean=tuple(d.get("image_mean", base.mean)),
+                     std=tuple(d.get("image_std", base.std)), crop=crop)
+
+
+def load_model(path: str | os.PathLike, *, template: str | None = None, step: int | None = None,
+               vision_tower_path: str | None = None, tokenizer_path: str | None = None,
+               llm_overrides: dict | None = None) -> LoadedModel:
+  """Loads a training workdir, a HF LLaVA directory or an original LLaVA directory.
+
+  Args:
+    path: the directory.
+    template: overrides the recorded / guessed conversation template.
+    step: training workdirs only; None = latest checkpoint.
+    vision_tower_path: original LLaVA only; local CLIP directory (else ``mm_vision_tower``).
+    tokenizer_path: where the tokenizer is, if not in ``path``.
+    llm_overrides: converted checkpoints only; non-architectural LLM fields
+      (e.g. ``{"dtype": "bfloat16", "remat": "none"}``).
+  Raises:
+    FileNotFoundError / ValueError saying which files were expected and what was found.
+  """
+  path = os.fspath(path)
+  if template is not None:
+    get_template(template)  # fail before loading gigabytes
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
+  if os.path.exists(os.path.join(path, "run.json")):
+    from llava_jax.checkpoint.orbax import load_run
+    run = load_run(path, step=step)
+    tok = load_tokenizer(tokenizer_path) if tokenizer_path else run.tokenizer
+    return LoadedModel(run.cfg, run.params, tok, template or run.template, run.image,
+                       run.step, source="run")
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{path}: neither run.json (training workdir) nor config.json "
+                            f"(HF / original LLaVA) found; contents: {sorted(os.listdir(path))[:20]}")
+  d = _read_json(config_path)
+  tok = load_tokenizer(tokenizer_path or path)
+  overrides = {"remat": "none", **(llm_overrides or {})}
+  if "text_config" in d and d.get("model_type") == "llava":
+    from llava_jax.checkpoint.convert.hf import load_hf_llava
+    cfg, params = load_hf_llava(path, llm_overrides=overrides)
+    return LoadedModel(cfg, params, tok, template or guess_template(cfg),
+                       _hf_image_config(path, cfg), None, source="hf")
+  if "mm_vision_tower" in d or "mm_projector_type" in d or "mm_hidden_size" in d:
+    from llava_jax.checkpoint.convert import llava_original
+    cfg, params = llava_original.load_llava_original(path, vision_tower_path=vision_tower_path,
+                                                     llm_overrides=overrides)
+    mode = "pad" if llava_original.prompt_options(d)["image_aspect_ratio"] == "pad" else None
+    image = image_config_for(cfg.vision.kind, cfg.vision.image_size, mode)
+    if cfg.vision.kind == "clip":
+      image = dataclasses.replace(image, mean=CLIP_MEAN, std=CLIP_STD)
+    return LoadedModel(cfg, params, tok, template or guess_template(cfg), image, None,
+                       source="llava_original")
+  raise ValueError(f"{config_path}: model_type {d.get('model_type')!r} is neither a HF LLaVA "
+                   "(model_type 'llava' with text_config) nor an original LLaVA config "
+                   "(mm_vision_tower / mm_projector_type)")
