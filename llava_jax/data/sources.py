@@ -476,3 +476,38 @@ class ArrayRecordLlavaSource:
 
   def __repr__(self) -> str:
     return f"ArrayRecordLlavaSource({len(self.files)} shards, split={self.split!r}, records={len(self)})"
+
+
+class ConcatSource:
+  """Several sources as one random-access source (a training mixture, as LLaVA-1.5's 665K
+  mix is): record i of the concatenation, in order; shuffling happens in the pipeline."""
+
+  def __init__(self, sources: Sequence):
+    if not sources:
+      raise ValueError("ConcatSource needs at least one source")
+    self.sources = list(sources)
+    self._offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, index) -> Record:
+    index = int(index)
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"record {index} out of range for {len(self)} records")
+    index %= len(self)
+    k = int(np.searchsorted(self._offsets, index, side="right")) - 1
+    return self.sources[k][index - int(self._offsets[k])]
+
+  def __repr__(self) -> str:
+    return f"ConcatSource({self.sources!r})"
+
+
+def open_source(paths: str | Sequence[str], image_root: str | None = None):
+  """A LLaVA JSON/JSONL file or an array_record directory; several (a list, or one
+  comma-separated string) are concatenated."""
+  if isinstance(paths, str):
+    paths = [p for p in paths.split(",") if p]
+  opened = [ArrayRecordLlavaSource(p) if os.path.isdir(p) else LlavaJsonSource(p, image_root)
+            for p in paths]
+  return opened[0] if len(opened) == 1 else ConcatSource(opened)

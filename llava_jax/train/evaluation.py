@@ -7,7 +7,6 @@ the answer and stops, so it equals greedy exact match, at the cost of one forwar
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import jax
@@ -77,8 +76,7 @@ def eval_fn_from_config(config) -> Callable | None:
   tokenizer = load_tokenizer(d.tokenizer)
   cfg = model_config(config, tokenizer)
   image_config = images_lib.image_config_for(cfg.vision.kind, cfg.vision.image_size, d.get("image_mode"))
-  source = (sources.ArrayRecordLlavaSource(d.val) if os.path.isdir(d.val)
-            else sources.LlavaJsonSource(d.val, image_root=d.get("image_root")))
+  source = sources.open_source(d.val, image_root=d.get("image_root"))
 
   def batches():
     it = pipeline.make_dataset(

@@ -99,9 +99,7 @@ def initial_params(config, cfg: LlavaConfig) -> Any | None:
 def make_train_iterator(config, cfg: LlavaConfig, tokenizer, image_config):
   from llava_jax.data import pipeline, sources
   d = config.data
-  path = d.train
-  source = (sources.ArrayRecordLlavaSource(path) if os.path.isdir(path)
-            else sources.LlavaJsonSource(path, image_root=d.get("image_root")))
+  source = sources.open_source(d.train, image_root=d.get("image_root"))
   return pipeline.make_dataset(
       source, tokenizer=tokenizer, template=d.template, image_config=image_config,
       image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,

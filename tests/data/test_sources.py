@@ -167,3 +167,16 @@ def test_stored_image_bytes_keeps_jpeg_and_png():
   assert S.stored_image_bytes(buf.getvalue()) == buf.getvalue()
   with pytest.raises(ValueError):
     S.stored_image_bytes(b"neither an image nor a path")
+
+
+def test_open_source_concatenates_files(tmp_path):
+  from llava_jax.data.sources import ConcatSource, open_source
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  a.write_text('{"id": "a0", "conversations": []}\n{"id": "a1", "conversations": []}\n')
+  b.write_text('{"id": "b0", "conversations": []}\n')
+  src = open_source(f"{a},{b}")
+  assert isinstance(src, ConcatSource) and len(src) == 3
+  assert [src[i]["id"] for i in range(3)] == ["a0", "a1", "b0"] and src[-1]["id"] == "b0"
+  assert open_source([str(b)])[0]["id"] == "b0"
+  with pytest.raises(IndexError):
+    src[3]
