@@ -22,6 +22,7 @@ from llava_jax import sharding
 from llava_jax.checkpoint import orbax as ckpt
 from llava_jax.data import images as images_lib
 from llava_jax.models.configs import LLM_VARIANTS, VISION_VARIANTS, LlavaConfig, llava_config
+from llava_jax.train import flops as flops_lib
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optim
 from llava_jax.train import state as state_lib
@@ -163,7 +164,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   with sharding.use_mesh(mesh, rules):
     compiled = train_step.lower(state, example).compile()
   peak = (t.get("peak_tflops") or 0) * 1e12 or metrics_lib.measure_matmul_peak()
-  throughput = metrics_lib.Throughput(metrics_lib.compiled_flops(compiled), peak, jax.device_count())
+  groups = {g: any(jax.tree.leaves(trainable[g])) for g in ("img", "projector", "llm")}
+  step_flops = flops_lib.train_step_flops(
+      cfg, tokens=example["input_ids"].size * jax.process_count(),
+      seq_len=example["input_ids"].shape[1],
+      images=example["image_mask"].size * jax.process_count(), train_img=groups["img"],
+      train_projector=groups["projector"], train_llm=groups["llm"])
+  throughput = metrics_lib.Throughput(step_flops, peak, jax.device_count())
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.get("tensorboard", True))
   log_every, eval_every = t.get("log_every", 10), t.get("eval_every", 0)
   crash_after = t.get("crash_after_step", None)  # fault injection for resume tests

@@ -1,8 +1,7 @@
 """Training telemetry: ``metrics.jsonl``, TensorBoard, MFU and throughput.
 
-MFU uses the FLOPs XLA counts for the compiled train step (``cost_analysis``), so frozen
-towers, remat recomputation and attention are all accounted for as the program runs
-them (recomputation counts as work done, i.e. this is hardware FLOPs utilisation).
+MFU = analytic model FLOPs per step (``train/flops.py``) / step time / peak FLOP/s of
+all devices (the configured peak, or this machine's measured float32 matmul rate).
 """
 from __future__ import annotations
 
@@ -15,18 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-
-
-def compiled_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled function, or None if the backend does not say."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pragma: no cover - backend without cost analysis
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
 
 
 def measure_matmul_peak(n: int = 1024, reps: int = 5) -> float:

@@ -135,3 +135,14 @@ def test_schedule_warmup_then_cosine():
   assert float(s(5)) == pytest.approx(0.5)
   assert float(s(100)) == pytest.approx(0.1)
   assert float(s(55)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-4)  # half-way down the cosine
+
+
+def test_model_flops_match_6nt_for_a_plain_decoder():
+  """The analytic count reduces to the textbook 6 * params * tokens (+ attention)."""
+  from llava_jax.train.flops import llm_forward_flops_per_token
+  c = LLM_VARIANTS["vicuna-7b"]
+  n_matmul = c.num_layers * (4 * c.hidden_size ** 2 + 3 * c.hidden_size * c.intermediate_size)
+  n_matmul += c.hidden_size * c.vocab_size
+  per_token = llm_forward_flops_per_token(c, context=0)
+  assert per_token == 2 * n_matmul
+  assert llm_forward_flops_per_token(c, context=1024) - per_token == 32 * 2 * 2 * 4096 * 1024
