@@ -69,32 +69,60 @@ def model_config(config, tokenizer) -> LlavaConfig:
                       image_token_id=image_token_id, pad_token_id=pad)
 
 
-def initial_params(config, cfg: LlavaConfig) -> Any | None:
-  """Params to start from: a previous run (regex-selected subtrees) and/or converted
-  HF towers; None means random init."""
+def initial_params(config, cfg: LlavaConfig, params_sharding=None) -> dict[str, Any]:
+  """Weights to start from, by ``/``-joined param name: a HF LLaVA, converted HF towers,
+  and/or a previous run's params matching ``init.from_run_params``. Empty: random init.
+
+  A previous run is restored straight onto ``params_sharding``; converted checkpoints
+  arrive as host arrays and are placed leaf by leaf (``place_params``), so no device
+  ever holds a full unsharded model.
+  """
   init = _get(config, "init", {}) or {}
-  params = None
+  out: dict[str, Any] = {}
+
+  def add(prefix: str, tree, pattern: str = ".*"):
+    for n, a in zip(jax.tree.leaves(optim.param_names(tree)), jax.tree.leaves(tree)):
+      if re.fullmatch(pattern, prefix + n):
+        out[prefix + n] = a
+
   if init.get("hf_llava"):
     from llava_jax.checkpoint.convert.hf import load_hf_llava
-    loaded_cfg, params = load_hf_llava(init["hf_llava"])
+    loaded_cfg, p = load_hf_llava(init["hf_llava"], vision_overrides={"scan": cfg.vision.scan},
+                                  llm_overrides={"scan": cfg.llm.scan})
     if loaded_cfg.llm.vocab_size != cfg.llm.vocab_size:
       raise ValueError(f"{init['hf_llava']}: vocab {loaded_cfg.llm.vocab_size} != config {cfg.llm.vocab_size}")
-  base = params if params is not None else jax.tree.map(np.asarray, state_lib.init_params(cfg, jax.random.key(config.seed)))
+    add("", p)
   if init.get("vision_hf"):
     from llava_jax.checkpoint.convert.hf import load_hf_vision
-    _, base["img"] = load_hf_vision(init["vision_hf"], select_layer=cfg.vision.select_layer,
-                                    select_feature=cfg.vision.select_feature, scan=cfg.vision.scan)
+    add("img/", load_hf_vision(init["vision_hf"], select_layer=cfg.vision.select_layer,
+                               select_feature=cfg.vision.select_feature, scan=cfg.vision.scan)[1])
   if init.get("llm_hf"):
     from llava_jax.checkpoint.convert.hf import load_hf_llm
-    _, base["llm"] = load_hf_llm(init["llm_hf"], scan=cfg.llm.scan, remat=cfg.llm.remat)
+    add("llm/", load_hf_llm(init["llm_hf"], scan=cfg.llm.scan, remat=cfg.llm.remat)[1])
   if init.get("from_run"):
-    step, prev = ckpt.restore_params(init["from_run"], cfg)
+    step, prev = ckpt.restore_params(init["from_run"], cfg, shardings=params_sharding)
     pattern = init.get("from_run_params", r"projector/.*")
-    names = optim.param_names(prev)
-    base = jax.tree.map(lambda n, new, old: np.asarray(new) if re.fullmatch(pattern, n) else old,
-                        names, prev, base)
-    logging.info("initialised params matching %r from %s (step %d)", pattern, init["from_run"], step)
-  return base
+    add("", prev, pattern)
+    logging.info("initialising params matching %r from %s (step %d)", pattern, init["from_run"], step)
+  return out
+
+
+def place_params(params, overrides: dict[str, Any]):
+  """``params`` with the named leaves replaced, each placed on the old leaf's sharding."""
+  names = optim.param_names(params)
+  unknown = sorted(set(overrides) - set(jax.tree.leaves(names)))
+  if unknown:
+    raise KeyError(f"initial weights for params the model does not have: {unknown[:10]}")
+
+  def pick(name, leaf):
+    if name not in overrides:
+      return leaf
+    new = overrides[name]
+    if tuple(new.shape) != tuple(leaf.shape):
+      raise ValueError(f"initial weight {name}: shape {tuple(new.shape)}, model wants {tuple(leaf.shape)}")
+    return jax.device_put(jax.numpy.asarray(new, leaf.dtype), leaf.sharding)
+
+  return jax.tree.map(pick, names, params)
 
 
 def make_train_iterator(config, cfg: LlavaConfig, tokenizer, image_config):
@@ -135,7 +163,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = ckpt.Checkpointer(workdir, keep=t.get("keep", 2), every=t.get("ckpt_every", 1000),
                                    async_save=t.get("async_checkpoint", True))
   latest = checkpointer.latest_step()
-  params = None if latest is not None else initial_params(config, cfg)
   abstract = jax.eval_shape(lambda: state_lib.init_params(cfg, jax.random.key(0)))
   optimizer = optim.make_optimizer(ocfg, abstract)
   trainable = optim.trainable_mask(abstract, ocfg)
@@ -153,9 +180,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if data_state is not None:
       data.set_state(data_state)
     logging.info("resumed from checkpoint %d", latest)
-  else:
+  else:  # random init directly into its shards, then the configured weights on top
     state, shardings = state_lib.create_state(cfg, optimizer, mesh, jax.random.key(config.seed),
-                                              params=params, rules=rules)
+                                              rules=rules)
+    overrides = initial_params(config, cfg, shardings.params)
+    if overrides:
+      state = state.replace(params=place_params(state.params, overrides))
   start = int(state.step)
 
   example = {k: v for k, v in _peek(data).items() if k in MODEL_KEYS}

@@ -2,6 +2,7 @@
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 import tiny_hf
 from llava_jax.checkpoint import orbax as ckpt
@@ -10,7 +11,7 @@ from llava_jax.checkpoint.convert.hf import (llm_config_from_hf, load_hf_llm, lo
 from llava_jax.models import init_params, llava_config
 from llava_jax import sharding
 from llava_jax.train import optim, state as state_lib
-from llava_jax.train.loop import initial_params
+from llava_jax.train.loop import initial_params, place_params
 
 
 def test_initial_params_from_stage1_run_and_hf_towers(tmp_path):
@@ -36,9 +37,19 @@ def test_initial_params_from_stage1_run_and_hf_towers(tmp_path):
   config = ml_collections.ConfigDict({"seed": 0, "init": {
       "vision_hf": str(vision_dir), "llm_hf": str(llm_dir), "from_run": run_dir,
       "from_run_params": r"projector/.*"}})
-  params = initial_params(config, cfg)
+  fresh, shardings = state_lib.create_state(cfg, opt, mesh, jax.random.key(3))
+  overrides = initial_params(config, cfg, shardings.params)
+  assert all(n.startswith(("img/", "llm/", "projector/")) for n in overrides)
+  params = place_params(fresh.params, overrides)
   jax.tree.map(np.testing.assert_array_equal, params["projector"], jax.tree.map(np.asarray, stage1["projector"]))
   _, img = load_hf_vision(str(vision_dir), select_layer=-2, select_feature="patch", scan=True)
   _, llm = load_hf_llm(str(llm_dir))
   jax.tree.map(np.testing.assert_array_equal, params["img"], img)
   jax.tree.map(np.testing.assert_array_equal, params["llm"], llm)
+  leaf = params["llm"]["decoder"]["layers"]["mlp"]["up_proj"]["kernel"]
+  assert leaf.sharding == fresh.params["llm"]["decoder"]["layers"]["mlp"]["up_proj"]["kernel"].sharding
+  with pytest.raises(KeyError, match="llm/nonexistent"):
+    place_params(fresh.params, {"llm/nonexistent": np.zeros(3)})
+  bad = {"projector/linear_1/bias": np.zeros(3)}
+  with pytest.raises(ValueError, match="projector/linear_1/bias: shape"):
+    place_params(fresh.params, bad)
