@@ -76,13 +76,17 @@ def test_select_layer_computes_only_needed_layers(hf_tower, select_layer):
 
 def test_cls_patch_keeps_class_token(hf_tower):
   kind, model, path = hf_tower
-  if kind != "clip":
-    pytest.skip("SigLIP has no class token")
-  cfg, params = load_hf_vision(path, select_layer=-2, select_feature="cls_patch")
   px = tiny_hf.random_pixels(1, seed=7)
+  cfg, params = load_hf_vision(path, select_layer=-2, select_feature="cls_patch")
   got = np.asarray(VisionTransformer(cfg).apply({"params": params}, px))
   want = _run_hf(model, px).hidden_states[-2].numpy()
   assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+  patch_cfg, _ = load_hf_vision(path, select_layer=-2, select_feature="patch")
+  patch = np.asarray(VisionTransformer(patch_cfg).apply({"params": params}, px))
+  if kind == "clip":  # "patch" drops exactly the class token
+    np.testing.assert_array_equal(patch, got[:, 1:])
+  else:  # SigLIP has no class token: both selections are every patch token
+    np.testing.assert_array_equal(patch, got)
 
 
 def test_wrong_image_size_is_a_clear_error(hf_tower):
