@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
 from llava_jax.models.configs import LlavaConfig
-from llava_jax.models.llava import init_params  # noqa: F401  (re-exported for callers)
+from llava_jax.models.llava import init_params
 from llava_jax.train.step import TrainState, init_state
 
 
