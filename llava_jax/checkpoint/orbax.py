@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from llava_jax.checkpoint.convert.common import write_json
 from llava_jax.data.images import ImageConfig
 from llava_jax.models.configs import LlavaConfig
 
@@ -44,10 +45,7 @@ def write_run_info(workdir: str, *, model: LlavaConfig, tokenizer: str, template
       raise ValueError(f"{workdir} holds checkpoints of a different model config; use a new "
                        "--workdir (or delete it) to start over")
   os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  write_json(info, path)
 
 
 def _jsonable(o):

@@ -55,8 +55,6 @@ KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": "clip-L/14-336",
 _PROJECTOR_NAMES = {"linear": ("mm_projector",), "mlp2x_gelu": ("mm_projector.0", "mm_projector.2"),
                     "identity": ()}
 _EMBEDDED_TOWER = "vision_tower.vision_tower."  # + "vision_model." (transformers 4.x)
-# Buffers older transformers saved with the weights; recomputed, never learned.
-_BUFFERS = ("rotary_emb.inv_freq", "position_ids")
 
 
 def _strip_model(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,7 +127,7 @@ def _load_vision(d: dict, embedded: dict, vision_tower_path: str | None,
           f"{sorted(KNOWN_TOWERS)}; pass vision_tower_path=<dir with the tower's config.json>")
     log.info("%s: using the vision tower weights stored in the checkpoint", path)
     tensors = hf.split_in_proj(embedded, "head.attention.")
-    ignore = [k for k in tensors if k.endswith(_BUFFERS)]
+    ignore = hf.buffer_keys(tensors)
     flat = common.apply_specs(hf.vision_specs(cfg), tensors,
                               f"vision tower inside {path} (keys after {_EMBEDDED_TOWER!r})", ignore)
     return cfg, flat
@@ -182,7 +180,7 @@ def load_llava_original(path: str, *, vision_tower_path: str | None = None,
                     pad_token_id=d.get("pad_token_id") or 0)
   specs = (prefixed(hf.projector_specs(proj, _PROJECTOR_NAMES[kind]), "", ("projector",))
            + prefixed(hf.llm_specs(llm) + hf.lm_head_specs(llm), "", ("llm",)))
-  ignore = [k for k in rest if k.endswith(_BUFFERS)]
+  ignore = hf.buffer_keys(rest)
   flat = common.apply_specs(specs, rest, f"original LLaVA checkpoint {path} (keys without "
                             "'model.')", ignore)
   flat.update({("img",) + k: v for k, v in img.items()})
