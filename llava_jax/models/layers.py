@@ -50,8 +50,18 @@ class DenseGeneral(nn.Module):
         out_axis=tuple(range(n_in, n_in + n_out)))
     kernel = self.param("kernel", logical(init, self.kernel_axes), in_shape + self.features,
                         jnp.float32)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((axis, tuple(range(n_in))), ((), ())))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if axis == tuple(range(x.ndim - n_in, x.ndim)):
+      # Trailing contraction: one 2-D matmul [N, I] @ [I, O]. The same math, but XLA:CPU
+      # then finds the weight-gradient dot (x^T @ dy) without transposing dy first (the
+      # N-D form costs an extra transpose copy of each [B, T, F] activation gradient).
+      # Merging major-most dims keeps every sharding expressible.
+      batch_shape = x.shape[:x.ndim - n_in]
+      y = jnp.dot(x.reshape(-1, int(np.prod(in_shape))),
+                  kernel.reshape(int(np.prod(in_shape)), -1))
+      y = y.reshape(batch_shape + self.features)
+    else:
+      y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros_init(), self.bias_axes),
                         self.features, jnp.float32)
