@@ -39,14 +39,18 @@ def token_loss(logits, labels, attention_mask=None):
 
   Args: logits float32[B, T, V]; labels int32[B, T] (label t is the target at position
   t, as in HF: logits[:, t] predicts labels[:, t+1]).
-  Returns: (nll float32[B, T-1], weights float32[B, T-1], correct bool[B, T-1]).
+  Returns: (nll float32[B, T], weights float32[B, T], correct bool[B, T]), aligned with
+  the logits: entry t scores the prediction of labels[:, t+1]; the last position has
+  weight 0. (The labels are shifted rather than the logits, so no [B, T-1, V] copy.)
   """
-  targets = labels[:, 1:]
-  logits = logits[:, :-1].astype(jnp.float32)
+  b = labels.shape[0]
+  targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
   weights = (targets != IGNORE).astype(jnp.float32)
   if attention_mask is not None:
-    weights = weights * attention_mask[:, 1:].astype(jnp.float32)
+    nxt = jnp.concatenate([attention_mask[:, 1:], jnp.zeros((b, 1), attention_mask.dtype)], 1)
+    weights = weights * nxt.astype(jnp.float32)
   safe = jnp.where(targets == IGNORE, 0, targets)
+  logits = logits.astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   correct = jnp.argmax(logits, axis=-1) == safe
   return nll, weights, correct
