@@ -37,17 +37,21 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
   c.model = dict(
       vision="clip-tiny", llm="tiny", projector="mlp2x_gelu", vocab_from_tokenizer=True,
       image_token="<image>",
-      vision_overrides=dict(width=96, depth=3, mlp_dim=192, num_heads=4, select_layer=-1),
+      # 42 px images in 14 px patches: one patch per cell of the scenes' 3x3 grid, so each
+      # shape is one image token (with 28 px / 7 px patches shapes straddle patches and
+      # stage 2 learns the colour/shape binding far more slowly).
+      vision_overrides=dict(width=96, depth=3, mlp_dim=192, num_heads=4, select_layer=-1,
+                            image_size=42, patch_size=14),
       llm_overrides=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
                          num_kv_heads=2, max_position_embeddings=512))
   c.data = dict(
-      synthetic=dict(dir=data_dir, seed=0, n_train=4000, n_val=200, image_size=28),
+      synthetic=dict(dir=data_dir, seed=0, n_train=4000, n_val=200, image_size=42),
       tokenizer=f"{data_dir}/tokenizer.model", image_root=f"{data_dir}/images",
-      # Stage 2 keeps the captions in its mixture (as LLaVA-1.5's 665K mix keeps
-      # caption-like data): without them this tiny model plateaus near 60 % on the
-      # colour/shape binding questions; with them it learns the binding.
-      train=(f"{data_dir}/stage1.jsonl" if stage == "stage1"
-             else f"{data_dir}/stage2.jsonl,{data_dir}/stage1.jsonl"),
+      # Stage 2 trains on the VQA conversations alone. Stage 1's captions name shapes by
+      # kind (see `synthetic.caption`), which already teaches the lookup of a shape among
+      # the image tokens; mixing the captions back into stage 2 only halved the VQA
+      # signal (seed 1, same stage 1: 77% vs 84% held-out at step 600).
+      train=f"{data_dir}/{'stage1' if stage == 'stage1' else 'stage2'}.jsonl",
       val=f"{data_dir}/{'stage1' if stage == 'stage1' else 'stage2'}_val.jsonl",
       eval_questions=f"{data_dir}/eval_questions.jsonl",
       eval_annotations=f"{data_dir}/eval_annotations.jsonl",
@@ -56,9 +60,9 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
       image_mode=None)
   c.optim = dict(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05,
                  final_lr_ratio=0.05, weight_decay=0.0, grad_clip=1.0, lr_rules=[(".*", 1.0)])
-  c.train = dict(steps=600 if stage == "stage1" else 1000, batch_size=32, grad_accum=1,
-                 loss_norm="token", log_every=25, ckpt_every=200 if stage == "stage1" else 250,
-                 keep=2, eval_every=200 if stage == "stage1" else 250, eval_batch_size=50, peak_tflops=None, tensorboard=True,
+  c.train = dict(steps=600 if stage == "stage1" else 1200, batch_size=32, grad_accum=1,
+                 loss_norm="token", log_every=25, ckpt_every=200 if stage == "stage1" else 300,
+                 keep=2, eval_every=200 if stage == "stage1" else 300, eval_batch_size=50, peak_tflops=None, tensorboard=True,
                  progress=True, async_checkpoint=True,
                  # Fault injection for the resume tests: exit (like a kill) after this step.
                  crash_after_step=ml_collections.config_dict.placeholder(int))

@@ -124,6 +124,11 @@ def test_questions_have_exact_answers():
       "What color is the square?": "blue", "What shape is blue?": "square", "Where is the square?": "top",
       "Is there a circle?": "yes", "Is there a square?": "yes", "Is there a triangle?": "no"}
   assert sy.caption(scene[:1]) == "a red circle on the left."
+  # Named by kind (circle, square, triangle), not in the scene's position order.
+  scene = (sy.Shape("triangle", "green", "left"), sy.Shape("square", "red", "top"),
+           sy.Shape("circle", "blue", "right"))
+  assert sy.caption(scene) == ("a blue circle on the right, a red square at the top and "
+                               "a green triangle on the left.")
 
 
 def test_eval_files_score_with_the_synthetic_task(ds):
