@@ -29,10 +29,10 @@
 #    and score all 600 held-out questions.
 #
 # **What to expect:** this notebook shows how to use the API; it is not the full training
-# recipe. With the default `STEPS = 200` (about 4 minutes on a busy 2-core CPU), the model
-# answers only about half of the held-out questions correctly (48% exact match when we ran
-# it). With a handful of steps, its answers are useless. The full recipe trains 600 + 1000
-# steps (about 10 minutes on a 2-core CPU) and reaches about 84%:
+# recipe. With the default `STEPS = 200` per stage (a few minutes on a 2-core CPU) the
+# model answers only part of the held-out questions correctly, and with a handful of
+# steps its answers are useless. The full recipe trains 600 + 1200 steps (under 10
+# minutes on a 2-core CPU) and passes 90% (see the README for the measured curve):
 # `python -m llava_jax.demo` (or `bash launch/demo.sh`). Raise `STEPS` to get closer to it.
 
 # %% tags=["parameters"]
