@@ -46,7 +46,6 @@ def main(argv):
   del argv
   from llava_jax.eval.run import run_eval
   from llava_jax.infer.loading import load_model
-  from llava_jax.infer.sampler import generate
   from llava_jax.train.evaluation import eval_fn_from_config
   from llava_jax.train.loop import train
 
@@ -77,13 +76,10 @@ def main(argv):
     question = json.loads(f.readline())
   with open(config.data.eval_annotations) as f:
     truth = {r["question_id"]: r["answer"] for r in map(json.loads, f)}[question["question_id"]]
-  from llava_jax.data.images import load_image, preprocess
+  from llava_jax.data.images import load_image
   image_path = os.path.join(config.data.image_root, question["image"])
-  prompt, ids = model.encode_prompt([{"from": "human", "value": "<image>\n" + question["text"]}])
-  pixels = preprocess(load_image(image_path), model.image_config)[None]
-  out = generate(model.cfg, model.params, ids[None], pixels, max_new_tokens=8,
-                 stop_token_ids=model.stop_token_ids())
-  answer = model.decode_answer(out[0])
+  answer = model.answer([{"from": "human", "value": "<image>\n" + question["text"]}],
+                        load_image(image_path), max_new_tokens=8)
   print(f"== image {image_path}\n   Q: {question['text'].splitlines()[0]}\n"
         f"   A: {answer}   (ground truth: {truth})")
   logging.info("demo finished")

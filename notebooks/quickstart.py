@@ -38,7 +38,7 @@
 # %% tags=["parameters"]
 import os
 
-STEPS = int(os.environ.get("QUICKSTART_STEPS", "200"))  # training steps per stage (recipe: 600, 1000)
+STEPS = int(os.environ.get("QUICKSTART_STEPS", "200"))  # training steps per stage (recipe: 600, 1200)
 ROOT = os.path.abspath(os.environ.get("QUICKSTART_ROOT", "runs/quickstart"))  # data, checkpoints, logs
 
 # %% [markdown]
@@ -76,16 +76,14 @@ if IN_COLAB:
 # %%
 import json
 
-from llava_jax.data.synthetic import write_synthetic
 from llava_jax.demo import load_config
+from llava_jax.train.loop import prepare_synthetic
 
 configs = {stage: load_config(stage, ROOT) for stage in ("stage1", "stage2")}
-syn = configs["stage1"].data.synthetic
-paths = write_synthetic(syn.dir, seed=syn.seed, n_train=syn.n_train, n_val=syn.n_val,
-                        image_size=syn.image_size)
-for name in ("stage1", "stage2"):
-  with open(paths[name]) as f:
-    print(f"{name}: {json.loads(f.readline())}")
+prepare_synthetic(configs["stage1"])  # writes it unless already there (train() does the same)
+for stage, config in configs.items():
+  with open(config.data.train) as f:
+    print(f"{stage}: {json.loads(f.readline())}")
 
 # %% [markdown]
 # ## Train stage 1 (captions), then stage 2 (VQA)
@@ -141,16 +139,15 @@ if plt is not None:
 # ## Ask the trained model about a held-out image
 #
 # `load_model` reads a training workdir (`run.json` records the tokenizer, template and image
-# preprocessing) or a Hugging Face / original LLaVA directory. `encode_prompt` renders the
-# conversation with the template and puts one placeholder id for each image feature.
-# `generate` prefills a KV cache and decodes greedily.
+# preprocessing) or a Hugging Face / original LLaVA directory. `model.answer` renders the
+# conversation with the template (`encode_prompt`: one placeholder id per image feature),
+# preprocesses the image, then `sampler.generate` prefills a KV cache and decodes greedily.
 # Held-out images show shape/colour/position combinations that never appear in training.
 
 # %%
-from llava_jax.data.images import load_image, preprocess
+from llava_jax.data.images import load_image
 from llava_jax.eval.files import SHORT_ANSWER
 from llava_jax.infer.loading import load_model
-from llava_jax.infer.sampler import generate
 
 model = load_model(os.path.join(ROOT, "stage2"))
 print(f"loaded step {model.step}, template {model.template!r}, "
@@ -160,11 +157,7 @@ print(f"loaded step {model.step}, template {model.template!r}, "
 def ask(image, question: str, max_new_tokens: int = 8) -> str:
   """Greedy answer to one question about one image (a PIL image)."""
   conversation = [{"from": "human", "value": f"<image>\n{question}\n{SHORT_ANSWER}"}]
-  _, ids = model.encode_prompt(conversation)                 # int32[T]
-  pixels = preprocess(image, model.image_config)[None]       # float32[1, S, S, 3]
-  out = generate(model.cfg, model.params, ids[None], pixels, max_new_tokens=max_new_tokens,
-                 stop_token_ids=model.stop_token_ids())      # int32[1, max_new_tokens]
-  return model.decode_answer(out[0])
+  return model.answer(conversation, image, max_new_tokens=max_new_tokens)
 
 
 data = configs["stage2"].data

@@ -80,6 +80,17 @@ class LoadedModel:
       text = text[:text.index(stop)]
     return text.strip()
 
+  def answer(self, conversation, image=None, *, max_new_tokens: int = 64) -> str:
+    """Greedy answer to a conversation ending with a user turn, with at most one image
+    (a PIL image for its ``<image>`` tag, preprocessed with ``image_config``)."""
+    from llava_jax.data.images import preprocess
+    from llava_jax.infer.sampler import generate
+    _, ids = self.encode_prompt(conversation)
+    pixels = None if image is None else preprocess(image, self.image_config)[None]
+    out = generate(self.cfg, self.params, ids[None], pixels, max_new_tokens=max_new_tokens,
+                   stop_token_ids=self.stop_token_ids())
+    return self.decode_answer(out[0])
+
   def stop_token_ids(self) -> list[int]:
     """EOS plus the template's stop string when that is a single token (e.g. ``<|im_end|>``)."""
     ids = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
