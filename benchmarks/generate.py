@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import replace_section  # noqa: E402
+from timing import timed_interleaved  # noqa: E402
 
 
 def build_model(path: str, *, layers: int, width: int, vocab: int, image_token: int):
@@ -52,20 +51,6 @@ def make_inputs(batch: int, prompt: int, n_img: int, image_token: int, vocab: in
     ids[r, prompt - n:], mask[r, prompt - n:] = row, 1
   px = rng.normal(size=(batch, 56, 56, 3)).astype(np.float32)
   return ids, mask, px
-
-
-def timed_interleaved(fns: dict, repeats: int) -> dict:
-  """Median seconds per callable; one warm-up each, then the callables take turns in every
-  repeat so that background load on shared cores hits all of them alike."""
-  for fn in fns.values():
-    fn()  # warm-up / compile
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def ours_fns(path, ids, mask, px, new_tokens):

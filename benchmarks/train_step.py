@@ -20,12 +20,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timed_interleaved  # noqa: E402
 
 
 def build_hf(path: str):
@@ -53,31 +53,6 @@ def make_batch(image_token: int, n_img: int, b: int, t: int, seed: int = 0):
   px = rng.normal(size=(b, 1, 112, 112, 3)).astype(np.float32)
   return {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids),
           "pixel_values": px, "image_mask": np.ones((b, 1), bool)}
-
-
-def time_interleaved(fns, rounds: int) -> list[float]:
-  """Best time of each fn over ``rounds`` rounds that run them in turn (after one warm-up
-  call each). On a shared, noisy machine a slow spell then hits both sides alike instead
-  of whichever happened to run during it."""
-  for fn in fns:
-    fn()
-  best = [float("inf")] * len(fns)
-  for _ in range(rounds):
-    for i, fn in enumerate(fns):
-      t = time.perf_counter()
-      fn()
-      best[i] = min(best[i], time.perf_counter() - t)
-  return best
-
-
-def time_fn(fn, steps: int) -> float:
-  fn()  # warm-up / compile
-  best = float("inf")
-  for _ in range(steps):
-    t = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t)
-  return best
 
 
 def main():
@@ -135,9 +110,10 @@ def main():
     loss.backward()
     topt.step()
 
-  t_jax, t_torch = time_interleaved([jax_step, torch_step], a.steps)
+  t = timed_interleaved({"jax": jax_step, "torch": torch_step}, a.steps, reduce=min)
+  t_jax, t_torch = t["jax"], t["torch"]
   m = torch.ones(1024, 1024)
-  torch_peak = 2 * 1024 ** 3 / time_fn(lambda: m @ m, 5)
+  torch_peak = 2 * 1024 ** 3 / timed_interleaved({"mm": lambda: m @ m}, 5, reduce=min)["mm"]
   lines = [
       f"model: {n_params / 1e6:.1f}M params (ViT 6x384 frozen; Llama 12x768 + projector trained), "
       f"batch {a.batch} x {a.seq} tokens, float32, {jax.device_count()} JAX device(s), "

@@ -1,0 +1,25 @@
+"""Timing on a shared, noisy machine (shared by the benchmarks)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
+                      reduce: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+  """Seconds per callable, ``reduce`` (median, or min for best-of) over ``repeats``.
+
+  One warm-up call each, then the callables take turns in every repeat, so that
+  background load on shared cores hits all of them alike instead of whichever happened
+  to run during a slow spell.
+  """
+  for fn in fns.values():
+    fn()  # warm-up / compile
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return {name: reduce(ts) for name, ts in times.items()}
