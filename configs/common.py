@@ -23,9 +23,14 @@ def llava_recipe(*, stage: int, vision: str, llm: str, data: dict, template: str
                  vision_overrides=dict(select_layer=-2, scan=True, remat="full", dtype="bfloat16"),
                  llm_overrides=dict(scan=True, remat="full", dtype="bfloat16",
                                     attn_impl="xla"))
+  # Packing (llava_jax/data/packing.py): several conversations per max_len row, no
+  # padding compute. Off to keep the paper's recipe (batch_size counts examples); to
+  # turn it on, batch_size counts rows and max_images is image slots per row, e.g.
+  #   --config.data.pack=True --config.data.max_images=4 --config.train.batch_size=48
   c.data = dict(synthetic=None, template=template, max_len=max_len, max_images=1,
                 policy="skip", workers=16, image_mode=image_mode, val="",
-                eval_questions="", eval_annotations="", **data)
+                eval_questions="", eval_annotations="", pack=False,
+                pack_bins=ml_collections.config_dict.placeholder(int), **data)
   c.optim = dict(lr=lr, warmup_ratio=0.03, final_lr_ratio=0.0, weight_decay=0.0, grad_clip=1.0,
                  lr_rules=list(lr_rules))
   c.train = dict(steps=steps, batch_size=batch_size, grad_accum=1, loss_norm="token",

@@ -57,7 +57,9 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
       eval_annotations=f"{data_dir}/eval_annotations.jsonl",
       template="plain" if stage == "stage1" else "vicuna_v1",
       max_len=64 if stage == "stage1" else 128, max_images=1, policy="skip", workers=0,
-      image_mode=None)
+      image_mode=None,
+      # Packing (see configs/common.py): with pack=True, max_images is slots per row.
+      pack=False, pack_bins=ml_collections.config_dict.placeholder(int))
   c.optim = dict(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05,
                  final_lr_ratio=0.05, weight_decay=0.0, grad_clip=1.0, lr_rules=[(".*", 1.0)])
   c.train = dict(steps=600 if stage == "stage1" else 1200, batch_size=32, grad_accum=1,

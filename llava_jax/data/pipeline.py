@@ -15,6 +15,7 @@ Stages (grain 0.2 `MapDataset` / `IterDataset`):
       .map(PrepareExample)               decode + preprocess images, tokenize: an example or a Rejected
       .to_iter_dataset(ReadOptions)      threads; .mp_prefetch() if worker_count > 0 (processes)
     _CountRejected                       main process: counts, logs, skips or raises per policy
+      [packing.pack(...)]                pack=True: several examples per row (see `packing`)
       .batch(batch_size, collate)        fixed shapes
 
 Rejections travel through the workers as `tokenize.Rejected` values and are
@@ -28,10 +29,13 @@ Batch (B = batch_size, T = max_len, M = max_images, S = image_config.size):
 
     input_ids       int32[B, T]          pad_id after the sample; image_token_id at image features
     labels          int32[B, T]          IGNORE (-100) except learned answer tokens
-    attention_mask  int32[B, T]          1 on the sample's tokens, 0 on padding
+    attention_mask  int32[B, T]          1 on the sample's tokens, 0 on padding; packed rows:
+                                         segment ids 1, 2, ... (one per example), 0 on padding
+    positions       int32[B, T]          0, 1, ... within each example (RoPE), 0 on padding
     pixel_values    float32[B, M, S, S, 3]  normalized; zeros in unused slots
     image_mask      bool[B, M]           True for real images (the first `num_images` slots)
-    ids             object[B]            sample ids (str), for logging; "" on padding rows
+    ids             object[B]            sample ids (str), for logging; "" on padding rows;
+                                         packed rows: the ids joined by ","
 
 `ids` is not an array JAX can take: drop it before `jax.device_put`.
 """
@@ -45,13 +49,14 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from llava_jax.data import packing
 from llava_jax.data.images import ImageConfig, load_image, preprocess
 from llava_jax.data.templates import Template
 from llava_jax.data.tokenize import (IGNORE, Rejected, RejectReason, TokenizedSample, apply_policy, sample_id_of,
                                      tokenize_conversation)
 from llava_jax.tokenizer import Tokenizer
 
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "ids")
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_values", "image_mask", "ids")
 # With policy "skip", this many rejections in a row mean the configuration is wrong
 # (template, image root, max_len), not the data: raise rather than spin forever.
 MAX_CONSECUTIVE_REJECTS = 10_000
@@ -68,7 +73,7 @@ def _images_of(record: Mapping) -> list:
 
 def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
                     image_token_id: int, num_image_tokens: int, max_len: int,
-                    max_images: int) -> dict[str, Any] | Rejected:
+                    max_images: int, pad: bool = True) -> dict[str, Any] | Rejected:
   """One source record -> a padded example, or a Rejected saying why not.
 
   Args:
@@ -78,11 +83,14 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
       `tokenize.tokenize_conversation`.
     image_config: preprocessing; S = image_config.size.
     max_images: image slots M per example.
+    pad: False returns the example unpadded, for packing: {"input_ids": int32[L],
+      "labels": int32[L], "pixel_values": float32[I, S, S, 3], "ids": str} with L
+      tokens and I images.
 
   Returns:
     {"input_ids": int32[T], "labels": int32[T], "attention_mask": int32[T],
-    "pixel_values": float32[M, S, S, 3], "image_mask": bool[M], "ids": str}
-    with T = max_len, or Rejected(id, reason, detail): `image_count_mismatch`
+    "positions": int32[T], "pixel_values": float32[M, S, S, 3], "image_mask": bool[M],
+    "ids": str} with T = max_len, or Rejected(id, reason, detail): `image_count_mismatch`
     for more than M images, `bad_image` for a missing (None, or no such
     file) or undecodable image,
     and every reason of `tokenize_conversation`.
@@ -98,7 +106,7 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
   if isinstance(tokenized, Rejected):
     return tokenized
   s = image_config.size
-  pixels = np.zeros((max_images, s, s, 3), np.float32)
+  pixels = np.zeros((max_images if pad else len(images), s, s, 3), np.float32)
   # Images cut away by truncation are already rejected (truncated_image), so all are used.
   for k, image in enumerate(images):
     if image is None:  # a source that could not provide it
@@ -107,6 +115,10 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
       pixels[k] = preprocess(load_image(image), image_config)
     except (ValueError, OSError) as e:  # load_image: ValueError naming the file; OSError: unreadable
       return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)}: {e}")
+  if not pad:
+    return {"input_ids": np.asarray(tokenized.input_ids, np.int32),
+            "labels": np.asarray(tokenized.labels, np.int32), "pixel_values": pixels,
+            "ids": tokenized.sample_id}
   return pad_example(tokenized, max_len=max_len, pad_id=tokenizer.pad_id, pixel_values=pixels,
                      num_images=len(images))
 
@@ -118,11 +130,12 @@ def pad_example(sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_val
   input_ids = np.full((max_len,), pad_id, np.int32)
   labels = np.full((max_len,), IGNORE, np.int32)
   mask = np.zeros((max_len,), np.int32)
-  input_ids[:n], labels[:n], mask[:n] = sample.input_ids, sample.labels, 1
+  positions = np.zeros((max_len,), np.int32)
+  input_ids[:n], labels[:n], mask[:n], positions[:n] = sample.input_ids, sample.labels, 1, np.arange(n)
   image_mask = np.zeros((pixel_values.shape[0],), bool)
   image_mask[:num_images] = True
-  return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixel_values,
-          "image_mask": image_mask, "ids": sample.sample_id}
+  return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "positions": positions,
+          "pixel_values": pixel_values, "image_mask": image_mask, "ids": sample.sample_id}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +148,13 @@ class PrepareExample(grain.transforms.Map):
   num_image_tokens: int
   max_len: int
   max_images: int
+  pad: bool = True
 
   def map(self, record):
     return prepare_example(record, tokenizer=self.tokenizer, template=self.template,
                            image_config=self.image_config, image_token_id=self.image_token_id,
                            num_image_tokens=self.num_image_tokens, max_len=self.max_len,
-                           max_images=self.max_images)
+                           max_images=self.max_images, pad=self.pad)
 
 
 def collate(examples: Sequence[Mapping[str, Any]], batch_size: int | None = None,
@@ -294,7 +308,7 @@ def make_iter_dataset(source, *, tokenizer: Tokenizer, template: str | Template,
                       seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
                       worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                       drop_remainder: bool = True, even_shards: bool = True, read_threads: int = 2,
-                      prefetch_buffer_size: int = 16,
+                      prefetch_buffer_size: int = 16, pack: bool = False, pack_bins: int | None = None,
                       counter: RejectCounter | None = None) -> tuple[grain.IterDataset, RejectCounter]:
   """The pipeline as a grain IterDataset (of batches) and its RejectCounter; see `make_dataset`."""
   if policy not in ("skip", "raise"):
@@ -313,12 +327,15 @@ def make_iter_dataset(source, *, tokenizer: Tokenizer, template: str | Template,
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
   ds = ds.map(PrepareExample(tokenizer, template, image_config, image_token_id, num_image_tokens, max_len,
-                             max_images))
+                             max_images, pad=not pack))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   it = _CountRejected(it, policy, counter)
+  if pack:
+    it = packing.pack(it, max_len=max_len, max_images=max_images, pad_id=tokenizer.pad_id,
+                      num_bins=pack_bins or 2 * batch_size, seed=seed, shuffle_bins=shuffle)
   it = it.batch(batch_size, drop_remainder=drop_remainder,
                 batch_fn=functools.partial(collate, batch_size=batch_size, pad_id=tokenizer.pad_id))
   return it, counter
@@ -329,7 +346,8 @@ def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, imag
                  seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
                  worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
                  drop_remainder: bool = True, even_shards: bool = True, read_threads: int = 2,
-                 prefetch_buffer_size: int = 16) -> LlavaBatchIterator:
+                 prefetch_buffer_size: int = 16, pack: bool = False,
+                 pack_bins: int | None = None) -> LlavaBatchIterator:
   """Training batches from a record source (see the module docstring for the batch).
 
   Args:
@@ -355,6 +373,10 @@ def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, imag
       training needs every host to produce the same number of batches, which
       also needs num_epochs=None (rejections differ per host).
     read_threads, prefetch_buffer_size: grain ReadOptions per process.
+    pack: several examples per row (see `packing`): rows of max_len tokens and
+      max_images image slots, segment ids in "attention_mask", "positions"
+      restarting per example. Batches then hold more examples than B.
+    pack_bins: rows the packer fills at once (default 2 * batch_size).
 
   Returns:
     LlavaBatchIterator: `next(it)` -> dict with keys `BATCH_KEYS`;
@@ -365,5 +387,5 @@ def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, imag
       num_image_tokens=num_image_tokens, max_len=max_len, max_images=max_images, batch_size=batch_size, seed=seed,
       shuffle=shuffle, num_epochs=num_epochs, policy=policy, worker_count=worker_count, shard_index=shard_index,
       shard_count=shard_count, drop_remainder=drop_remainder, even_shards=even_shards, read_threads=read_threads,
-      prefetch_buffer_size=prefetch_buffer_size)
+      prefetch_buffer_size=prefetch_buffer_size, pack=pack, pack_bins=pack_bins)
   return LlavaBatchIterator(ds.__iter__(), counter)

@@ -39,7 +39,8 @@ def make_eval_fn(cfg: LlavaConfig, batches: Callable[[], Any]) -> Callable[[Any,
   @jax.jit
   def forward(params, batch):
     logits = Llava(cfg).apply({"params": params}, batch["input_ids"], batch["pixel_values"],
-                              batch["attention_mask"], image_mask=batch["image_mask"])
+                              batch["attention_mask"], positions=batch.get("positions"),
+                              image_mask=batch["image_mask"])
     nll, w, correct = token_loss(logits, batch["labels"], batch["attention_mask"])
     return (nll * w).sum(), w, correct
 
@@ -47,7 +48,7 @@ def make_eval_fn(cfg: LlavaConfig, batches: Callable[[], Any]) -> Callable[[Any,
     del step
     nll_sum = tokens = right_tokens = answers = right_answers = 0.0
     for batch in batches():
-      model_batch = {k: batch[k] for k in MODEL_KEYS}
+      model_batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
       s, w, c = jax.device_get(forward(params, model_batch))
       nll_sum += float(s)
       tokens += float(w.sum())

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from llava_jax import sharding
 from llava_jax.checkpoint import orbax as ckpt
 from llava_jax.data import images as images_lib
+from llava_jax.data import packing
 from llava_jax.models.configs import LLM_VARIANTS, VISION_VARIANTS, LlavaConfig, llava_config
 from llava_jax.train import flops as flops_lib
 from llava_jax.train import metrics as metrics_lib
@@ -134,7 +135,8 @@ def make_train_iterator(config, cfg: LlavaConfig, tokenizer, image_config):
       image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,
       max_len=d.max_len, max_images=d.get("max_images", 1),
       batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
-      policy=d.get("policy", "skip"), worker_count=d.get("workers", 0))
+      policy=d.get("policy", "skip"), worker_count=d.get("workers", 0), pack=d.get("pack", False),
+      pack_bins=d.get("pack_bins", None))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str,
@@ -214,11 +216,12 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       batch = next(data)
       model_batch = {k: batch[k] for k in MODEL_KEYS}
       state, m = compiled(state, model_batch)
-      throughput.update(int(np.sum(batch["attention_mask"])), len(batch["input_ids"]))
+      mask = batch["attention_mask"]  # segment ids: examples per row = the row's largest id
+      throughput.update(int(np.count_nonzero(mask)), int(np.sum(np.max(mask, axis=1))))
       if step % log_every == 0 or step == t.steps or step == start + 1:
         m = jax.device_get(m)
         last = {**{k: float(v) for k, v in m.items()}, "lr": float(optim.current_lr(ocfg, step - 1)),
-                **throughput.report(),
+                **throughput.report(), "batch_fill": packing.fill(mask),
                 **{f"skipped/{k}": v for k, v in data.counts().items()}}
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['token_accuracy']:.3f}")

@@ -1,7 +1,9 @@
 """Pure training/eval step functions: ``train_step(state, batch) -> (state, metrics)``.
 
 Batches (from ``llava_jax.data.pipeline``): ``input_ids int32[B, T]``, ``labels
-int32[B, T]`` (IGNORE = -100 except assistant answers), ``attention_mask int32[B, T]``,
+int32[B, T]`` (IGNORE = -100 except assistant answers), ``attention_mask int32[B, T]``
+(0 = padding; packed rows: segment ids 1, 2, ... one per example), ``positions
+int32[B, T]`` (optional; RoPE positions restarting per example),
 ``pixel_values float32[B, M, S, S, 3]``, ``image_mask bool[B, M]``.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava
 
 IGNORE = -100
-MODEL_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask")
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_values", "image_mask")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -38,17 +40,21 @@ def token_loss(logits, labels, attention_mask=None):
   """Next-token cross-entropy on positions whose label is not IGNORE.
 
   Args: logits float32[B, T, V]; labels int32[B, T] (label t is the target at position
-  t, as in HF: logits[:, t] predicts labels[:, t+1]).
+  t, as in HF: logits[:, t] predicts labels[:, t+1]); attention_mask int[B, T], 0 on
+  padding, else the token's segment id (1 for unpacked rows).
   Returns: (nll float32[B, T], weights float32[B, T], correct bool[B, T]), aligned with
-  the logits: entry t scores the prediction of labels[:, t+1]; the last position has
-  weight 0. (The labels are shifted rather than the logits, so no [B, T-1, V] copy.)
+  the logits: entry t scores the prediction of labels[:, t+1]; it has weight 0 at the
+  last position and where t and t+1 are in different segments (a packed row's example
+  never predicts the next example's first token). (The labels are shifted rather than
+  the logits, so no [B, T-1, V] copy.)
   """
   b = labels.shape[0]
   targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
   weights = (targets != IGNORE).astype(jnp.float32)
   if attention_mask is not None:
-    nxt = jnp.concatenate([attention_mask[:, 1:], jnp.zeros((b, 1), attention_mask.dtype)], 1)
-    weights = weights * nxt.astype(jnp.float32)
+    seg = attention_mask.astype(jnp.int32)
+    nxt = jnp.concatenate([seg[:, 1:], jnp.zeros((b, 1), jnp.int32)], 1)
+    weights = weights * ((nxt == seg) & (seg != 0)).astype(jnp.float32)
   safe = jnp.where(targets == IGNORE, 0, targets)
   logits = logits.astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
@@ -56,19 +62,33 @@ def token_loss(logits, labels, attention_mask=None):
   return nll, weights, correct
 
 
+def per_example_sums(x, attention_mask):
+  """float[B, T] -> float[B, T + 1]: sums of x over each segment of each row (column
+  s = segment id s; column 0 = padding). Unpacked rows have one segment, id 1."""
+  b, t = x.shape
+  seg = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+  return jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=t + 1))(x, seg)
+
+
 def loss_fn(params, batch, cfg: LlavaConfig, step_cfg: StepConfig):
-  """Returns (loss, aux) with aux sums for exact aggregation across microbatches."""
+  """Returns (loss, aux) with aux sums for exact aggregation across microbatches.
+
+  "examples" and the per-example mean (``loss_norm="example"``) count each example of
+  a packed row on its own.
+  """
   model_batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
+  mask = model_batch.get("attention_mask")
   logits = Llava(cfg).apply({"params": params}, model_batch["input_ids"],
-                            model_batch.get("pixel_values"), model_batch.get("attention_mask"),
+                            model_batch.get("pixel_values"), mask,
+                            positions=model_batch.get("positions"),
                             image_mask=model_batch.get("image_mask"))
-  nll, w, correct = token_loss(logits, model_batch["labels"], model_batch.get("attention_mask"))
+  nll, w, correct = token_loss(logits, model_batch["labels"], mask)
   tokens = jnp.sum(w)
-  per_example = jnp.sum(w, axis=1)
-  examples = jnp.sum(per_example > 0)
+  per_example = per_example_sums(w, mask)
+  example_nll = per_example_sums(nll * w, mask)
   aux = {"nll_sum": jnp.sum(nll * w), "tokens": tokens, "correct": jnp.sum(correct * w),
-         "example_loss_sum": jnp.sum(jnp.sum(nll * w, 1) / jnp.maximum(per_example, 1.0)),
-         "examples": examples.astype(jnp.float32)}
+         "example_loss_sum": jnp.sum(example_nll / jnp.maximum(per_example, 1.0)),
+         "examples": jnp.sum(per_example > 0).astype(jnp.float32)}
   return _normalised(aux, step_cfg), aux
 
 

@@ -275,3 +275,81 @@ def test_workers_give_the_same_batches_counts_and_state(data, tmp_path):
     _assert_same(_take(resumed, 6), want[6:])
   finally:
     resumed.close()
+
+
+# ----------------------------------------------------------------------------- packing
+
+def _segments(batch):
+  """Packed batch -> {sample id: (input_ids, labels, pixel_values[I])} per example."""
+  out = {}
+  for r in range(len(batch["input_ids"])):
+    seg, pos = batch["attention_mask"][r], batch["positions"][r]
+    ids = batch["ids"][r].split(",") if batch["ids"][r] else []
+    assert sorted(set(seg[seg > 0])) == list(range(1, len(ids) + 1))  # ids 1..k in row order
+    slot = 0
+    for k, sid in enumerate(ids, start=1):
+      at = np.flatnonzero(seg == k)
+      assert np.array_equal(at, np.arange(at[0], at[-1] + 1))  # contiguous
+      np.testing.assert_array_equal(pos[at], np.arange(len(at)))  # positions restart
+      tokens = batch["input_ids"][r, at]
+      n_img = int(np.sum(tokens == batch["image_token_id"])) // N_IMG
+      out[sid] = (tokens, batch["labels"][r, at], batch["pixel_values"][r, slot:slot + n_img])
+      slot += n_img
+    assert batch["image_mask"][r].sum() == slot and not batch["image_mask"][r, slot:].any()
+    assert (batch["labels"][r, seg == 0] == IGNORE).all() and (batch["positions"][r, seg == 0] == 0).all()
+  return out
+
+
+def test_packing_keeps_every_example_whole_and_once(data, tmp_path):
+  paths, tok = data
+  good, bad = _bad_inputs(paths, tmp_path)
+  text_only = {"id": "text-only", "images": [], "conversations": [
+      {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}]}
+  src = good + [text_only] + _records(paths)[6:20] + bad[:3]
+  kw = _kw(tok, shuffle=False, num_epochs=1, drop_remainder=False, max_len=4 * MAX_LEN, max_images=8)
+  unpacked = {}
+  for b in P.make_dataset(src, **kw):
+    for r, sid in enumerate(b["ids"]):
+      if sid:
+        n = int(b["attention_mask"][r].sum())
+        unpacked[sid] = (b["input_ids"][r, :n], b["labels"][r, :n],
+                         b["pixel_values"][r, b["image_mask"][r]])
+  it = P.make_dataset(src, pack=True, **kw)
+  batches = list(it)
+  packed = {}
+  for b in batches:
+    assert b["input_ids"].shape == (4, 4 * MAX_LEN) and b["pixel_values"].shape == (4, 8, SIZE, SIZE, 3)
+    got = _segments({**b, "image_token_id": tok.token_to_id(sy.IMAGE_TOKEN)})
+    assert not set(got) & set(packed)  # each example once
+    packed.update(got)
+  assert set(packed) == set(unpacked) and "text-only" in packed
+  for sid, (ids, labels, px) in unpacked.items():
+    for want, got in zip((ids, labels, px), packed[sid]):
+      np.testing.assert_array_equal(got, want, err_msg=sid)
+  rows = sum(1 for b in batches for s in b["ids"] if s)
+  assert rows <= len(unpacked) / 3, (rows, len(unpacked))  # ~100-token examples, 512-token rows
+  assert it.counts()["bad_image"] == 3  # rejections are still counted
+
+
+def test_packed_rows_never_exceed_the_image_slots(data):
+  paths, tok = data
+  it = P.make_dataset(_records(paths), pack=True, **_kw(tok, shuffle=False, num_epochs=1, max_images=1,
+                                                         max_len=4 * MAX_LEN))
+  b = next(it)
+  assert b["image_mask"].shape == (4, 1) and b["image_mask"].all()
+  assert (b["attention_mask"].max(axis=1) == 1).all()  # one image slot: one example per row
+
+
+def test_packed_state_restore_continues_with_the_same_batches(data, tmp_path):
+  paths, tok = data
+  good, bad = _bad_inputs(paths, tmp_path)
+  src = good + _records(paths)[6:30] + bad[:2]
+  kw = _kw(tok, seed=3, num_epochs=None, pack=True, pack_bins=3)
+  it = P.make_dataset(src, **kw)
+  _take(it, 4)
+  state = json.loads(json.dumps(it.get_state()))
+  want = _take(it, 8)  # crosses epochs and packing rounds
+  resumed = P.make_dataset(src, **kw)
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 8), want)
+  assert resumed.counts() == it.counts()

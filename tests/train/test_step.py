@@ -146,3 +146,66 @@ def test_model_flops_match_6nt_for_a_plain_decoder():
   per_token = llm_forward_flops_per_token(c, context=0)
   assert per_token == 2 * n_matmul
   assert llm_forward_flops_per_token(c, context=1024) - per_token == 32 * 2 * 2 * 4096 * 1024
+
+
+def pack_by_hand(batch, per_row: int, t: int):
+  """Rows of ``batch`` concatenated ``per_row`` at a time into rows of ``t`` tokens
+  (segment ids 1.., positions restarting per example, images in token order)."""
+  b = batch["input_ids"].shape[0]
+  rows = b // per_row
+  out = {"input_ids": np.zeros((rows, t), np.int32), "labels": np.full((rows, t), IGNORE, np.int32),
+         "attention_mask": np.zeros((rows, t), np.int32), "positions": np.zeros((rows, t), np.int32),
+         "pixel_values": np.zeros((rows, per_row) + batch["pixel_values"].shape[2:], np.float32),
+         "image_mask": np.zeros((rows, per_row), bool)}
+  for r in range(rows):
+    at = slots = 0
+    for k in range(per_row):
+      i = r * per_row + k
+      n = int(batch["attention_mask"][i].sum())
+      for key in ("input_ids", "labels"):
+        out[key][r, at:at + n] = batch[key][i, :n]
+      out["attention_mask"][r, at:at + n] = k + 1
+      out["positions"][r, at:at + n] = np.arange(n)
+      at += n
+      if batch["image_mask"][i, 0]:
+        out["pixel_values"][r, slots] = batch["pixel_values"][i, 0]
+        out["image_mask"][r, slots] = True
+        slots += 1
+    assert at <= t
+  return out
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "example"])
+def test_packed_rows_train_exactly_like_separate_rows(loss_norm):
+  """A packed row (segment ids, restarting positions) gives the loss, statistics and
+  gradients of its examples in separate rows: no attention, position or loss term
+  crosses an example boundary."""
+  from llava_jax.train.step import loss_fn
+  cfg = tiny_cfg(scan=False)
+  params = state_lib.init_params(cfg, jax.random.key(0))
+  flat = make_batch(cfg, b=8, t=40)
+  packed = pack_by_hand(flat, per_row=4, t=160)
+  assert packed["input_ids"].shape == (2, 160) and packed["attention_mask"].max() == 4
+  step_cfg = StepConfig(loss_norm=loss_norm)
+  grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, cfg, step_cfg), has_aux=True))
+  g_flat, aux_flat = grad(params, flat)
+  g_packed, aux_packed = grad(params, packed)
+  for k in aux_flat:
+    np.testing.assert_allclose(aux_packed[k], aux_flat[k], rtol=1e-5, err_msg=k)
+  assert float(aux_packed["examples"]) == 8.0
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_flat))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale), g_packed, g_flat)
+
+
+def test_packed_row_without_segment_ids_differs():
+  """The check above can fail: the same packed row with one segment per row (examples
+  attend to, and the loss crosses into, the examples before them) changes the loss.
+  (Positions alone would not show it: RoPE scores depend only on position differences.)"""
+  from llava_jax.train.step import loss_fn
+  cfg = tiny_cfg(scan=False)
+  params = state_lib.init_params(cfg, jax.random.key(0))
+  packed = pack_by_hand(make_batch(cfg, b=8, t=40), per_row=4, t=160)
+  wrong = dict(packed, attention_mask=(packed["attention_mask"] > 0).astype(np.int32))
+  right_loss, _ = loss_fn(params, packed, cfg, StepConfig())
+  wrong_loss, _ = loss_fn(params, wrong, cfg, StepConfig())
+  assert abs(float(right_loss) - float(wrong_loss)) > 1e-3, (right_loss, wrong_loss)
