@@ -7,14 +7,16 @@ from typing import Callable
 
 
 def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                      reduce: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+                      reduce: Callable[[list[float]], float] = statistics.median,
+                      warmup: bool = True) -> dict[str, float]:
   """Seconds per callable, ``reduce`` (median, or min for best-of) over ``repeats``.
 
-  One warm-up call each, then the callables take turns in every repeat, so that
+  One warm-up call each (unless ``warmup=False``: the caller warmed up, e.g. with one
+  step of a long epoch), then the callables take turns in every repeat, so that
   background load on shared cores hits all of them alike instead of whichever happened
   to run during a slow spell.
   """
-  for fn in fns.values():
+  for fn in fns.values() if warmup else ():
     fn()  # warm-up / compile
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):

@@ -33,7 +33,11 @@ def llava_recipe(*, stage: int, vision: str, llm: str, data: dict, template: str
                 pack_bins=ml_collections.config_dict.placeholder(int), **data)
   c.optim = dict(lr=lr, warmup_ratio=0.03, final_lr_ratio=0.0, weight_decay=0.0, grad_clip=1.0,
                  lr_rules=list(lr_rules))
+  # target_fraction: LM head + loss only at up to this fraction of each row's positions
+  # (llava_jax.train.step.StepConfig); e.g. 0.5 for stage 2, where image tokens and
+  # prompts carry no loss. None: every position.
   c.train = dict(steps=steps, batch_size=batch_size, grad_accum=1, loss_norm="token",
+                 target_fraction=ml_collections.config_dict.placeholder(float),
                  log_every=10, ckpt_every=500, keep=3, eval_every=0, eval_batch_size=batch_size,
                  peak_tflops=ml_collections.config_dict.placeholder(float), tensorboard=True,
                  progress=True, async_checkpoint=True,

@@ -63,7 +63,8 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
   c.optim = dict(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05,
                  final_lr_ratio=0.05, weight_decay=0.0, grad_clip=1.0, lr_rules=[(".*", 1.0)])
   c.train = dict(steps=600 if stage == "stage1" else 1200, batch_size=32, grad_accum=1,
-                 loss_norm="token", log_every=25, ckpt_every=200 if stage == "stage1" else 300,
+                 loss_norm="token", target_fraction=ml_collections.config_dict.placeholder(float),
+                 log_every=25, ckpt_every=200 if stage == "stage1" else 300,
                  keep=2, eval_every=200 if stage == "stage1" else 300, eval_batch_size=50, peak_tflops=None, tensorboard=True,
                  progress=True, async_checkpoint=True,
                  # Fault injection for the resume tests: exit (like a kill) after this step.

@@ -116,7 +116,7 @@ class Llava(nn.Module):
                                 c.image_token_id, image_mask)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
-               image_mask=None):
+               image_mask=None, hidden_only: bool = False):
     """LLaVA forward.
 
     Args:
@@ -127,6 +127,8 @@ class Llava(nn.Module):
       attention_mask: int[B, T], 1 for tokens, 0 for padding (left or right).
       positions: int32[B, T] RoPE positions; default counts valid tokens from 0.
       image_mask: bool[I] (or [B, M] with 5-D pixel_values); False = padding image slot.
+      hidden_only: return the LLM's last-layer output float[B, T, E] instead; ``head``
+        (``apply(..., method=Llava.head)``) gives the logits of chosen positions.
     Returns:
       logits float32[B, T, V].
     """
@@ -134,7 +136,11 @@ class Llava(nn.Module):
     if positions is None:
       positions = default_positions(input_ids, attention_mask)
     segment_ids = None if attention_mask is None else attention_mask.astype(jnp.int32)
-    return self.llm(embeds, positions, segment_ids)
+    return self.llm(embeds, positions, segment_ids, hidden_only=hidden_only)
+
+  def head(self, hidden):
+    """float[B, N, E] (from ``hidden_only``) -> float32[B, N, V] logits."""
+    return self.llm.head(hidden)
 
 
 def init_params(cfg: LlavaConfig, rng, *, batch: int = 1, seq_len: int = 8, boxed: bool = False):

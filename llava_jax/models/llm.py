@@ -148,7 +148,7 @@ class Decoder(nn.Module):
     return self.embed_tokens(input_ids)
 
   def __call__(self, inputs_embeds, positions, segment_ids=None, cache=None, cache_index=None,
-               *, last_only: bool = False):
+               *, last_only: bool = False, hidden_only: bool = False):
     """Decoder forward, optionally with a KV cache (see ``init_cache``).
 
     Args:
@@ -162,6 +162,8 @@ class Decoder(nn.Module):
         only, the cheapest form); int32 scalar: continue a filled cache (decode steps,
         multi-turn chat), attending to the cached slots whose segment id is non-zero.
       last_only: return logits of the last position only (float32[B, 1, V]).
+      hidden_only: return the last layer's output float[B, T, E] instead of logits (no
+        cache); ``head`` turns any subset of its positions into logits.
     Returns:
       logits float32[B, T, V] without a cache; ``(logits, new_cache)`` with one.
     """
@@ -184,16 +186,21 @@ class Decoder(nn.Module):
       new_cache = {"k": nn.with_logical_constraint(kv["k"], (None,) + CACHE_AXES),
                    "v": nn.with_logical_constraint(kv["v"], (None,) + CACHE_AXES),
                    "segment_ids": nn.with_logical_constraint(new_seg, ("act_batch", "act_seq"))}
+    if hidden_only:
+      if cache is not None:
+        raise ValueError("hidden_only is for training forwards (no cache)")
+      return x
     if last_only:
       x = x[:, -1:]
-    x = self.norm(x)
-    if c.tie_embeddings:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                        ("act_batch", "act_seq", "act_vocab"))
+    logits = self.head(x)
     return logits if cache is None else (logits, new_cache)
+
+  def head(self, x):
+    """float[B, N, E] last-layer outputs -> float32[B, N, V] logits (final norm, LM head)."""
+    x = self.norm(x)
+    logits = self.embed_tokens.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                      ("act_batch", "act_seq", "act_vocab"))
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=None) -> dict:

@@ -160,7 +160,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       weight_decay=config.optim.get("weight_decay", 0.0),
       grad_clip=config.optim.get("grad_clip", 1.0),
       lr_rules=tuple((r, m) for r, m in config.optim.lr_rules))
-  step_cfg = StepConfig(grad_accum=t.get("grad_accum", 1), loss_norm=t.get("loss_norm", "token"))
+  step_cfg = StepConfig(grad_accum=t.get("grad_accum", 1), loss_norm=t.get("loss_norm", "token"),
+                        target_fraction=t.get("target_fraction", None))
 
   checkpointer = ckpt.Checkpointer(workdir, keep=t.get("keep", 2), every=t.get("ckpt_every", 1000),
                                    async_save=t.get("async_checkpoint", True))

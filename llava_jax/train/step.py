@@ -9,6 +9,7 @@ int32[B, T]`` (optional; RoPE positions restarting per example),
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -34,19 +35,30 @@ class TrainState(flax.struct.PyTreeNode):
 class StepConfig:
   grad_accum: int = 1             # microbatches per optimizer step (scan, one update)
   loss_norm: str = "token"        # "token": mean over target tokens; "example": mean of per-example means
+  # LM head + loss only at target positions: at most ceil(target_fraction * T) per row
+  # (a batch with a fuller row runs the full head instead; no target is ever dropped).
+  # Instruction data learns on a minority of positions (never on image tokens), and the
+  # head is a large share of a small LLM's FLOPs (Qwen2-0.5B: 27%) and of its memory
+  # (float32 [B, T, V] logits). None: the head on every position.
+  target_fraction: float | None = None
+
+  def __post_init__(self):
+    f = self.target_fraction
+    if f is not None and not 0 < f <= 1:
+      raise ValueError(f"target_fraction must be in (0, 1] or None, got {f}")
 
 
-def token_loss(logits, labels, attention_mask=None):
-  """Next-token cross-entropy on positions whose label is not IGNORE.
+def next_token_targets(labels, attention_mask=None):
+  """The target of each position and its weight, aligned with the logits.
 
-  Args: logits float32[B, T, V]; labels int32[B, T] (label t is the target at position
-  t, as in HF: logits[:, t] predicts labels[:, t+1]); attention_mask int[B, T], 0 on
-  padding, else the token's segment id (1 for unpacked rows).
-  Returns: (nll float32[B, T], weights float32[B, T], correct bool[B, T]), aligned with
-  the logits: entry t scores the prediction of labels[:, t+1]; it has weight 0 at the
-  last position and where t and t+1 are in different segments (a packed row's example
-  never predicts the next example's first token). (The labels are shifted rather than
-  the logits, so no [B, T-1, V] copy.)
+  Args: labels int32[B, T] (label t is the target at position t, as in HF: logits[:, t]
+  predicts labels[:, t+1]); attention_mask int[B, T], 0 on padding, else the token's
+  segment id (1 for unpacked rows).
+  Returns: (targets int32[B, T], IGNORE replaced by 0; weights float32[B, T]): entry t
+  is labels[:, t+1], with weight 0 at the last position, where it is IGNORE, and where
+  t and t+1 are in different segments (a packed row's example never predicts the next
+  example's first token). (The labels are shifted rather than the logits, so no
+  [B, T-1, V] copy.)
   """
   b = labels.shape[0]
   targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
@@ -55,10 +67,56 @@ def token_loss(logits, labels, attention_mask=None):
     seg = attention_mask.astype(jnp.int32)
     nxt = jnp.concatenate([seg[:, 1:], jnp.zeros((b, 1), jnp.int32)], 1)
     weights = weights * ((nxt == seg) & (seg != 0)).astype(jnp.float32)
-  safe = jnp.where(targets == IGNORE, 0, targets)
+  return jnp.where(targets == IGNORE, 0, targets), weights
+
+
+def _cross_entropy(logits, targets):
   logits = logits.astype(jnp.float32)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  correct = jnp.argmax(logits, axis=-1) == safe
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return nll, jnp.argmax(logits, axis=-1) == targets
+
+
+def token_loss(logits, labels, attention_mask=None):
+  """Next-token cross-entropy on positions whose label is not IGNORE.
+
+  Args: logits float32[B, T, V]; labels, attention_mask: as ``next_token_targets``.
+  Returns: (nll float32[B, T], weights float32[B, T], correct bool[B, T]), aligned with
+  the logits (see ``next_token_targets``).
+  """
+  targets, weights = next_token_targets(labels, attention_mask)
+  nll, correct = _cross_entropy(logits, targets)
+  return nll, weights, correct
+
+
+def target_positions(weights, k: int):
+  """int32[B, k]: each row's positions with weight > 0 first (in order), then others."""
+  return jnp.argsort(weights <= 0, axis=1, stable=True)[:, :k].astype(jnp.int32)
+
+
+def sparse_token_loss(head: Callable, hidden, labels, attention_mask, k: int):
+  """``token_loss`` computing the head only where it is needed.
+
+  Args: head: float[B, N, E] -> float32[B, N, V] logits; hidden float[B, T, E]; labels,
+  attention_mask as ``next_token_targets``; k: head positions per row.
+  Returns: as ``token_loss``. If every row has at most k targets, the head runs on
+  [B, k] gathered positions; otherwise (checked on device) on all [B, T].
+  """
+  targets, weights = next_token_targets(labels, attention_mask)
+  b, t = targets.shape
+
+  def gathered(hidden):
+    pos = target_positions(weights, k)
+    nll_k, correct_k = _cross_entropy(head(jnp.take_along_axis(hidden, pos[..., None], axis=1)),
+                                      jnp.take_along_axis(targets, pos, axis=1))
+    rows = jnp.arange(b)[:, None]
+    return (jnp.zeros((b, t), jnp.float32).at[rows, pos].set(nll_k),
+            jnp.zeros((b, t), bool).at[rows, pos].set(correct_k))
+
+  def full(hidden):
+    return _cross_entropy(head(hidden), targets)
+
+  fits = jnp.max(jnp.sum(weights > 0, axis=1)) <= k
+  nll, correct = jax.lax.cond(fits, gathered, full, hidden)
   return nll, weights, correct
 
 
@@ -78,11 +136,17 @@ def loss_fn(params, batch, cfg: LlavaConfig, step_cfg: StepConfig):
   """
   model_batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
   mask = model_batch.get("attention_mask")
-  logits = Llava(cfg).apply({"params": params}, model_batch["input_ids"],
-                            model_batch.get("pixel_values"), mask,
-                            positions=model_batch.get("positions"),
-                            image_mask=model_batch.get("image_mask"))
-  nll, w, correct = token_loss(logits, model_batch["labels"], mask)
+  model = Llava(cfg)
+  out = model.apply({"params": params}, model_batch["input_ids"], model_batch.get("pixel_values"),
+                    mask, positions=model_batch.get("positions"),
+                    image_mask=model_batch.get("image_mask"),
+                    hidden_only=step_cfg.target_fraction is not None)
+  if step_cfg.target_fraction is None:
+    nll, w, correct = token_loss(out, model_batch["labels"], mask)
+  else:
+    k = max(1, math.ceil(step_cfg.target_fraction * out.shape[1]))
+    head = lambda h: model.apply({"params": params}, h, method=Llava.head)
+    nll, w, correct = sparse_token_loss(head, out, model_batch["labels"], mask, min(k, out.shape[1]))
   tokens = jnp.sum(w)
   per_example = per_example_sums(w, mask)
   example_nll = per_example_sums(nll * w, mask)

@@ -209,3 +209,49 @@ def test_packed_row_without_segment_ids_differs():
   right_loss, _ = loss_fn(params, packed, cfg, StepConfig())
   wrong_loss, _ = loss_fn(params, wrong, cfg, StepConfig())
   assert abs(float(right_loss) - float(wrong_loss)) > 1e-3, (right_loss, wrong_loss)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.05])
+def test_head_at_targets_only_gives_the_same_loss_and_grads(fraction):
+  """target_fraction=0.25: 10 head positions per 40-token row, enough for the 5 answer
+  tokens, so the head runs on gathered positions; 0.05: 2 < 5, so it falls back to the
+  full head. Both equal the plain step."""
+  from llava_jax.train.step import loss_fn
+  cfg = tiny_cfg(scan=False)
+  params = state_lib.init_params(cfg, jax.random.key(0))
+  batch = pack_by_hand(make_batch(cfg, b=8, t=40), per_row=2, t=80)
+  grad = lambda sc: jax.jit(jax.grad(lambda p, b: loss_fn(p, b, cfg, sc), has_aux=True))(params, batch)
+  g_full, aux_full = grad(StepConfig())
+  g_sparse, aux_sparse = grad(StepConfig(target_fraction=fraction))
+  for k in aux_full:
+    np.testing.assert_allclose(aux_sparse[k], aux_full[k], rtol=1e-5, err_msg=k)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_full))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale), g_sparse, g_full)
+
+
+def test_gathered_head_runs_when_the_targets_fit_and_full_head_otherwise():
+  """A head that marks its full-length calls (+50 on class 0) shows which branch ran."""
+  from llava_jax.train.step import sparse_token_loss, target_positions, token_loss
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(2, 12, 4)), jnp.float32)
+  w_out = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+  labels = np.full((2, 12), IGNORE, np.int32)
+  labels[0, 3:6], labels[1, 8:11] = [1, 2, 3], [4, 5, 6]
+  marker = jnp.zeros((7,)).at[0].set(50.0)
+  head = lambda h: h @ w_out + (marker if h.shape[1] == 12 else 0.0)
+  ref_nll, ref_w, ref_correct = token_loss(hidden @ w_out, labels)
+  targets_per_row = int(np.max(np.sum(np.asarray(ref_w) > 0, axis=1)))
+  assert targets_per_row == 3  # labels at 3..5 are targets of positions 2..4
+  np.testing.assert_array_equal(target_positions(ref_w, 3), [[2, 3, 4], [7, 8, 9]])
+
+  nll, w, correct = sparse_token_loss(head, hidden, labels, None, 3)  # fits: gathered
+  np.testing.assert_array_equal(w, ref_w)
+  np.testing.assert_allclose(nll * w, ref_nll * ref_w, rtol=1e-6)
+  np.testing.assert_array_equal(correct & (w > 0), ref_correct & (ref_w > 0))
+  nll2, _, _ = sparse_token_loss(head, hidden, labels, None, 2)  # does not fit: full head
+  assert float(jnp.sum(nll2 * w)) > float(jnp.sum(ref_nll * ref_w)) + 10
+
+
+def test_target_fraction_is_checked():
+  with pytest.raises(ValueError, match="target_fraction"):
+    StepConfig(target_fraction=0.0)
