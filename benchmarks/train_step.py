@@ -1,6 +1,6 @@
 """Train-step throughput: llava_jax vs HF transformers (PyTorch) on the same ~100M-param LLaVA.
 
-  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py [--steps=5] [--results=benchmarks/RESULTS.md]
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py [--steps=5] [--dtype=bfloat16] [--results=benchmarks/RESULTS.md]
 
 Both sides run one model (a 6-layer CLIP-style ViT + a 12-layer Llama, width 768, built
 from the same random HF checkpoint through ``load_hf_llava``) on the same batch, in this
@@ -12,7 +12,10 @@ one process:
 The two steps are timed in alternation (best of ``--steps`` rounds), so a slow spell of
 this shared machine hits both. Reports tokens/s, the ratio, and MFU = analytic model FLOPs per step
 (``llava_jax.train.flops``) / step time / the measured float32 matmul peak of this
-machine (``metrics.measure_matmul_peak``), for both frameworks.
+machine (``metrics.measure_matmul_peak``), for both frameworks. ``--dtype=bfloat16``:
+mixed precision on both sides (llava_jax bf16 compute with f32 params; PyTorch
+``torch.autocast("cpu", bfloat16)``, as the HF Trainer's ``--bf16``); MFU is still
+against the float32 peak.
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ def main():
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--results", default=None)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   a = p.parse_args()
 
   import jax
@@ -74,7 +78,8 @@ def main():
   hf = build_hf(path)
   # Unrolled layers: ~12% faster than scan on XLA:CPU for this model (scan pays off in
   # compile time and on accelerators).
-  cfg, params = load_hf_llava(path, llm_overrides={"scan": False, "remat": "none"})
+  cfg, params = load_hf_llava(path, llm_overrides={"scan": False, "remat": "none", "dtype": a.dtype},
+                              vision_overrides={"dtype": a.dtype})
   n_params = sum(x.size for x in jax.tree.leaves(params))
   batch = make_batch(cfg.image_token_id, cfg.num_image_tokens, a.batch, a.seq)
   tokens = a.batch * a.seq
@@ -106,7 +111,8 @@ def main():
 
   def torch_step():
     topt.zero_grad(set_to_none=True)
-    loss = hf(**tb).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bfloat16"):
+      loss = hf(**tb).loss
     loss.backward()
     topt.step()
 
@@ -116,7 +122,7 @@ def main():
   torch_peak = 2 * 1024 ** 3 / timed_interleaved({"mm": lambda: m @ m}, 5, reduce=min)["mm"]
   lines = [
       f"model: {n_params / 1e6:.1f}M params (ViT 6x384 frozen; Llama 12x768 + projector trained), "
-      f"batch {a.batch} x {a.seq} tokens, float32, {jax.device_count()} JAX device(s), "
+      f"batch {a.batch} x {a.seq} tokens, {a.dtype}, {jax.device_count()} JAX device(s), "
       f"torch threads {torch.get_num_threads()}",
       f"| | step time | tokens/s | MFU vs measured matmul peak |",
       f"|---|---|---|---|",
@@ -132,9 +138,12 @@ def main():
   print("\n".join(lines))
   if a.results:
     from results import replace_section
-    replace_section(a.results, "Train step (benchmarks/train_step.py)",
+    bf16 = a.dtype == "bfloat16"
+    replace_section(a.results, "Train step, bfloat16 (benchmarks/train_step.py)" if bf16 else
+                    "Train step (benchmarks/train_step.py)",
                     "Command: `JAX_PLATFORMS=cpu .venv/bin/python benchmarks/train_step.py "
-                    f"--steps={a.steps} --results={a.results}`\n\n" + "\n".join(lines))
+                    f"--steps={a.steps}{' --dtype=bfloat16' if bf16 else ''} --results={a.results}`\n\n"
+                    + "\n".join(lines))
 
 
 if __name__ == "__main__":
