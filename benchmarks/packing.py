@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import timed_interleaved  # noqa: E402
-from train_step import build_hf  # noqa: E402  (also puts tests/ on the path)
+from train_step import build_hf, jax_stepper, torch_stepper  # noqa: E402  (also puts tests/ on the path)
 
 IGNORE = -100
 
@@ -90,24 +90,27 @@ def jax_packed(examples, *, max_len, max_images, steps):
   return out
 
 
-def jax_padded(examples, *, max_len, steps):
-  """Each conversation padded to max_len (the pipeline's own padding and collation)."""
+def padded(group: list[dict], *, max_len: int, batch_size: int) -> dict:
+  """Conversations padded to max_len and stacked (the pipeline's `pad_example` and
+  `collate`; rows beyond the group are empty)."""
   from llava_jax.data.pipeline import collate, pad_example
   from llava_jax.data.tokenize import TokenizedSample
+  rows = []
+  for e in group:
+    n_img = len(e["pixel_values"])
+    px = np.zeros((1,) + e["pixel_values"].shape[1:], np.float32)
+    px[:n_img] = e["pixel_values"]
+    sample = TokenizedSample(e["ids"], e["input_ids"], e["labels"], n_img, False)
+    rows.append(pad_example(sample, max_len=max_len, pad_id=0, pixel_values=px, num_images=n_img))
+  batch = collate(rows, batch_size=batch_size)
+  del batch["ids"]
+  return batch
+
+
+def jax_padded(examples, *, max_len, steps):
+  """Each conversation padded to max_len; the last batch gets empty rows (one shape)."""
   per = math.ceil(len(examples) / steps)
-  out = []
-  for group in batches_of(examples, steps):
-    rows = []
-    for e in group:
-      px = np.zeros((1,) + e["pixel_values"].shape[1:], np.float32)
-      px[:len(e["pixel_values"])] = e["pixel_values"]
-      sample = TokenizedSample(e["ids"], e["input_ids"], e["labels"], len(e["pixel_values"]), False)
-      rows.append(pad_example(sample, max_len=max_len, pad_id=0, pixel_values=px,
-                              num_images=len(e["pixel_values"])))
-    batch = collate(rows, batch_size=per)  # the last batch gets empty rows: one shape
-    del batch["ids"]
-    out.append(batch)
-  return out
+  return [padded(group, max_len=max_len, batch_size=per) for group in batches_of(examples, steps)]
 
 
 def hf_padded(examples, *, steps):
@@ -116,15 +119,9 @@ def hf_padded(examples, *, steps):
   order = sorted(examples, key=lambda e: len(e["input_ids"]))
   out = []
   for group in batches_of(order, steps):
-    t = max(len(e["input_ids"]) for e in group)
-    ids = np.zeros((len(group), t), np.int64)
-    labels = np.full((len(group), t), IGNORE, np.int64)
-    mask = np.zeros((len(group), t), np.int64)
-    for r, e in enumerate(group):
-      n = len(e["input_ids"])
-      ids[r, :n], labels[r, :n], mask[r, :n] = e["input_ids"], e["labels"], 1
-    out.append({"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(mask), **_torch_pixels([e["pixel_values"] for e in group])})
+    b = padded(group, max_len=max(len(e["input_ids"]) for e in group), batch_size=len(group))
+    out.append({k: torch.from_numpy(b[k]).long() for k in ("input_ids", "labels", "attention_mask")}
+               | _torch_pixels([e["pixel_values"] for e in group]))
   return out
 
 
@@ -159,10 +156,8 @@ def main():
 
   import jax
   import torch
-  from llava_jax import sharding
   from llava_jax.checkpoint.convert.hf import load_hf_llava
-  from llava_jax.train import optim, state as state_lib
-  from llava_jax.train.step import StepConfig, loss_fn, make_train_step
+  from llava_jax.train.step import StepConfig, loss_fn
 
   path = tempfile.mkdtemp()
   hf = build_hf(path)
@@ -181,10 +176,6 @@ def main():
     assert got == targets, (name, got, targets)
   slots = {name: sum(int(np.prod(b["input_ids"].shape)) for b in bs) for name, bs in data.items()}
 
-  ocfg = optim.OptimConfig(learning_rate=1e-4, total_steps=100,
-                           lr_rules=((r"projector/.*", 1.0), (r"llm/.*", 1.0)))
-  opt = optim.make_optimizer(ocfg, params)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   # Same loss on the same packed batch, before any update: the rows mean the same to both.
   b0 = data["jax packed"][0]
   jax_loss = float(loss_fn(params, b0, cfg, StepConfig())[0])
@@ -200,29 +191,18 @@ def main():
   slots[head_at_targets] = slots["jax packed"]
   for name in ("jax packed", head_at_targets, "jax padded"):
     print(f"compiling {name}", file=sys.stderr)
-    state, shardings = state_lib.create_state(cfg, opt, mesh, jax.random.key(0), params=params)
     bs = data[name]
     step_cfg = StepConfig(target_fraction=a.target_fraction if name == head_at_targets else None)
-    step = state_lib.jit_train_step(make_train_step(cfg, opt, optim.trainable_mask(params, ocfg), step_cfg),
-                                    shardings, mesh, bs[0])
-    compiled = step.lower(state, bs[0]).compile()
-    holder = [compiled(state, bs[0])[0]]  # warm-up step
+    run = jax_stepper(cfg, params, bs[0], step_cfg)
+    run(bs[0])  # warm-up step
 
-    def epoch(bs=bs, compiled=compiled, holder=holder):
+    def epoch(bs=bs, run=run):
       for b in bs:
-        holder[0], m = compiled(holder[0], b)
+        m = run(b)
       jax.block_until_ready(m["loss"])
     epochs[name] = epoch
 
-  for name, p_ in hf.named_parameters():
-    p_.requires_grad_(not name.startswith("model.vision_tower"))
-  topt = torch.optim.AdamW([p_ for p_ in hf.parameters() if p_.requires_grad], lr=1e-4)
-
-  def torch_step(b):
-    topt.zero_grad(set_to_none=True)
-    hf(**b, use_cache=False).loss.backward()
-    topt.step()
-
+  torch_step = torch_stepper(hf)
   for name in ("hf padded", "hf padding-free"):
     torch_step(data[name][0])  # warm-up step
     epochs[name] = lambda bs=data[name]: [torch_step(b) for b in bs]

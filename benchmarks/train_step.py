@@ -58,6 +58,51 @@ def make_batch(image_token: int, n_img: int, b: int, t: int, seed: int = 0):
           "pixel_values": px, "image_mask": np.ones((b, 1), bool)}
 
 
+STAGE2_RULES = ((r"projector/.*", 1.0), (r"llm/.*", 1.0))  # the ViT stays frozen
+
+
+def jax_stepper(cfg, params, example: dict, step_cfg=None):
+  """llava_jax's stage-2 ``train_step`` (forward, backward, AdamW), jitted and compiled
+  for ``example``'s shapes on one device. Returns ``step(batch) -> metrics``, which
+  keeps the train state between calls."""
+  import jax
+  from llava_jax import sharding
+  from llava_jax.train import optim, state as state_lib
+  from llava_jax.train.step import StepConfig, make_train_step
+  ocfg = optim.OptimConfig(learning_rate=1e-4, total_steps=100, lr_rules=STAGE2_RULES)
+  opt = optim.make_optimizer(ocfg, params)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  state, shardings = state_lib.create_state(cfg, opt, mesh, jax.random.key(0), params=params)
+  step = state_lib.jit_train_step(
+      make_train_step(cfg, opt, optim.trainable_mask(params, ocfg), step_cfg or StepConfig()),
+      shardings, mesh, example)
+  compiled = step.lower(state, example).compile()
+  holder = [state]
+
+  def run(batch):
+    holder[0], metrics = compiled(holder[0], batch)
+    return metrics
+  return run
+
+
+def torch_stepper(hf, *, bf16: bool = False):
+  """HF's stage-2 step: ``step(batch)`` runs forward + backward + ``torch.optim.AdamW``
+  with the ViT frozen (``requires_grad=False``), without a KV cache (as in training);
+  ``bf16``: under ``torch.autocast`` (the HF Trainer's ``--bf16``)."""
+  import torch
+  for name, p_ in hf.named_parameters():
+    p_.requires_grad_(not name.startswith("model.vision_tower"))
+  topt = torch.optim.AdamW([p_ for p_ in hf.parameters() if p_.requires_grad], lr=1e-4)
+
+  def run(batch):
+    topt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      loss = hf(**batch, use_cache=False).loss
+    loss.backward()
+    topt.step()
+  return run
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=3)
@@ -69,10 +114,8 @@ def main():
 
   import jax
   import torch
-  from llava_jax import sharding
   from llava_jax.checkpoint.convert.hf import load_hf_llava
-  from llava_jax.train import flops as flops_lib, metrics, optim, state as state_lib
-  from llava_jax.train.step import make_train_step
+  from llava_jax.train import flops as flops_lib, metrics
 
   path = tempfile.mkdtemp()
   hf = build_hf(path)
@@ -84,37 +127,22 @@ def main():
   batch = make_batch(cfg.image_token_id, cfg.num_image_tokens, a.batch, a.seq)
   tokens = a.batch * a.seq
 
-  ocfg = optim.OptimConfig(learning_rate=1e-4, total_steps=100,
-                           lr_rules=((r"projector/.*", 1.0), (r"llm/.*", 1.0)))
-  opt = optim.make_optimizer(ocfg, params)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  state, shardings = state_lib.create_state(cfg, opt, mesh, jax.random.key(0), params=params)
-  step = state_lib.jit_train_step(make_train_step(cfg, opt, optim.trainable_mask(params, ocfg)),
-                                  shardings, mesh, batch)
-  compiled = step.lower(state, batch).compile()
-  holder = [state]
+  run_jax = jax_stepper(cfg, params, batch)
 
   def jax_step():
-    holder[0], m = compiled(holder[0], batch)
-    jax.block_until_ready(m["loss"])
+    jax.block_until_ready(run_jax(batch)["loss"])
 
   flops = flops_lib.train_step_flops(cfg, tokens=tokens, seq_len=a.seq, images=a.batch,
                                      train_img=False, train_projector=True, train_llm=True)
   peak = metrics.measure_matmul_peak()
 
-  for name, p_ in hf.named_parameters():
-    p_.requires_grad_(not name.startswith("model.vision_tower"))
-  topt = torch.optim.AdamW([p_ for p_ in hf.parameters() if p_.requires_grad], lr=1e-4)
+  run_torch = torch_stepper(hf, bf16=a.dtype == "bfloat16")
   tb = {"input_ids": torch.from_numpy(batch["input_ids"]).long(),
         "labels": torch.from_numpy(batch["labels"]).long(),
         "pixel_values": torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy())}
 
   def torch_step():
-    topt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bfloat16"):
-      loss = hf(**tb).loss
-    loss.backward()
-    topt.step()
+    run_torch(tb)
 
   t = timed_interleaved({"jax": jax_step, "torch": torch_step}, a.steps, reduce=min)
   t_jax, t_torch = t["jax"], t["torch"]

@@ -15,7 +15,7 @@ examples apart:
 
 `train.step.token_loss` never scores a prediction across a segment boundary, so a
 packed row gives the same loss and gradients as its examples in separate rows
-(tests/data/test_packing.py). The iterator state (restored from checkpoints)
+(tests/train/test_step.py; the packer itself: tests/data/test_pipeline.py). The iterator state (restored from checkpoints)
 includes the packer's, so resumption is exact.
 """
 from __future__ import annotations

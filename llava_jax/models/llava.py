@@ -124,8 +124,10 @@ class Llava(nn.Module):
         (``cfg.num_image_tokens`` per image; text-only rows have none).
       pixel_values: float32[I, S, S, 3] normalised NHWC, the batch's images in order,
         or None for a text-only batch.
-      attention_mask: int[B, T], 1 for tokens, 0 for padding (left or right).
-      positions: int32[B, T] RoPE positions; default counts valid tokens from 0.
+      attention_mask: int[B, T], 1 for tokens, 0 for padding (left or right); packed
+        rows: the segment id of each token (1, 2, ...), attention stays within a segment.
+      positions: int32[B, T] RoPE positions; default counts valid tokens from 0 (packed
+        rows pass their own, restarting per segment).
       image_mask: bool[I] (or [B, M] with 5-D pixel_values); False = padding image slot.
       hidden_only: return the LLM's last-layer output float[B, T, E] instead; ``head``
         (``apply(..., method=Llava.head)``) gives the logits of chosen positions.
