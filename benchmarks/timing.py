@@ -25,3 +25,24 @@ def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
       fn()
       times[name].append(time.perf_counter() - t)
   return {name: reduce(ts) for name, ts in times.items()}
+
+
+def host_description() -> str:
+  """The CPU the numbers came from: model, family/model ids, logical CPUs and the vector
+  extensions that decide float32/bfloat16 matmul speed (hosts in one pool differ)."""
+  import os
+  info: dict[str, str] = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if not line.strip():
+          break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+  except OSError:
+    import platform
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+  flags = set(info.get("flags", "").split())
+  ext = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
+  return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model "
+          f"{info.get('model', '?')}), {os.cpu_count()} CPUs, {' '.join(ext) or 'no AVX2'}")

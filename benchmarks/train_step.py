@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import timed_interleaved  # noqa: E402
+from timing import host_description, timed_interleaved  # noqa: E402
 
 
 def build_hf(path: str):
@@ -151,7 +151,7 @@ def main():
   lines = [
       f"model: {n_params / 1e6:.1f}M params (ViT 6x384 frozen; Llama 12x768 + projector trained), "
       f"batch {a.batch} x {a.seq} tokens, {a.dtype}, {jax.device_count()} JAX device(s), "
-      f"torch threads {torch.get_num_threads()}",
+      f"torch threads {torch.get_num_threads()}; host: {host_description()}",
       f"| | step time | tokens/s | MFU vs measured matmul peak |",
       f"|---|---|---|---|",
       f"| llava_jax train_step (jit, fwd+bwd+AdamW) | {t_jax * 1e3:.0f} ms | {tokens / t_jax:,.0f} | "
