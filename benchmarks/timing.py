@@ -1,6 +1,7 @@
 """Timing on a shared, noisy machine (shared by the benchmarks)."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -30,7 +31,6 @@ def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
 def host_description() -> str:
   """The CPU the numbers came from: model, family/model ids, logical CPUs and the vector
   extensions that decide float32/bfloat16 matmul speed (hosts in one pool differ)."""
-  import os
   info: dict[str, str] = {}
   try:
     with open("/proc/cpuinfo") as f:
