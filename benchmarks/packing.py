@@ -29,13 +29,12 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import timed_interleaved  # noqa: E402
-from train_step import build_hf, jax_stepper, torch_stepper  # noqa: E402  (also puts tests/ on the path)
+from train_step import build_models, jax_stepper, torch_stepper  # noqa: E402  (also puts tests/ on the path)
 
 IGNORE = -100
 
@@ -156,12 +155,9 @@ def main():
 
   import jax
   import torch
-  from llava_jax.checkpoint.convert.hf import load_hf_llava
   from llava_jax.train.step import StepConfig, loss_fn
 
-  path = tempfile.mkdtemp()
-  hf = build_hf(path)
-  cfg, params = load_hf_llava(path, llm_overrides={"scan": False, "remat": "none"})
+  hf, cfg, params = build_models()
   examples = conversations(a.conversations, image_token=cfg.image_token_id,
                            image_tokens=cfg.num_image_tokens, image_size=cfg.vision.image_size,
                            max_len=a.max_len)
