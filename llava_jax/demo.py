@@ -46,7 +46,6 @@ def main(argv):
   del argv
   from llava_jax.eval.run import run_eval
   from llava_jax.infer.loading import load_model
-  from llava_jax.train.evaluation import eval_fn_from_config
   from llava_jax.train.loop import train
 
   root = _ROOT.value
@@ -56,7 +55,7 @@ def main(argv):
     workdir = os.path.join(root, stage)
     print(f"== {stage}: {config.train.steps} steps, template {config.data.template!r}, "
           f"data {config.data.train}")
-    train(config, workdir, eval_fn=eval_fn_from_config(config))
+    train(config, workdir)
     for step, acc in eval_curve(workdir):
       print(f"   held-out answer exact match (teacher forced) at step {step}: {acc:.1%}")
   train_s = time.time() - t0

@@ -31,6 +31,18 @@ RUN_FILE = "run.json"
 CKPT_DIR = "checkpoints"
 
 
+def check_run_info(workdir: str, model: LlavaConfig) -> None:
+  """Refuses a workdir whose checkpoints hold a different model config than ``model``."""
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, CKPT_DIR)):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  if old.get("model") != json.loads(json.dumps(model.to_dict(), default=_jsonable)):
+    raise ValueError(f"{workdir} holds checkpoints of a different model config; use a new "
+                     "--workdir (or delete it) to start over")
+
+
 def write_run_info(workdir: str, *, model: LlavaConfig, tokenizer: str, template: str,
                    image: ImageConfig, config: dict | None = None):
   """Writes ``run.json``; on resume, refuses a different model than the checkpoints hold."""
@@ -38,12 +50,7 @@ def write_run_info(workdir: str, *, model: LlavaConfig, tokenizer: str, template
   info = {"model": model.to_dict(), "tokenizer": os.path.abspath(tokenizer),
           "template": template, "image": dataclasses.asdict(image), "config": config or {}}
   info = json.loads(json.dumps(info, default=_jsonable))
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if old.get("model") != info["model"] and os.path.isdir(os.path.join(workdir, CKPT_DIR)):
-      raise ValueError(f"{workdir} holds checkpoints of a different model config; use a new "
-                       "--workdir (or delete it) to start over")
+  check_run_info(workdir, model)
   os.makedirs(workdir, exist_ok=True)
   write_json(info, path)
 
@@ -65,7 +72,13 @@ def read_run_info(workdir: str) -> dict:
 
 
 class Checkpointer:
-  """Keep-N, every-K async checkpoints of ``{params, train, data}``."""
+  """Keep-N, every-K async checkpoints of ``{params, train, data}``.
+
+  Every process calls ``save``/``restore`` (orbax writes each process's shards of the
+  params and optimizer state). ``data`` is one JSON item holding every process's
+  data-iterator state (``{"processes": [state_0, ...]}``, gathered before the save and
+  written by process 0), so a run resumes with any number of processes.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 2, every: int = 1000, async_save: bool = True):
     self.every = every
@@ -77,23 +90,31 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: Any = None, *, force: bool = False) -> bool:
-    """Saves if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did."""
-    if not force and step % self.every:
+  def due(self, step: int, *, force: bool = False) -> bool:
+    """Whether ``save(step)`` would write (callers gather the data states only then)."""
+    return force or step % self.every == 0
+
+  def save(self, step: int, state, data_states: list | None = None, *, force: bool = False) -> bool:
+    """Saves if ``step`` is a multiple of ``every`` (or ``force``); returns whether it did.
+
+    ``data_states``: every process's data-iterator state, in process order.
+    """
+    if not self.due(step, force=force):
       return False
     train = {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
     args = {"params": ocp.args.StandardSave(state.params), "train": ocp.args.StandardSave(train)}
-    if data_state is not None:
-      args["data"] = ocp.args.JsonSave(data_state)
+    if data_states is not None:
+      args["data"] = ocp.args.JsonSave({"processes": list(data_states)})
     saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
-    if saved:
+    if saved and jax.process_index() == 0:
       logging.info("checkpoint %d queued (async) under %s", step, self.manager.directory)
     return saved
 
   def restore(self, step: int, abstract_state, *, with_data: bool = True):
     """Restores onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs).
 
-    Returns ``(state, data_state or None)``.
+    Returns ``(state, data or None)``: data is ``{"processes": [...]}`` (or, for
+    checkpoints written before per-process states, the one iterator state).
     """
     train = {"opt_state": abstract_state.opt_state, "step": abstract_state.step,
              "rng": abstract_state.rng}

@@ -10,13 +10,25 @@
 Stages (grain 0.2 `MapDataset` / `IterDataset`):
 
     MapDataset.source(source)            records {"id", "conversations", "images"}
-      [shard_index::shard_count] slice   this host's disjoint part (see `shard_range`)
-      .shuffle(seed).repeat(num_epochs)  global shuffle of the host's part, reshuffled per epoch
+      .shuffle(seed).repeat(num_epochs)  one global order, the same on every process, reshuffled per epoch
+      GlobalBatchRows                    this process's rows of each global batch (see below)
       .map(PrepareExample)               decode + preprocess images, tokenize: an example or a Rejected
       .to_iter_dataset(ReadOptions)      threads; .mp_prefetch() if worker_count > 0 (processes)
     _CountRejected                       main process: counts, logs, skips or raises per policy
       [packing.pack(...)]                pack=True: several examples per row (see `packing`)
       .batch(batch_size, collate)        fixed shapes
+
+Several processes (a pod). `batch_size` is the global batch G; with P processes each
+yields its own G / P rows of every global batch: process p's j-th element is element
+(j // b) * G + p * b + j % b of the global order (b = G / P). Without rejections the
+global batch k therefore holds the same examples in the same rows for any P
+(`jax.make_array_from_process_local_data` stacks the processes' rows in order), so the
+loss curve does not depend on the process count and a run can resume on another pod
+size (`start_batch`). A rejected sample is replaced by the next element of the same
+process's stream, so with rejections the batches of different P differ slightly; with
+`pack=True` each process packs its own rows. Finite passes over several processes
+(evaluation) keep every slot: rejected samples and the end of the data become empty
+rows, so every process yields the same number of batches.
 
 Rejections travel through the workers as `tokenize.Rejected` values and are
 counted in the main process, so `counts()` covers every worker, and the counts
@@ -37,6 +49,8 @@ Batch (B = batch_size, T = max_len, M = max_images, S = image_config.size):
     ids             object[B]            sample ids (str), for logging; "" on padding rows;
                                          packed rows: the ids joined by ","
 
+(B is this process's rows: batch_size // process_count.)
+
 `ids` is not an array JAX can take: drop it before `jax.device_put`.
 """
 
@@ -44,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -139,6 +154,22 @@ def pad_example(sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_val
 
 
 @dataclasses.dataclass(frozen=True)
+class EmptySlot:
+  """A batch slot that holds no example (past the end of a finite pass, or a rejected
+  sample in a multi-process finite pass); `collate` makes it an empty row."""
+
+
+def empty_example(*, max_len: int, max_images: int, image_size: int, pad_id: int) -> dict[str, Any]:
+  """An empty row: pad tokens, IGNORE labels, mask 0, no images, id ""."""
+  return {"input_ids": np.full((max_len,), pad_id, np.int32),
+          "labels": np.full((max_len,), IGNORE, np.int32),
+          "attention_mask": np.zeros((max_len,), np.int32),
+          "positions": np.zeros((max_len,), np.int32),
+          "pixel_values": np.zeros((max_images, image_size, image_size, 3), np.float32),
+          "image_mask": np.zeros((max_images,), bool), "ids": ""}
+
+
+@dataclasses.dataclass(frozen=True)
 class PrepareExample(grain.transforms.Map):
   """`prepare_example` as a picklable grain transform (it runs in worker processes)."""
   tokenizer: Tokenizer
@@ -151,20 +182,28 @@ class PrepareExample(grain.transforms.Map):
   pad: bool = True
 
   def map(self, record):
+    if isinstance(record, EmptySlot):  # GlobalBatchRows past the end of a finite pass
+      return record
     return prepare_example(record, tokenizer=self.tokenizer, template=self.template,
                            image_config=self.image_config, image_token_id=self.image_token_id,
                            num_image_tokens=self.num_image_tokens, max_len=self.max_len,
                            max_images=self.max_images, pad=self.pad)
 
 
-def collate(examples: Sequence[Mapping[str, Any]], batch_size: int | None = None,
-            pad_id: int = 0) -> dict[str, np.ndarray]:
+def collate(examples: Sequence[Mapping[str, Any] | EmptySlot], batch_size: int | None = None,
+            pad_id: int = 0, empty: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
   """Stacks examples into a batch (see the module docstring for keys and shapes).
 
   With `batch_size` larger than len(examples) (the last batch of a finite
   pass), empty rows are added: `pad_id` tokens, IGNORE labels, mask 0, no
-  images, id "".
+  images, id "". `EmptySlot` entries become the `empty` row (`empty_example`).
   """
+  if any(isinstance(e, EmptySlot) for e in examples):
+    if empty is None:
+      raise ValueError("collate got an EmptySlot but no empty row to put there")
+    examples = [empty if isinstance(e, EmptySlot) else e for e in examples]
+  if empty is not None and batch_size is not None and len(examples) < batch_size:
+    examples = list(examples) + [empty] * (batch_size - len(examples))
   out = {k: np.stack([e[k] for e in examples]) for k in BATCH_KEYS if k != "ids"}
   ids = [str(e["ids"]) for e in examples]
   missing = 0 if batch_size is None else batch_size - len(examples)
@@ -202,29 +241,41 @@ class RejectCounter:
 class _CountRejectedIterator(grain.DatasetIterator):
   """Passes examples through; counts, logs and skips (or raises on) `Rejected` values."""
 
-  def __init__(self, parent: grain.DatasetIterator, policy: str, counter: RejectCounter):
+  def __init__(self, parent: grain.DatasetIterator, policy: str, counter: RejectCounter,
+               keep_slots: bool = False):
     super().__init__(parent)
     self._policy = policy
     self._counter = counter
+    self._keep_slots = keep_slots
+    self._consumed = 0  # elements taken from the parent, rejected ones included
+
+  @property
+  def consumed(self) -> int:
+    return self._consumed
 
   def __next__(self):
     in_a_row = 0
     while True:
       value = next(self._parent)
+      self._consumed += 1
       if not isinstance(value, Rejected):
         return value
       apply_policy(value, self._policy, self._counter._mapping())  # raises under "raise"
+      if self._keep_slots:
+        return EmptySlot()
       in_a_row += 1
       if in_a_row >= MAX_CONSECUTIVE_REJECTS:
         raise RuntimeError(f"{in_a_row} samples in a row rejected (last: {value}); counts so far "
                            f"{self._counter.counts()}: check the template, image root and max_len")
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "rejected": self._counter.counts()}
+    return {"parent": self._parent.get_state(), "rejected": self._counter.counts(),
+            "consumed": self._consumed}
 
   def set_state(self, state: dict[str, Any]):
     self._parent.set_state(state["parent"])
     self._counter._restore(state["rejected"])
+    self._consumed = int(state.get("consumed", 0))
 
   def __str__(self) -> str:
     return f"CountRejected(policy={self._policy!r})"
@@ -233,13 +284,18 @@ class _CountRejectedIterator(grain.DatasetIterator):
 class _CountRejected(grain.IterDataset):
   """IterDataset wrapper of `_CountRejectedIterator`; its iterators share `counter`."""
 
-  def __init__(self, parent: grain.IterDataset, policy: str, counter: RejectCounter):
+  def __init__(self, parent: grain.IterDataset, policy: str, counter: RejectCounter,
+               keep_slots: bool = False):
     super().__init__(parent)
     self._policy = policy
     self._counter = counter
+    self._keep_slots = keep_slots
+    self.last_iterator: _CountRejectedIterator | None = None
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _CountRejectedIterator(self._parent.__iter__(), self._policy, self._counter)
+    self.last_iterator = _CountRejectedIterator(self._parent.__iter__(), self._policy, self._counter,
+                                                self._keep_slots)
+    return self.last_iterator
 
   def __str__(self) -> str:
     return f"CountRejected(policy={self._policy!r})"
@@ -249,14 +305,21 @@ class LlavaBatchIterator(grain.DatasetIterator):
   """What `make_dataset` returns: a grain DatasetIterator of batches, plus `counts()`.
 
   `get_state()` / `set_state()` are grain's (JSON-able dicts; orbax saves
-  them with `grain.checkpoint.CheckpointSave(it)`); restoring continues with
-  exactly the batches that followed the saved state, and restores the
-  rejection counts of that moment.
+  them with `grain.checkpoint.CheckpointSave(it)`, one file per process); restoring
+  continues with exactly the batches that followed the saved state, and restores the
+  rejection counts of that moment. The state also records where this process is in
+  the global order (`position`), from which `resume_batch` finds where a run resumed
+  on a different number of processes starts.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, counter: RejectCounter):
+  def __init__(self, parent: grain.DatasetIterator, counter: RejectCounter, *,
+               count_stage: _CountRejected, start_batch: int, rows: int, process_index: int,
+               process_count: int):
     super().__init__(parent)
     self._counter = counter
+    self._count_stage = count_stage
+    self._position = {"start_batch": int(start_batch), "rows": int(rows),
+                      "process_index": int(process_index), "process_count": int(process_count)}
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._parent)
@@ -265,35 +328,91 @@ class LlavaBatchIterator(grain.DatasetIterator):
     """Rejected samples per reason so far (all workers; all `RejectReason` values as keys)."""
     return self._counter.counts()
 
+  def position(self) -> dict[str, int]:
+    """start_batch, rows (per global batch), process_index/count and elements consumed."""
+    it = self._count_stage.last_iterator
+    return {**self._position, "consumed": 0 if it is None else it.consumed}
+
   def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
+    return {"pipeline": self._parent.get_state(), "position": self.position()}
 
   def set_state(self, state: dict[str, Any]):
-    self._parent.set_state(state)
+    if "pipeline" not in state:  # a state saved before positions were recorded
+      self._parent.set_state(state)
+      return
+    saved = state["position"]
+    for key in ("start_batch", "rows", "process_index", "process_count"):
+      if int(saved[key]) != self._position[key]:
+        raise ValueError(f"data iterator state was saved with {key}={saved[key]}, this pipeline "
+                         f"has {self._position[key]}; build it with `resume_batch` of the saved "
+                         "states to resume on a different number of processes")
+    self._parent.set_state(state["pipeline"])
 
   def __str__(self) -> str:
     return "LlavaBatchIterator"
 
 
+def resume_batch(states: Sequence[Mapping[str, Any]]) -> int:
+  """The first global batch that no process of a saved run had started reading.
+
+  `states`: every process's `get_state()` of one checkpoint. A pipeline built with
+  `start_batch` = this continues the run on any number of processes: without
+  rejections (every process exactly at a batch boundary) it is exactly the next global
+  batch; otherwise the partly read batch is skipped, so no example is seen twice.
+  """
+  first = 0
+  for st in states:
+    pos = st["position"]
+    first = max(first, pos["start_batch"] + -(-pos["consumed"] // pos["rows"]))
+  return first
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
-def shard_range(num_records: int, shard_index: int, shard_count: int, *, even: bool = True) -> slice:
-  """The records of one host.
+class GlobalBatchRows(grain.MapDataset):
+  """This process's rows of every global batch, from one global order (`parent`).
 
-  even=True: contiguous blocks of `num_records // shard_count` records (the
-  last `num_records % shard_count` are left out), so every host has the same
-  number of records and, with drop_remainder, the same number of batches per
-  epoch. even=False: every `shard_count`-th record from `shard_index`
-  (covers all records; hosts may differ by one).
+  Local element j is element (start_batch + j // b) * G + p * b + j % b of `parent`,
+  with G = global_batch, b = G / process_count, p = process_index. Over several
+  processes a finite parent is cut to whole global batches (`pad_last=False`) or padded
+  to them with `EmptySlot`s (`pad_last=True`; `collate` makes them empty rows),
+  so that every process yields as many elements; one process reads it all.
   """
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-  if not even:
-    return slice(shard_index, None, shard_count)
-  per = num_records // shard_count
-  if per == 0:
-    raise ValueError(f"{num_records} records cannot give each of {shard_count} hosts one; use even=False")
-  return slice(shard_index * per, (shard_index + 1) * per)
+
+  def __init__(self, parent: grain.MapDataset, *, global_batch: int, process_index: int,
+               process_count: int, start_batch: int = 0, pad_last: bool = False):
+    super().__init__(parent)
+    if global_batch % process_count:
+      raise ValueError(f"the global batch ({global_batch}, train.batch_size) must be a multiple of "
+                       f"the number of processes ({process_count})")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    self._g, self._p, self._b = global_batch, process_index, global_batch // process_count
+    self._start, self._n = start_batch * global_batch, len(parent)
+    left = max(self._n - self._start, 0)
+    if self._n >= sys.maxsize // 2:  # repeated forever
+      self._length = sys.maxsize
+    elif process_count == 1:  # one process: the rest as it is (batching cuts or pads it)
+      self._length = left
+    else:
+      batches = -(-left // global_batch) if pad_last else left // global_batch
+      self._length = batches * self._b
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _index(self, j: int) -> int:
+    k, r = divmod(j, self._b)
+    return self._start + k * self._g + self._p * self._b + r
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    i = self._index(index)
+    return self._parent[i] if i < self._n else EmptySlot()  # (grain drops None elements)
+
+  def __str__(self) -> str:
+    return f"GlobalBatchRows(G={self._g}, process {self._p}, rows {self._b})"
 
 
 def _ensure_absl_flags_parsed():
@@ -306,46 +425,78 @@ def _ensure_absl_flags_parsed():
 def make_iter_dataset(source, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
                       image_token_id: int, num_image_tokens: int, max_len: int, max_images: int, batch_size: int,
                       seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
-                      worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
-                      drop_remainder: bool = True, even_shards: bool = True, read_threads: int = 2,
+                      worker_count: int = 0, process_index: int | None = None, process_count: int | None = None,
+                      start_batch: int = 0, drop_remainder: bool = True, read_threads: int = 2,
                       prefetch_buffer_size: int = 16, pack: bool = False, pack_bins: int | None = None,
                       counter: RejectCounter | None = None) -> tuple[grain.IterDataset, RejectCounter]:
   """The pipeline as a grain IterDataset (of batches) and its RejectCounter; see `make_dataset`."""
+  ds, counter, _, _ = _build(source, tokenizer=tokenizer, template=template, image_config=image_config,
+                             image_token_id=image_token_id, num_image_tokens=num_image_tokens,
+                             max_len=max_len, max_images=max_images, batch_size=batch_size, seed=seed,
+                             shuffle=shuffle, num_epochs=num_epochs, policy=policy,
+                             worker_count=worker_count, process_index=process_index,
+                             process_count=process_count, start_batch=start_batch,
+                             drop_remainder=drop_remainder, read_threads=read_threads,
+                             prefetch_buffer_size=prefetch_buffer_size, pack=pack, pack_bins=pack_bins,
+                             counter=counter)
+  return ds, counter
+
+
+def _build(source, *, tokenizer, template, image_config, image_token_id, num_image_tokens, max_len,
+           max_images, batch_size, seed, shuffle, num_epochs, policy, worker_count, process_index,
+           process_count, start_batch, drop_remainder, read_threads, prefetch_buffer_size, pack,
+           pack_bins, counter):
   if policy not in ("skip", "raise"):
     raise ValueError(f"policy must be 'skip' or 'raise', got {policy!r}")
   if batch_size < 1 or max_images < 0 or max_len < 1:
     raise ValueError(f"need batch_size >= 1, max_images >= 0, max_len >= 1; got {batch_size}, {max_images}, {max_len}")
-  if shard_index is None or shard_count is None:
-    import jax  # local: only for the default host sharding
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
+  if process_index is None or process_count is None:
+    import jax  # local: only for the default process layout
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  finite = num_epochs is not None
+  # Finite passes over several processes keep every slot, so all yield as many batches.
+  keep_slots = finite and process_count > 1
+  if keep_slots and pack:
+    raise ValueError("pack=True with a finite pass (num_epochs) over several processes is not "
+                     "supported: the processes would yield different numbers of rows")
   counter = counter or RejectCounter()
   ds = grain.MapDataset.source(source)
-  ds = ds[shard_range(len(ds), shard_index, shard_count, even=even_shards)]
+  if len(ds) == 0:
+    raise ValueError(f"the data source {source!r} holds no records")
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  ds = GlobalBatchRows(ds, global_batch=batch_size, process_index=process_index,
+                       process_count=process_count, start_batch=start_batch,
+                       pad_last=finite and not drop_remainder)
+  rows = batch_size // process_count
   ds = ds.map(PrepareExample(tokenizer, template, image_config, image_token_id, num_image_tokens, max_len,
                              max_images, pad=not pack))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  it = _CountRejected(it, policy, counter)
+  count_stage = _CountRejected(it, policy, counter, keep_slots=keep_slots)
+  it = count_stage
   if pack:
     it = packing.pack(it, max_len=max_len, max_images=max_images, pad_id=tokenizer.pad_id,
-                      num_bins=pack_bins or 2 * batch_size, seed=seed, shuffle_bins=shuffle)
-  it = it.batch(batch_size, drop_remainder=drop_remainder,
-                batch_fn=functools.partial(collate, batch_size=batch_size, pad_id=tokenizer.pad_id))
-  return it, counter
+                      num_bins=pack_bins or 2 * rows, seed=seed, shuffle_bins=shuffle)
+  empty = empty_example(max_len=max_len, max_images=max_images, image_size=image_config.size,
+                        pad_id=tokenizer.pad_id)
+  it = it.batch(rows, drop_remainder=drop_remainder,
+                batch_fn=functools.partial(collate, batch_size=rows, pad_id=tokenizer.pad_id, empty=empty))
+  position = dict(start_batch=start_batch, rows=rows, process_index=process_index,
+                  process_count=process_count)
+  return it, counter, count_stage, position
 
 
 def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
                  image_token_id: int, num_image_tokens: int, max_len: int, max_images: int, batch_size: int,
                  seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
-                 worker_count: int = 0, shard_index: int | None = None, shard_count: int | None = None,
-                 drop_remainder: bool = True, even_shards: bool = True, read_threads: int = 2,
+                 worker_count: int = 0, process_index: int | None = None, process_count: int | None = None,
+                 start_batch: int = 0, drop_remainder: bool = True, read_threads: int = 2,
                  prefetch_buffer_size: int = 16, pack: bool = False,
                  pack_bins: int | None = None) -> LlavaBatchIterator:
   """Training batches from a record source (see the module docstring for the batch).
@@ -358,34 +509,36 @@ def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, imag
     image_config: image preprocessing; S = image_config.size.
     max_images: image slots M per example; a sample with more images is
       rejected (`image_count_mismatch`).
-    batch_size: B, per host.
+    batch_size: G, the global batch (all processes together); each process yields
+      B = G / process_count rows of it.
     seed: shuffle seed (each epoch is reshuffled from it).
     shuffle: False keeps the source order (e.g. evaluation).
     num_epochs: passes over the data; None repeats forever.
     policy: "skip" (count, log the id, drop) or "raise" (ValueError naming
       the sample id, reason and detail) for rejected samples.
     worker_count: grain worker processes (0: decode in this process's threads).
-    shard_index, shard_count: this host's part of the data; default
-      `jax.process_index()` / `jax.process_count()`. See `shard_range`.
-    drop_remainder: drop the last partial batch of a finite pass; False pads
-      it to B with empty rows (labels all IGNORE, id "").
-    even_shards: equal-size host shards (see `shard_range`); multi-host
-      training needs every host to produce the same number of batches, which
-      also needs num_epochs=None (rejections differ per host).
+    process_index, process_count: this process's rows of each global batch; default
+      `jax.process_index()` / `jax.process_count()`. See `GlobalBatchRows`.
+    start_batch: the global batch to start at (resuming on a different number of
+      processes: `resume_batch`).
+    drop_remainder: drop the last partial global batch of a finite pass; False pads
+      it with empty rows (labels all IGNORE, id "").
     read_threads, prefetch_buffer_size: grain ReadOptions per process.
     pack: several examples per row (see `packing`): rows of max_len tokens and
       max_images image slots, segment ids in "attention_mask", "positions"
       restarting per example. Batches then hold more examples than B.
-    pack_bins: rows the packer fills at once (default 2 * batch_size).
+    pack_bins: rows the packer fills at once (default 2 * B).
 
   Returns:
     LlavaBatchIterator: `next(it)` -> dict with keys `BATCH_KEYS`;
     `it.get_state()` / `it.set_state(state)`; `it.counts()` -> {reason: n}.
   """
-  ds, counter = make_iter_dataset(
-      source, tokenizer=tokenizer, template=template, image_config=image_config, image_token_id=image_token_id,
-      num_image_tokens=num_image_tokens, max_len=max_len, max_images=max_images, batch_size=batch_size, seed=seed,
-      shuffle=shuffle, num_epochs=num_epochs, policy=policy, worker_count=worker_count, shard_index=shard_index,
-      shard_count=shard_count, drop_remainder=drop_remainder, even_shards=even_shards, read_threads=read_threads,
-      prefetch_buffer_size=prefetch_buffer_size, pack=pack, pack_bins=pack_bins)
-  return LlavaBatchIterator(ds.__iter__(), counter)
+  ds, counter, count_stage, position = _build(
+      source, tokenizer=tokenizer, template=template, image_config=image_config,
+      image_token_id=image_token_id, num_image_tokens=num_image_tokens, max_len=max_len,
+      max_images=max_images, batch_size=batch_size, seed=seed, shuffle=shuffle,
+      num_epochs=num_epochs, policy=policy, worker_count=worker_count,
+      process_index=process_index, process_count=process_count, start_batch=start_batch,
+      drop_remainder=drop_remainder, read_threads=read_threads,
+      prefetch_buffer_size=prefetch_buffer_size, pack=pack, pack_bins=pack_bins, counter=None)
+  return LlavaBatchIterator(ds.__iter__(), counter, count_stage=count_stage, **position)

@@ -1,10 +1,16 @@
-"""``python -m llava_jax.train --config=configs/<x>.py[:arg] --workdir=DIR [--config.key=value]``."""
-from __future__ import annotations
+"""``python -m llava_jax.train --config=configs/<x>.py[:arg] --workdir=DIR [--config.key=value]``.
 
-import os
+Several processes (a pod): the same command on every host, plus
+``--coordinator_address/--num_processes/--process_id`` (or their environment variables,
+or ``LLAVA_JAX_DISTRIBUTED=1`` on TPU VMs / SLURM / Open MPI); see
+``llava_jax/distributed.py`` and ``launch/local_pod.sh``.
+"""
+from __future__ import annotations
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from llava_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config(arg))",
                                           lock_config=True)
@@ -15,14 +21,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
-  if os.environ.get("LLAVA_JAX_DISTRIBUTED"):
-    jax.distributed.initialize()  # multi-host: one process per host, same command everywhere
+  distributed.initialize()  # multi-process: flags, env, or auto-detection (see distributed.py)
   from llava_jax.train.loop import train
-  from llava_jax.train.evaluation import eval_fn_from_config
   config = _CONFIG.value
-  logging.info("config:\n%s", config)
-  last = train(config, _WORKDIR.value, eval_fn=eval_fn_from_config(config))
+  if distributed.is_primary():
+    logging.info("config:\n%s", config)
+  last = train(config, _WORKDIR.value)
   logging.info("done: %s", last)
 
 

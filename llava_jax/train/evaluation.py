@@ -4,59 +4,79 @@
 assistant's reply plus its end token) as right when every token is the argmax given the
 reference prefix. That is exactly the condition under which greedy decoding reproduces
 the answer and stops, so it equals greedy exact match, at the cost of one forward pass.
+
+The trainer builds it from what it holds (``make_eval``: model config, tokenizer, image
+preprocessing, mesh). Every process reads its rows of each global eval batch (a finite
+pass that keeps every slot, so all processes run the same number of steps); the counts
+are reduced on device, so each process gets the global figures.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Iterable
 
 import jax
-import numpy as np
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llava_jax.models.configs import LlavaConfig
+from llava_jax import sharding
 from llava_jax.models.llava import Llava
 from llava_jax.train.step import IGNORE, MODEL_KEYS, token_loss
 
 
-def answer_runs(weights: np.ndarray) -> list[list[tuple[int, int]]]:
-  """Per row, [start, end) spans of consecutive target positions. weights float[B, T]."""
-  out = []
-  for row in weights > 0:
-    spans, start = [], None
-    for i, w in enumerate(row):
-      if w and start is None:
-        start = i
-      elif not w and start is not None:
-        spans.append((start, i))
-        start = None
-    if start is not None:
-      spans.append((start, len(row)))
-    out.append(spans)
-  return out
+def answer_counts(weights, correct):
+  """(answers, right answers) over a batch; an answer is a run of consecutive targets.
+
+  weights float32[B, T] (> 0 on targets); correct bool[B, T]. Returns two float32 scalars.
+  """
+  on = weights > 0
+  start = on & ~jnp.pad(on, ((0, 0), (1, 0)))[:, :-1]
+  run = jnp.cumsum(start, axis=1) * on  # 1, 2, ... per answer of the row; 0 elsewhere
+  wrong = on & ~correct
+  t = weights.shape[1]
+  wrong_run = jax.vmap(lambda r, w: jnp.zeros((t + 1,), bool).at[r].max(w))(run, wrong)
+  answers = start.sum().astype(jnp.float32)
+  return answers, answers - wrong_run[:, 1:].sum().astype(jnp.float32)
 
 
-def make_eval_fn(cfg: LlavaConfig, batches: Callable[[], Any]) -> Callable[[Any, int], dict]:
-  """``eval_fn(params, step)`` over the batches yielded by ``batches()`` (a fresh pass)."""
-  @jax.jit
-  def forward(params, batch):
+def eval_batch_size(requested: int, mesh, rules=None) -> int:
+  """The global eval batch: ``requested`` rounded up so that the batch axes and the
+  processes divide it (extra rows are empty and carry no weight)."""
+  unit = math.lcm(sharding.batch_shards(mesh, rules), jax.process_count())
+  return -(-requested // unit) * unit
+
+
+def make_eval_fn(cfg, params_shardings, mesh, rules, batches: Callable[[], Iterable[dict]],
+                 global_rows: int) -> Callable[[Any, int], dict]:
+  """``eval_fn(params, step)`` over the (process-local) batches of ``batches()``.
+
+  Each local batch holds ``global_rows / process_count`` rows; it becomes a global array
+  on ``mesh`` and one jitted pass returns the summed statistics, replicated.
+  """
+  batch_shardings = {k: sharding.batch_sharding(mesh, 2 if k != "pixel_values" else 5, rules)
+                     for k in MODEL_KEYS}
+
+  def stats(params, batch):
     logits = Llava(cfg).apply({"params": params}, batch["input_ids"], batch["pixel_values"],
                               batch["attention_mask"], positions=batch.get("positions"),
                               image_mask=batch["image_mask"])
     nll, w, correct = token_loss(logits, batch["labels"], batch["attention_mask"])
-    return (nll * w).sum(), w, correct
+    answers, right = answer_counts(w, correct)
+    return jnp.stack([(nll * w).sum(), w.sum(), (correct * w).sum(), answers, right])
+
+  forward = jax.jit(stats, in_shardings=(params_shardings, batch_shardings),
+                    out_shardings=NamedSharding(mesh, P()))
 
   def eval_fn(params, step):
     del step
-    nll_sum = tokens = right_tokens = answers = right_answers = 0.0
+    total = jnp.zeros((5,), jnp.float32)
     for batch in batches():
-      model_batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
-      s, w, c = jax.device_get(forward(params, model_batch))
-      nll_sum += float(s)
-      tokens += float(w.sum())
-      right_tokens += float((c * w).sum())
-      for row, spans in enumerate(answer_runs(w)):
-        for a, b in spans:
-          answers += 1
-          right_answers += float(c[row, a:b].all())
+      local = {k: batch[k] for k in MODEL_KEYS}
+      global_batch = {k: jax.make_array_from_process_local_data(
+          batch_shardings[k], v, (global_rows,) + v.shape[1:]) for k, v in local.items()}
+      with sharding.use_mesh(mesh, rules):
+        total = total + forward(params, global_batch)
+    nll_sum, tokens, right_tokens, answers, right_answers = (float(x) for x in jax.device_get(total))
     if not answers:
       raise ValueError("evaluation data has no answer tokens (all labels are IGNORE)")
     return {"val_loss": nll_sum / tokens, "val_token_accuracy": right_tokens / tokens,
@@ -65,34 +85,28 @@ def make_eval_fn(cfg: LlavaConfig, batches: Callable[[], Any]) -> Callable[[Any,
   return eval_fn
 
 
-def eval_fn_from_config(config) -> Callable | None:
-  """Builds the held-out evaluation named by ``config.data.val`` (None if absent)."""
+def make_eval(config, cfg, tokenizer, image_config, params_shardings, mesh, rules) -> Callable | None:
+  """The held-out evaluation named by ``config.data.val`` (None if absent or eval_every=0)."""
   d = config.data
   if not d.get("val") or not config.train.get("eval_every"):
     return None
-  from llava_jax.data import images as images_lib, pipeline, sources
-  from llava_jax.train.loop import model_config, prepare_synthetic
-  from llava_jax.tokenizer import load_tokenizer
-  prepare_synthetic(config)
-  tokenizer = load_tokenizer(d.tokenizer)
-  cfg = model_config(config, tokenizer)
-  image_config = images_lib.image_config_for(cfg.vision.kind, cfg.vision.image_size, d.get("image_mode"))
+  from llava_jax.data import pipeline, sources
   source = sources.open_source(d.val, image_root=d.get("image_root"))
+  rows = eval_batch_size(config.train.get("eval_batch_size", None) or config.train.batch_size,
+                         mesh, rules)
 
   def batches():
     it = pipeline.make_dataset(
         source, tokenizer=tokenizer, template=d.template, image_config=image_config,
         image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,
-        max_len=d.max_len, max_images=d.get("max_images", 1),
-        batch_size=config.train.get("eval_batch_size", config.train.batch_size), seed=0,
-        shuffle=False, num_epochs=1, policy=d.get("policy", "skip"), drop_remainder=False,
-        shard_index=0, shard_count=1)
+        max_len=d.max_len, max_images=d.get("max_images", 1), batch_size=rows, seed=0,
+        shuffle=False, num_epochs=1, policy=d.get("policy", "skip"), drop_remainder=False)
     try:
       yield from it
     finally:
       it.close()
 
-  return make_eval_fn(cfg, batches)
+  return make_eval_fn(cfg, params_shardings, mesh, rules, batches, rows)
 
 
-__all__ = ["answer_runs", "make_eval_fn", "eval_fn_from_config", "IGNORE"]
+__all__ = ["answer_counts", "eval_batch_size", "make_eval_fn", "make_eval", "IGNORE"]

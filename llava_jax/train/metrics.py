@@ -35,10 +35,14 @@ class MetricWriter:
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.workdir = workdir
+    self._primary = jax.process_index() == 0  # only process 0 writes the run's files
+    self._jsonl = None
+    self._tb = None
+    if not self._primary:
+      return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = None
-    if tensorboard and jax.process_index() == 0:
+    if tensorboard:
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -47,7 +51,7 @@ class MetricWriter:
 
   def write(self, step: int, metrics: Mapping[str, Any]):
     row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-    if jax.process_index() == 0:
+    if self._primary:
       self._jsonl.write(json.dumps(row) + "\n")
       self._jsonl.flush()
       if self._tb is not None:
@@ -57,7 +61,7 @@ class MetricWriter:
 
   def write_eval(self, step: int, results: Mapping[str, Any]):
     row = {"step": int(step), **{k: _scalar(v) for k, v in results.items()}}
-    if jax.process_index() == 0:
+    if self._primary:
       path = os.path.join(self.workdir, "eval.json")
       with open(path + ".tmp", "w") as f:
         json.dump(row, f, indent=2)
@@ -65,7 +69,8 @@ class MetricWriter:
       self.write(step, {f"eval/{k}": v for k, v in results.items()})
 
   def close(self):
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -79,7 +84,12 @@ def _scalar(v):
 
 
 class Throughput:
-  """Tokens/s, examples/s and MFU over the steps since the last ``report``."""
+  """Tokens/s, examples/s and MFU over the steps since the last ``report``.
+
+  ``update`` takes this process's counts; ``report(reduce=...)`` sums them (and any
+  ``extra`` counters, in the same collective) over the processes, so the figures are the
+  job's. ``flops_per_step`` is the global step's, ``num_devices`` every device of the job.
+  """
 
   def __init__(self, flops_per_step: float | None, peak_flops: float | None, num_devices: int):
     self.flops_per_step, self.peak, self.devices = flops_per_step, peak_flops, num_devices
@@ -90,11 +100,17 @@ class Throughput:
     self._tokens += tokens
     self._examples += examples
 
-  def report(self) -> dict[str, float]:
+  def report(self, reduce=None, extra=None) -> dict[str, Any]:
     now = time.perf_counter()
     dt = max(now - self._t, 1e-9)
-    out = {"tokens_per_s": self._tokens / dt, "examples_per_s": self._examples / dt,
+    counts = np.asarray([self._tokens, self._examples, *(extra or [])], np.float64)
+    if reduce is not None:
+      counts = np.asarray(reduce(counts))
+    tokens, examples = counts[0], counts[1]
+    out = {"tokens_per_s": float(tokens) / dt, "examples_per_s": float(examples) / dt,
            "step_time_s": dt / max(self._steps, 1)}
+    if extra is not None:
+      out["extra"] = [float(x) for x in counts[2:]]
     if self.flops_per_step and self.peak:
       out["mfu"] = self.flops_per_step * self._steps / dt / (self.peak * self.devices)
     self._t, self._steps, self._tokens, self._examples = now, 0, 0, 0

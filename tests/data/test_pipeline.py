@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 def _kw(tok, **over):
   kw = dict(tokenizer=tok, template="llava_v1", image_config=image_config_for("clip", SIZE),
             image_token_id=tok.token_to_id(sy.IMAGE_TOKEN), num_image_tokens=N_IMG, max_len=MAX_LEN, max_images=2,
-            batch_size=4, seed=0, shard_index=0, shard_count=1)
+            batch_size=4, seed=0, process_index=0, process_count=1)
   kw.update(over)
   return kw
 
@@ -151,7 +151,7 @@ def test_truncated_image_reason(data):
   rec["conversations"] = [{"from": "human", "value": "Is there a square?"}, {"from": "gpt", "value": "yes"},
                           {"from": "human", "value": "<image>\nWhere is the square?"}, {"from": "gpt", "value": "top"}]
   prepare = lambda max_len: P.prepare_example(rec, **{k: v for k, v in _kw(tok, max_len=max_len).items()
-                                                     if k not in ("batch_size", "seed", "shard_index", "shard_count")})
+                                                     if k not in ("batch_size", "seed", "process_index", "process_count")})
   full = prepare(MAX_LEN)
   first_image = int(np.argmax(full["input_ids"] == tok.token_to_id(sy.IMAGE_TOKEN)))
   out = prepare(first_image + N_IMG - 1)  # the first answer fits, the image does not
@@ -179,24 +179,44 @@ def test_all_rejected_forever_raises_instead_of_spinning(data, tmp_path, monkeyp
     next(it)
 
 
-def test_host_shards_are_disjoint_and_cover(data):
+def test_processes_read_their_rows_of_each_global_batch(data):
+  """Global batch k holds the same examples in the same rows for 1, 2 or 4 processes."""
   paths, tok = data
   records = _records(paths)[:43]
-  for even in (True, False):
-    per_host = []
-    for host in range(3):
-      it = P.make_dataset(records, **_kw(tok, num_epochs=1, batch_size=1, shard_index=host, shard_count=3,
-                                         even_shards=even))
-      per_host.append([b["ids"][0] for b in it])
-    seen = [i for ids in per_host for i in ids]
-    assert len(seen) == len(set(seen))  # disjoint
-    if even:
-      assert [len(ids) for ids in per_host] == [14, 14, 14]  # the last 43 % 3 records are left out
-    else:
-      assert set(seen) == {r["id"] for r in records}  # covering
-  assert P.shard_range(43, 2, 3) == slice(28, 42)
-  with pytest.raises(ValueError):
-    P.shard_range(43, 3, 3)
+  kw = _kw(tok, batch_size=4, seed=3, num_epochs=None)
+  one = P.make_dataset(records, **kw)
+  want = [next(one)["ids"].tolist() for _ in range(15)]  # crosses the end of an epoch
+  for n in (2, 4):
+    its = [P.make_dataset(records, **{**kw, "process_index": p, "process_count": n}) for p in range(n)]
+    got = [[i for it in its for i in next(it)["ids"].tolist()] for _ in range(15)]
+    assert got == want, n
+  # Resuming on another process count at a global batch boundary continues the same order.
+  half = [P.make_dataset(records, **{**kw, "process_index": p, "process_count": 2}) for p in range(2)]
+  for _ in range(6):
+    for it in half:
+      next(it)
+  start = P.resume_batch([it.get_state() for it in half])
+  assert start == 6
+  resumed = P.make_dataset(records, **{**kw, "start_batch": start})
+  assert [next(resumed)["ids"].tolist() for _ in range(9)] == want[6:]
+  with pytest.raises(ValueError, match="multiple of the number of processes"):
+    P.make_dataset(records, **{**kw, "batch_size": 6, "process_index": 0, "process_count": 4})
+
+
+def test_finite_pass_over_processes_keeps_every_slot(data, tmp_path):
+  """Evaluation over several processes: each yields the same number of batches, rejected
+  samples and the end of the data are empty rows, and together they cover every record once."""
+  paths, tok = data
+  good, bad = _bad_inputs(paths, tmp_path)
+  records = _records(paths)[:9] + bad[:1]  # 10 records, one rejected
+  kw = _kw(tok, batch_size=4, shuffle=False, num_epochs=1, drop_remainder=False)
+  per = [[b["ids"].tolist() for b in P.make_dataset(records, **{**kw, "process_index": p, "process_count": 2})]
+         for p in range(2)]
+  assert [len(b) for b in per] == [3, 3]  # ceil(10 / 4) global batches on each
+  rows = [i for k in range(3) for p in range(2) for i in per[p][k]]
+  assert rows == [r["id"] for r in records[:9]] + [""] * 3  # the bad record's slot and the tail
+  with pytest.raises(ValueError, match="holds no records"):
+    P.make_dataset([], **kw)
 
 
 def test_shuffle_is_seeded_and_epochs_reshuffle(data):

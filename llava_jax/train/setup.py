@@ -1,0 +1,222 @@
+"""The train step's set-up, shared by ``llava_jax.train`` and ``llava_jax.compile``.
+
+    setup = build_setup(config, model_config(config, tokenizer))          # real devices
+    setup = build_setup(config, cfg, devices=topology_devices)            # AOT, no params
+    compiled = setup.lower(setup.abstract_state(), setup.batch_spec()).compile()
+
+Everything that decides *which program* a pod runs is made here, from the ConfigDict,
+once: the model config, the mesh (``mesh.data/fsdp/tensor`` plus multi-slice
+``mesh.dcn_*`` factors), the logical-axis rule overrides, the optimizer and its
+trainable mask, the step config, the state and batch shardings and the jitted step.
+Training lowers it with real arrays, compiling ahead of time lowers it with the
+abstract state and batch spec: the compiled program is the trained one by construction.
+No parameter is allocated here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llava_jax import sharding
+from llava_jax.models.configs import LLM_VARIANTS, VISION_VARIANTS, LlavaConfig, llava_config
+from llava_jax.models.llava import init_params
+from llava_jax.train import optim
+from llava_jax.train import state as state_lib
+from llava_jax.train import validate
+from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step
+
+
+def _get(config, path: str, default=None):
+  node = config
+  for key in path.split("."):
+    if node is None or key not in node:
+      return default
+    node = node[key]
+  return node
+
+
+def model_config(config, tokenizer=None) -> LlavaConfig:
+  """LlavaConfig from ``config.model`` (variants + overrides); vocab/ids from the tokenizer.
+
+  Without a tokenizer (ahead-of-time compiles of configs whose tokenizer is not on this
+  machine) the vocabulary is the variant's and the image token an id outside it.
+  """
+  import dataclasses as dc
+  m = config.model
+  vision = dc.replace(VISION_VARIANTS[m.vision], **dict(m.get("vision_overrides", {})))
+  llm_over = dict(m.get("llm_overrides", {}))
+  if m.get("vocab_from_tokenizer", False):
+    if tokenizer is None:
+      raise ValueError("model.vocab_from_tokenizer=True needs the tokenizer")
+    llm_over["vocab_size"] = tokenizer.vocab_size
+  llm = dc.replace(LLM_VARIANTS[m.llm], **llm_over)
+  token = m.get("image_token", "<image>")
+  if isinstance(token, int):
+    image_token_id = token
+  else:
+    image_token_id = tokenizer.token_to_id(token) if tokenizer is not None else None
+  if image_token_id is None:
+    image_token_id = llm.vocab_size  # outside the vocabulary: placeholders map to row 0
+  pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
+  return llava_config(vision, llm, projector=m.get("projector", "mlp2x_gelu"),
+                      image_token_id=image_token_id, pad_token_id=pad)
+
+
+def optim_config(config) -> optim.OptimConfig:
+  o = config.optim
+  return optim.OptimConfig(
+      learning_rate=o.lr, warmup_ratio=o.get("warmup_ratio", 0.03),
+      final_lr_ratio=o.get("final_lr_ratio", 0.0), total_steps=config.train.steps,
+      weight_decay=o.get("weight_decay", 0.0), grad_clip=o.get("grad_clip", 1.0),
+      lr_rules=tuple((r, m) for r, m in o.lr_rules))
+
+
+def step_config(config) -> StepConfig:
+  t = config.train
+  return StepConfig(grad_accum=t.get("grad_accum", 1), loss_norm=t.get("loss_norm", "token"),
+                    target_fraction=t.get("target_fraction", None))
+
+
+def mesh_from_config(config, devices=None) -> Mesh:
+  """The ``("data", "fsdp", "tensor")`` mesh of ``config.mesh`` over ``devices``.
+
+  ``mesh.dcn_data`` / ``dcn_fsdp`` / ``dcn_tensor`` (default 1) split an axis across
+  slices (data-centre network) as well as within each slice (ICI); see
+  ``sharding.make_mesh``.
+  """
+  m = dict(config.get("mesh", None) or {"data": -1})
+  dcn = {a: m.pop(f"dcn_{a}") for a in sharding.MESH_AXES if f"dcn_{a}" in m}
+  return sharding.make_mesh(m, devices=devices, dcn=dcn or None)
+
+
+def sharding_overrides(config) -> tuple[tuple[str, Any], ...]:
+  return tuple(tuple(r) for r in (config.get("sharding_rules", None) or ()))
+
+
+def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one global training batch (the model keys of ``data.pipeline``'s batches).
+
+  B = ``train.batch_size`` (global), T = ``data.max_len``, M = ``data.max_images``,
+  S = the tower's image size.
+  """
+  b = batch_size or config.train.batch_size
+  t, m, s = config.data.max_len, config.data.get("max_images", 1), cfg.vision.image_size
+  return {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+          "labels": jax.ShapeDtypeStruct((b, t), jnp.int32),
+          "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+          "positions": jax.ShapeDtypeStruct((b, t), jnp.int32),
+          "pixel_values": jax.ShapeDtypeStruct((b, m, s, s, 3), jnp.float32),
+          "image_mask": jax.ShapeDtypeStruct((b, m), jnp.bool_)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """Everything that fixes the compiled train step (see the module docstring)."""
+  cfg: LlavaConfig
+  mesh: Mesh
+  rules: tuple[tuple[str, Any], ...]
+  optim: optim.OptimConfig
+  step_cfg: StepConfig
+  optimizer: optax.GradientTransformation
+  trainable: Any                       # bool tree over params
+  shardings: TrainState                # NamedSharding per state leaf
+  batch_shardings: dict[str, NamedSharding]
+  global_batch_size: int
+  train_step: Callable                 # jitted (state, batch) -> (state, metrics)
+
+  def abstract_params(self):
+    return jax.eval_shape(lambda: init_params(self.cfg, jax.random.key(0)))
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs of the train state, carrying their shardings (restore/AOT targets)."""
+    shapes = jax.eval_shape(lambda: init_state(init_params(self.cfg, jax.random.key(0)),
+                                               self.optimizer, jax.random.key(0)))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, self.shardings)
+
+  def batch_spec(self, config) -> dict[str, jax.ShapeDtypeStruct]:
+    spec = batch_spec(config, self.cfg, batch_size=self.global_batch_size)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
+            for k, v in spec.items()}
+
+  def global_batch(self, local: dict) -> dict[str, jax.Array]:
+    """This process's rows of a batch (numpy, ``data.pipeline``) -> global arrays.
+
+    Every process passes its own rows (``global_batch_size / process_count`` of them);
+    ``jax.make_array_from_process_local_data`` places them on the process's devices, so
+    no host-local array reaches the jitted step.
+    """
+    out = {}
+    for k in MODEL_KEYS:
+      v = local[k]
+      shape = (self.global_batch_size,) + tuple(v.shape[1:])
+      out[k] = jax.make_array_from_process_local_data(self.batch_shardings[k], v, shape)
+    return out
+
+  def init_state(self, rng) -> TrainState:
+    """Random init directly into the state's shards (never a full copy on one device)."""
+    state, _ = state_lib.create_state(self.cfg, self.optimizer, self.mesh, rng, rules=self.rules)
+    return state
+
+  def lower(self, state, batch):
+    """``train_step.lower`` under the mesh and rules (arrays or ShapeDtypeStructs)."""
+    with sharding.use_mesh(self.mesh, self.rules):
+      return self.train_step.lower(state, batch)
+
+  def trainable_groups(self) -> dict[str, bool]:
+    return {g: any(jax.tree.leaves(self.trainable[g])) for g in ("img", "projector", "llm")}
+
+  def step_flops(self, config) -> float:
+    """Analytic model FLOPs of one step over the global batch (``train.flops``)."""
+    from llava_jax.train import flops as flops_lib
+    groups = self.trainable_groups()
+    spec = batch_spec(config, self.cfg, batch_size=self.global_batch_size)
+    return flops_lib.train_step_flops(
+        self.cfg, tokens=int(np.prod(spec["input_ids"].shape)),
+        seq_len=spec["input_ids"].shape[1], images=int(np.prod(spec["image_mask"].shape)),
+        train_img=groups["img"], train_projector=groups["projector"], train_llm=groups["llm"])
+
+  def param_counts(self) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    leaves = jax.tree.leaves(self.abstract_params())
+    flags = jax.tree.leaves(self.trainable)
+    total = sum(int(np.prod(a.shape)) for a in leaves)
+    return sum(int(np.prod(a.shape)) for a, f in zip(leaves, flags) if f), total
+
+
+def build_setup(config, cfg: LlavaConfig, *, devices=None) -> TrainSetup:
+  """The train step of ``config`` on ``devices`` (default: every device of the job).
+
+  Raises ValueError (``train.validate``) before anything compiles when ``config.mesh``
+  does not match the devices, a param dimension does not divide over its mesh axes, or
+  the global batch / microbatch does not divide over the batch axes.
+  """
+  validate.check_mesh(config, devices if devices is not None else jax.devices())
+  mesh = mesh_from_config(config, devices)
+  rules = sharding_overrides(config)
+  ocfg, step_cfg = optim_config(config), step_config(config)
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  optimizer = optim.make_optimizer(ocfg, abstract)
+  trainable = optim.trainable_mask(abstract, ocfg)
+  shardings = state_lib.state_shardings(cfg, optimizer, mesh, rules)
+  batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape), rules)
+                     for k, v in batch_spec(config, cfg).items()}
+  step = jax.jit(make_train_step(cfg, optimizer, trainable, step_cfg),
+                 in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  setup = TrainSetup(cfg=cfg, mesh=mesh, rules=rules, optim=ocfg, step_cfg=step_cfg,
+                     optimizer=optimizer, trainable=trainable, shardings=shardings,
+                     batch_shardings=batch_shardings,
+                     global_batch_size=config.train.batch_size, train_step=step)
+  validate.check_setup(config, setup)
+  return setup
+
+
+__all__ = ["TrainSetup", "build_setup", "batch_spec", "model_config", "mesh_from_config",
+           "optim_config", "step_config", "sharding_overrides", "MODEL_KEYS"]
