@@ -11,6 +11,12 @@ Three kinds of directory are recognised, in this order:
   the same directory, the template guessed from the text model family;
 * an original LLaVA directory: ``config.json`` with ``mm_vision_tower`` /
   ``mm_projector_type`` (``load_llava_original``).
+
+With ``mesh=`` (``llava_jax.sharding.make_mesh``, possibly spanning several processes)
+the params come back as global ``jax.Array``s sharded by the modules' logical axes
+(``sharding.param_shardings``): a training workdir is restored by orbax straight onto
+those shardings; converted checkpoints are read on every process and placed leaf by
+leaf with ``jax.make_array_from_callback`` (each process fills only its own devices).
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class LoadedModel:
     tokenizer: ``llava_jax.tokenizer.Tokenizer``; template: a ``TEMPLATES`` name.
     image_config: how raw images are preprocessed; step: training step (None for
       converted checkpoints). source: "run" | "hf" | "llava_original".
+    mesh, rules: the mesh the params are placed on (and logical-rule overrides), or None
+      (params as loaded: host numpy / one device); passed on to ``sampler.generate``.
   """
   cfg: LlavaConfig
   params: Any
@@ -50,6 +58,8 @@ class LoadedModel:
   image_config: ImageConfig
   step: int | None = None
   source: str = "hf"
+  mesh: Any = None
+  rules: Any = None
 
   def encode_prompt(self, conversation) -> tuple[str, np.ndarray]:
     """A conversation ending with a user turn (``<image>`` tags where images go) ->
@@ -88,8 +98,8 @@ class LoadedModel:
     _, ids = self.encode_prompt(conversation)
     pixels = None if image is None else preprocess(image, self.image_config)[None]
     out = generate(self.cfg, self.params, ids[None], pixels, max_new_tokens=max_new_tokens,
-                   stop_token_ids=self.stop_token_ids())
-    return self.decode_answer(out[0])
+                   stop_token_ids=self.stop_token_ids(), mesh=self.mesh, rules=self.rules)
+    return self.decode_answer(np.asarray(out)[0])
 
   def stop_token_ids(self) -> list[int]:
     """EOS plus the template's stop string when that is a single token (e.g. ``<|im_end|>``)."""
@@ -105,6 +115,61 @@ def guess_template(cfg: LlavaConfig) -> str:
   """Conversation template for the text model family of ``cfg``."""
   from llava_jax.checkpoint.convert.hf import llm_family
   return FAMILY_TEMPLATES[llm_family(cfg.llm)]
+
+
+def parse_mesh_shape(text: str) -> list[int]:
+  """A ``--mesh`` flag value ``"data,fsdp,tensor"`` (e.g. ``"-1,1,1"``) -> [-1, 1, 1]."""
+  try:
+    shape = [int(x) for x in text.split(",")]
+  except ValueError:
+    shape = []
+  if len(shape) != 3:
+    raise ValueError(f"{text!r} is not three comma-separated sizes data,fsdp,tensor "
+                     "such as -1,1,1")
+  return shape
+
+
+def param_shardings(cfg: LlavaConfig, mesh, rules=None):
+  """NamedShardings on ``mesh`` for the param tree of ``cfg`` (from the logical axes)."""
+  import jax
+
+  from llava_jax import sharding
+  from llava_jax.models.llava import init_params
+  boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))
+  return sharding.param_shardings(boxed, mesh, rules)
+
+
+def place_params(params, shardings):
+  """Host params (nested dict of numpy arrays, the same on every process) -> global
+  ``jax.Array``s with ``shardings`` (same tree), one leaf at a time; a process only
+  copies the slices its own devices hold, so no jit ever sees a host array."""
+  import jax
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  targets = treedef.flatten_up_to(shardings)
+  placed = []
+  for (path, leaf), target in zip(flat, targets):
+    host = np.asarray(leaf)
+    try:
+      placed.append(jax.make_array_from_callback(host.shape, target, lambda i, h=host: h[i]))
+    except ValueError as e:
+      raise ValueError(f"param {jax.tree_util.keystr(path)} {host.shape}: cannot place with "
+                       f"{target}: {e}") from e
+  return jax.tree_util.tree_unflatten(treedef, placed)
+
+
+def broadcast_json(value: Any) -> Any:
+  """Process 0's JSON-able ``value``, returned on every process (the others' argument is
+  ignored): for what only process 0 can know, such as its files or its stdin. Every
+  process must call it at the same point. One process: ``value`` itself."""
+  import jax
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  primary = jax.process_index() == 0
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if primary else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if primary else 0)))
+  data = multihost_utils.broadcast_one_to_all(data if primary else np.zeros(size, np.uint8))
+  return json.loads(np.asarray(data, np.uint8).tobytes().decode())
 
 
 def _read_json(path: str) -> dict:
@@ -127,7 +192,7 @@ def _hf_image_config(path: str, cfg: LlavaConfig) -> ImageConfig:
 
 def load_model(path: str | os.PathLike, *, template: str | None = None, step: int | None = None,
                vision_tower_path: str | None = None, tokenizer_path: str | None = None,
-               llm_overrides: dict | None = None) -> LoadedModel:
+               llm_overrides: dict | None = None, mesh=None, rules=None) -> LoadedModel:
   """Loads a training workdir, a HF LLaVA directory or an original LLaVA directory.
 
   Args:
@@ -138,6 +203,8 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
     tokenizer_path: where the tokenizer is, if not in ``path``.
     llm_overrides: converted checkpoints only; non-architectural LLM fields
       (e.g. ``{"dtype": "bfloat16", "remat": "none"}``).
+    mesh, rules: place the params sharded on this mesh (see the module docstring); with
+      several processes every process calls ``load_model`` with the same arguments.
   Raises:
     FileNotFoundError / ValueError saying which files were expected and what was found.
   """
@@ -146,12 +213,17 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
     get_template(template)  # fail before loading gigabytes
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
+  placed = dict(mesh=mesh, rules=rules)
   if os.path.exists(os.path.join(path, "run.json")):
-    from llava_jax.checkpoint.orbax import load_run
-    run = load_run(path, step=step)
+    from llava_jax.checkpoint.orbax import load_run, read_run_info
+    shardings = None
+    if mesh is not None:
+      cfg = LlavaConfig.from_dict(read_run_info(path)["model"])
+      shardings = param_shardings(cfg, mesh, rules)
+    run = load_run(path, step=step, shardings=shardings)
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else run.tokenizer
     return LoadedModel(run.cfg, run.params, tok, template or run.template, run.image,
-                       run.step, source="run")
+                       run.step, source="run", **placed)
   config_path = os.path.join(path, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path}: neither run.json (training workdir) nor config.json "
@@ -162,8 +234,10 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
   if "text_config" in d and d.get("model_type") == "llava":
     from llava_jax.checkpoint.convert.hf import load_hf_llava
     cfg, params = load_hf_llava(path, llm_overrides=overrides)
+    if mesh is not None:
+      params = place_params(params, param_shardings(cfg, mesh, rules))
     return LoadedModel(cfg, params, tok, template or guess_template(cfg),
-                       _hf_image_config(path, cfg), None, source="hf")
+                       _hf_image_config(path, cfg), None, source="hf", **placed)
   if "mm_vision_tower" in d or "mm_projector_type" in d or "mm_hidden_size" in d:
     from llava_jax.checkpoint.convert import llava_original
     cfg, params = llava_original.load_llava_original(path, vision_tower_path=vision_tower_path,
@@ -172,8 +246,10 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
     image = image_config_for(cfg.vision.kind, cfg.vision.image_size, mode)
     if cfg.vision.kind == "clip":
       image = dataclasses.replace(image, mean=CLIP_MEAN, std=CLIP_STD)
+    if mesh is not None:
+      params = place_params(params, param_shardings(cfg, mesh, rules))
     return LoadedModel(cfg, params, tok, template or guess_template(cfg), image, None,
-                       source="llava_original")
+                       source="llava_original", **placed)
   raise ValueError(f"{config_path}: model_type {d.get('model_type')!r} is neither a HF LLaVA "
                    "(model_type 'llava' with text_config) nor an original LLaVA config "
                    "(mm_vision_tower / mm_projector_type)")

@@ -15,8 +15,13 @@ row emits ``cfg.pad_token_id``. Sampling keys are ``fold_in(rng, step)``, so a s
 the same tokens whether or not the loop exits early, streamed or not.
 
 Sharding. Pass ``mesh=`` (a ``llava_jax.sharding`` mesh) with params placed on it
-(``sharding.param_shardings``): the cache and activations follow the logical-axis
-annotations (batch over ``data``/``fsdp``, kv heads over ``tensor``).
+(``sharding.param_shardings``, or ``infer.loading.load_model(..., mesh=)``): the cache and
+activations follow the logical-axis annotations (batch over ``data``/``fsdp``, kv heads
+over ``tensor``). The mesh may span several processes (``jax.distributed``): every
+process then calls with the same host arrays (the full batch), which enter the jitted
+functions as global arrays (``to_mesh``: rows split over the batch axes when they divide,
+else replicated), and the generated tokens come back replicated, readable on every
+process with ``np.asarray``.
 
 Einsum letters: B batch, P prompt length, N new tokens, S cache slots, L layers,
 K kv heads, D head dim, E embed, V vocab.
@@ -24,6 +29,7 @@ K kv heads, D head dim, E embed, V vocab.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Iterator, Sequence
 
@@ -36,7 +42,7 @@ from llava_jax.models.llava import Llava, default_positions
 from llava_jax.models.llm import CACHE_AXES, init_cache
 
 __all__ = ["generate", "generate_stream", "prefill", "decode_step", "sample_logits",
-           "init_cache"]
+           "init_cache", "to_mesh"]
 
 
 def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: int | None = None,
@@ -114,6 +120,14 @@ def _decode(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, ctx
   return logits[:, 0], _constrain_cache(cache, ctx)
 
 
+def _replicated(x, ctx):
+  """Outputs the host reads: replicated, so every process holds all of them."""
+  if ctx is None:
+    return x
+  from jax.sharding import NamedSharding, PartitionSpec
+  return jax.lax.with_sharding_constraint(x, NamedSharding(ctx[0], PartitionSpec()))
+
+
 def _stop(tokens, stop_ids: tuple[int, ...]):
   if not stop_ids:
     return jnp.zeros(tokens.shape, bool)
@@ -122,26 +136,90 @@ def _stop(tokens, stop_ids: tuple[int, ...]):
 
 # ------------------------------------------------------------------- public API
 
-def _inputs(input_ids, attention_mask, temperature, rng, max_new_tokens, eos_token_id,
-            stop_token_ids, mesh, rules):
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be int32[B, P], got shape {input_ids.shape}")
+def to_mesh(x, mesh, rules=None):
+  """A host array (the same on every process) -> a global ``jax.Array`` on ``mesh``.
+
+  Dim 0 is split over the mesh's batch axes (``sharding.batch_sharding``) when it divides
+  them, else the array is replicated. Built with ``jax.make_array_from_callback``, so each
+  process places only its own devices' rows: no numpy array reaches a jit with a global
+  sharding. An array already on all of ``mesh``'s devices is returned as it is; None too.
+  """
+  from llava_jax import sharding
+  if x is None:
+    return None
+  if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
+    return x
+  host = np.asarray(x)
+  split = host.ndim > 0 and host.shape[0] % sharding.batch_shards(mesh, rules) == 0
+  target = (sharding.batch_sharding(mesh, host.ndim, rules) if split
+            else sharding.replicated(mesh))
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def _key_to_mesh(rng, mesh):
+  """A PRNG key (new-style or raw uint32) replicated over ``mesh``."""
+  from llava_jax import sharding
+  if isinstance(rng, jax.Array) and rng.sharding.device_set == set(mesh.devices.flat):
+    return rng
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  host = np.asarray(jax.random.key_data(rng) if typed else rng)
+  data = jax.make_array_from_callback(host.shape, sharding.replicated(mesh),
+                                      lambda index: host[index])
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng)) if typed else data
+
+
+def _check_placeholders(cfg: LlavaConfig, ids, pixel_values, image_mask) -> LlavaConfig:
+  """The placeholder/image count check on the host, before anything is compiled (inside
+  jit it is a device callback, whose error arrives late, wrapped, and which on a mesh
+  gathers the counts to one device on every call). Returns ``cfg`` without the in-jit
+  check once checked here; inputs that are global arrays not all on this process keep it."""
+  from llava_jax.models.llava import check_image_tokens
+  local = lambda x: not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+  if not (local(ids) and local(image_mask)):
+    return cfg
+  if image_mask is not None:
+    num_images = int(np.sum(np.asarray(image_mask)))
+  elif pixel_values is None:
+    num_images = 0
+  else:
+    shape = np.shape(pixel_values)
+    num_images = int(np.prod(shape[:2])) if len(shape) == 5 else shape[0]
+  per_row = np.sum(np.asarray(ids) == cfg.image_token_id, axis=1)
+  check_image_tokens(per_row, num_images, cfg.num_image_tokens)
+  return dataclasses.replace(cfg, check_image_tokens=False) if cfg.check_image_tokens else cfg
+
+
+def _inputs(cfg, input_ids, pixel_values, attention_mask, image_mask, temperature, rng,
+            max_new_tokens, eos_token_id, stop_token_ids, mesh, rules):
+  """Validated inputs (and ``cfg``, see ``_check_placeholders``); with a mesh, as global
+  arrays on it (see ``to_mesh``)."""
+  if np.ndim(input_ids) != 2:
+    raise ValueError(f"input_ids must be int32[B, P], got shape {np.shape(input_ids)}")
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs an explicit rng key")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask,
-                                                                              jnp.int32)
-  if mask.shape != input_ids.shape:
-    raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+  if attention_mask is not None and np.shape(attention_mask) != np.shape(input_ids):
+    raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape "
+                     f"{np.shape(input_ids)}")
+  cfg = _check_placeholders(cfg, input_ids, pixel_values, image_mask)
   stops = set(int(s) for s in (stop_token_ids or ()))
   if eos_token_id is not None:
     stops.add(int(eos_token_id))
   rng = jax.random.key(0) if rng is None else rng
-  return input_ids, mask, tuple(sorted(stops)), rng, _ctx_key(mesh, rules)
+  if mesh is None:
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  else:
+    as_int32 = lambda x: x if isinstance(x, jax.Array) else np.asarray(x, np.int32)
+    ids = to_mesh(as_int32(input_ids), mesh, rules)
+    mask = to_mesh(np.ones(ids.shape, np.int32) if attention_mask is None
+                   else as_int32(attention_mask), mesh, rules)
+    pixel_values, image_mask = to_mesh(pixel_values, mesh, rules), to_mesh(image_mask, mesh, rules)
+    rng = _key_to_mesh(rng, mesh)
+  return cfg, ids, mask, pixel_values, image_mask, tuple(sorted(stops)), rng, _ctx_key(mesh, rules)
 
 
 def generate(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_mask=None, *,
@@ -163,14 +241,21 @@ def generate(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_m
     rng: PRNG key, required when sampling.
     image_mask: bool[I] (or [B, M]); False marks padding image slots.
     mesh, rules: optional ``llava_jax.sharding`` mesh (and logical-rule overrides) the
-      params live on; the cache and activations are sharded by the logical axes.
+      params live on; the cache and activations are sharded by the logical axes. Host
+      inputs become global arrays on it (``to_mesh``); with several processes each must
+      pass the same values.
     return_num_steps: also return the int32 number of tokens generated per row before
       the loop ended (``max_new_tokens`` unless every row stopped earlier).
   Returns:
-    int32[B, max_new_tokens] (and the step count with ``return_num_steps``).
+    int32[B, max_new_tokens] (and the step count with ``return_num_steps``); with a mesh,
+    replicated over it (every process can read all rows).
+  Raises:
+    ValueError before compiling if the image placeholders in ``input_ids`` do not match
+    the images given (``models.llava.check_image_tokens``).
   """
-  ids, mask, stops, rng, ctx = _inputs(input_ids, attention_mask, temperature, rng,
-                                       max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
+  cfg, ids, mask, pixel_values, image_mask, stops, rng, ctx = _inputs(
+      cfg, input_ids, pixel_values, attention_mask, image_mask, temperature, rng,
+      max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
   with _mesh_ctx(ctx):
     tokens, steps = _generate(cfg, params, ids, pixel_values, mask, image_mask, rng,
                               max_new_tokens=max_new_tokens, temperature=float(temperature),
@@ -203,7 +288,7 @@ def _generate(cfg, params, input_ids, pixel_values, attention_mask, image_mask, 
 
   state = (jnp.int32(1), first, cache, positions, tokens, _stop(first, stop_ids))
   steps, _, _, _, tokens, _ = jax.lax.while_loop(cond, body, state)
-  return tokens, steps
+  return _replicated(tokens, ctx), _replicated(steps, ctx)
 
 
 def generate_stream(cfg: LlavaConfig, params, input_ids, pixel_values=None,
@@ -216,8 +301,9 @@ def generate_stream(cfg: LlavaConfig, params, input_ids, pixel_values=None,
   they exist: numpy int32[B] per step, at most ``max_new_tokens`` times, stopping after
   the step in which every row has emitted a stop token. A host loop over a jitted
   single-step function (the cache is donated), for interactive use."""
-  ids, mask, stops, rng, ctx = _inputs(input_ids, attention_mask, temperature, rng,
-                                       max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
+  cfg, ids, mask, pixel_values, image_mask, stops, rng, ctx = _inputs(
+      cfg, input_ids, pixel_values, attention_mask, image_mask, temperature, rng,
+      max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
                   ctx=ctx)
   p = ids.shape[1]
@@ -232,7 +318,7 @@ def generate_stream(cfg: LlavaConfig, params, input_ids, pixel_values=None,
       return
     with _mesh_ctx(ctx):
       tok, done, cache, positions = _stream_step(cfg, params, tok, done, cache, positions,
-                                                 jnp.int32(p + i - 1), jax.random.fold_in(rng, i),
+                                                 np.int32(p + i - 1), jax.random.fold_in(rng, i),
                                                  **sampling)
 
 
@@ -246,7 +332,7 @@ def _stream_first(cfg, params, input_ids, pixel_values, attention_mask, image_ma
                                       image_mask, cache_len, ctx)
   tok = sample_logits(logits, jax.random.fold_in(rng, 0), temperature=temperature,
                       top_k=top_k, top_p=top_p)
-  return tok, _stop(tok, stop_ids), cache, positions
+  return _replicated(tok, ctx), _replicated(_stop(tok, stop_ids), ctx), cache, positions
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=_STREAM_STATIC,
@@ -255,8 +341,8 @@ def _stream_step(cfg, params, last, done, cache, positions, cache_index, key, *,
                  top_k, top_p, stop_ids, ctx):
   logits, cache = _decode(cfg, params, last, cache, cache_index, positions, ctx)
   nxt = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
-  nxt = jnp.where(done, cfg.pad_token_id, nxt)
-  return nxt, done | _stop(nxt, stop_ids), cache, positions + 1
+  nxt = _replicated(jnp.where(done, cfg.pad_token_id, nxt), ctx)
+  return nxt, _replicated(done | _stop(nxt, stop_ids), ctx), cache, positions + 1
 
 
 # ------------------------------------------------------------ building blocks
@@ -271,12 +357,11 @@ def prefill(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_ma
     (``{"k", "v": [L, B, cache_len, K, D], "segment_ids": int32[B, cache_len]}``) and
     int32[B], the position of each row's next token.
   """
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  if cache_len < input_ids.shape[1]:
-    raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({input_ids.shape[1]})")
-  mask = (jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None
-          else jnp.asarray(attention_mask, jnp.int32))
-  ctx = _ctx_key(mesh, rules)
+  if cache_len < np.shape(input_ids)[1]:
+    raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({np.shape(input_ids)[1]})")
+  cfg, input_ids, mask, pixel_values, image_mask, _, _, ctx = _inputs(
+      cfg, input_ids, pixel_values, attention_mask, image_mask, 0.0, None, 1, None, (), mesh,
+      rules)
   with _mesh_ctx(ctx):
     return _prefill_jit(cfg, params, input_ids, pixel_values, mask, image_mask,
                         cache_len=cache_len, ctx=ctx)
@@ -291,10 +376,13 @@ def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions,
   Returns: (logits float32[B, V] for the next token, the updated cache).
   """
   ctx = _ctx_key(mesh, rules)
+  if mesh is None:
+    tokens, positions = jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32)
+  else:
+    tokens = to_mesh(np.asarray(tokens, np.int32), mesh, rules)
+    positions = to_mesh(np.asarray(positions, np.int32), mesh, rules)
   with _mesh_ctx(ctx):
-    return _decode_jit(cfg, params, jnp.asarray(tokens, jnp.int32), cache,
-                       jnp.asarray(cache_index, jnp.int32), jnp.asarray(positions, jnp.int32),
-                       ctx=ctx)
+    return _decode_jit(cfg, params, tokens, cache, np.int32(cache_index), positions, ctx=ctx)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len", "ctx"))
