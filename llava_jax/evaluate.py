@@ -9,6 +9,15 @@ DIR is a training workdir, a HF LLaVA or an original LLaVA directory
 question ids are skipped. For the embedded shapes task, ``--task=synthetic`` with the
 ``eval_questions.jsonl`` / ``eval_annotations.jsonl`` that ``llava_jax.data.synthetic``
 writes (images are found next to the question file unless ``--image_root`` says).
+
+Several processes (a TPU pod's hosts, or ``launch/local_pod.sh`` on one machine):
+
+  bash launch/local_pod.sh 2 llava_jax.evaluate --checkpoint=DIR --task=synthetic --workdir=OUT ...
+
+joins the job first (``llava_jax.distributed``), puts the params sharded on a mesh of
+all devices (``--mesh``), answers every question once and writes OUT from process 0
+only (``llava_jax.eval.run``). Every process needs the checkpoint, question and image
+files; only process 0 needs OUT.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import os
 
 from absl import app, flags, logging
 
+from llava_jax import distributed
 from llava_jax.eval.files import TASKS
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory", required=True)
@@ -34,21 +44,30 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _TEMPLATE = flags.DEFINE_string("template", None, "override the conversation template")
 _STEP = flags.DEFINE_integer("step", None, "training workdirs: checkpoint step (default latest)")
+_MESH = flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor mesh over all devices of all "
+                            "processes (-1: the rest); e.g. 1,-1,1 shards params FSDP-style")
 
 
 def main(argv):
   del argv
+  distributed.initialize()
+  from llava_jax import sharding
   from llava_jax.eval.run import run_eval
-  from llava_jax.infer.loading import load_model
-  model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value)
-  logging.info("loaded %s (%s, template %s, step %s)", _CHECKPOINT.value, model.source,
-               model.template, model.step)
+  from llava_jax.infer.loading import load_model, parse_mesh_shape
+  try:
+    mesh = sharding.make_mesh(parse_mesh_shape(_MESH.value))
+  except ValueError as e:
+    raise app.UsageError(f"--mesh: {e}") from e
+  model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value, mesh=mesh)
+  logging.info("loaded %s (%s, template %s, step %s) on mesh %s", _CHECKPOINT.value,
+               model.source, model.template, model.step, dict(mesh.shape))
   result = run_eval(model, _WORKDIR.value, task=_TASK.value, questions=_QUESTIONS.value,
                     annotations=_ANNOTATIONS.value, image_root=_IMAGE_ROOT.value,
                     batch_size=_BATCH.value, limit=_LIMIT.value, max_new_tokens=_MAX_NEW.value,
                     temperature=_TEMPERATURE.value, seed=_SEED.value,
                     model_id=os.path.basename(os.path.normpath(_CHECKPOINT.value)))
-  print(json.dumps(result, indent=1))
+  if distributed.is_primary():
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,22 @@ DIR: a training workdir, a HF LLaVA or an original LLaVA directory
 (``llava_jax.infer.loading.load_model``). ``--interactive`` keeps the whole conversation
 in the template (the image in the first user turn, as LLaVA's ``cli.py``) and answers
 each line read from stdin until an empty line or EOF.
+
+Several processes (``launch/local_pod.sh N llava_jax.generate ...``, a pod's hosts): the
+job is joined first (``llava_jax.distributed``), the params are sharded on a mesh of all
+devices (``--mesh``, default ``-1,1,1``) and every process runs the same generation;
+only process 0 prints, and with ``--interactive`` only process 0 reads stdin and
+broadcasts each line to the others. One process: no mesh unless ``--mesh`` is given.
 """
 from __future__ import annotations
 
+import io
 import sys
 from typing import Sequence, TextIO
 
 from absl import app, flags
+
+from llava_jax import distributed
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory", required=True)
 _IMAGE = flags.DEFINE_string("image", None, "image file (optional: text-only without it)")
@@ -25,6 +34,8 @@ _TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling mass (with temperat
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _TEMPLATE = flags.DEFINE_string("template", None, "override the conversation template")
 _STEP = flags.DEFINE_integer("step", None, "training workdirs: checkpoint step")
+_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh over all devices (-1: the "
+                            "rest); default: none for one process, -1,1,1 for several")
 
 
 def _held_back(text: str, stop: str) -> int:
@@ -56,7 +67,8 @@ def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_t
   tokens, printed = [], ""
   steps = generate_stream(model.cfg, model.params, ids[None], None if pixels is None else pixels[None],
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          rng=jax.random.key(seed), stop_token_ids=stops)
+                          rng=jax.random.key(seed), stop_token_ids=stops, mesh=model.mesh,
+                          rules=model.rules)
   for step in steps:
     token = int(step[0])
     if token in stops:
@@ -78,29 +90,59 @@ def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_t
   return model.decode_answer(tokens)
 
 
+def _read_line(prompt: str) -> str | None:
+  """A line of stdin read by process 0 (None at EOF), the same on every process."""
+  from llava_jax.infer.loading import broadcast_json
+  message = None
+  if distributed.is_primary():
+    try:
+      message = input(prompt)
+    except EOFError:
+      pass
+  return broadcast_json(message)
+
+
 def main(argv):
   del argv
+  distributed.initialize()
+  import jax
+
+  from llava_jax import sharding
   from llava_jax.data.images import load_image, preprocess
   from llava_jax.data.templates import IMAGE_TAG
-  from llava_jax.infer.loading import load_model
+  from llava_jax.infer.loading import load_model, parse_mesh_shape
 
   if not _INTERACTIVE.value and not _PROMPT.value:
     raise app.UsageError("--prompt is required unless --interactive")
-  model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value)
+  if _PROMPT.value and IMAGE_TAG in _PROMPT.value and not _IMAGE.value:
+    raise app.UsageError(f"--prompt contains {IMAGE_TAG} but no --image was given; pass "
+                         f"--image=PATH or drop the tag (the image goes first by itself)")
+  mesh_shape = _MESH.value or ("-1,1,1" if jax.process_count() > 1 else None)
+  try:
+    mesh = sharding.make_mesh(parse_mesh_shape(mesh_shape)) if mesh_shape else None
+  except ValueError as e:
+    raise app.UsageError(f"--mesh: {e}") from e
+  model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value, mesh=mesh)
   pixels = None
   if _IMAGE.value:
     pixels = preprocess(load_image(_IMAGE.value), model.image_config)
   kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                 top_p=_TOP_P.value, seed=_SEED.value)
+  out = sys.stdout if distributed.is_primary() else io.StringIO()
   conversation: list[dict] = []
 
   def ask(message: str):
     if not conversation and pixels is not None:
       message = f"{IMAGE_TAG}\n{message.replace(IMAGE_TAG, '').strip()}"
+    elif IMAGE_TAG in message:  # the one image, if any, belongs to the first turn
+      if distributed.is_primary():
+        print(f"({IMAGE_TAG} ignored: only the first message can show the --image)",
+              file=sys.stderr)
+      message = message.replace(IMAGE_TAG, "").strip()
     conversation.append({"from": "human", "value": message})
-    answer = stream_answer(model, conversation, pixels, **kwargs)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    answer = stream_answer(model, conversation, pixels, out=out, **kwargs)
+    out.write("\n")
+    out.flush()
     conversation.append({"from": "gpt", "value": answer})
 
   if not _INTERACTIVE.value:
@@ -110,15 +152,14 @@ def main(argv):
   while True:
     if first:
       message, first = first, None
-      print(f"USER: {message}")
+      out.write(f"USER: {message}\n")
     else:
-      try:
-        message = input("USER: ")
-      except EOFError:
+      message = _read_line("USER: ")
+      if message is None:
         break
     if not message.strip():
       break
-    sys.stdout.write("ASSISTANT: ")
+    out.write("ASSISTANT: ")
     ask(message)
 
 

@@ -17,10 +17,21 @@ and the count is reported as ``<task>/errors``.
 Shapes stay fixed so each (batch, length bucket) compiles once: the last batch is padded
 with dummy rows, prompts are left-padded to a multiple of ``length_bucket``, and every row
 has one image slot (``image_mask`` False for text-only questions).
+
+Several processes (``jax.distributed``, the model on a mesh spanning them: ``load_model(...,
+mesh=)``): every process calls ``run_eval`` with the same arguments and must see the same
+question and image files. Process 0 alone reads and appends the answer file and writes
+eval.json (other hosts may not see its disk): it decides which questions are still to
+do and broadcasts their indices, then every process prepares the same full batches (so
+each batch's shape, hence the sequence of compiled calls, is the same everywhere and
+does not depend on the number of processes), the batch enters ``generate`` as a global
+array and the tokens come back replicated. The returned metrics are broadcast from
+process 0, so every process returns the same dict.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,6 +44,7 @@ import numpy as np
 from llava_jax.data.images import load_image, preprocess
 from llava_jax.data.templates import IMAGE_TAG
 from llava_jax.eval import files
+from llava_jax.infer.loading import broadcast_json
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +109,37 @@ def make_batch(items: Sequence[Prepared], batch_size: int, length_bucket: int, i
   return ids, mask, pixels, image_mask
 
 
+def _todo(asked: Sequence[dict], out: Path) -> list[int]:
+  """Indices into ``asked`` of the questions without an answer in ``out``, as process 0
+  sees the file, on every process."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.assert_equal(np.int32(len(asked)), fail_message=(
+        f"the processes read different numbers of questions (this one: {len(asked)}); "
+        "every process needs the same question file"))
+  todo = None
+  if jax.process_index() == 0:
+    done = {str(i) for i in files.answered_ids(out)}
+    todo = [i for i, q in enumerate(asked) if str(q["question_id"]) not in done]
+  return broadcast_json(todo)
+
+
+def _check_same_batch(ready: Sequence[Prepared], batch: Sequence[dict]) -> None:
+  """Several processes: the same questions of ``batch`` prepared everywhere, else their
+  generate calls would differ in shape and hang; raises naming the questions."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  ok = {str(p.question["question_id"]) for p in ready}
+  mask = np.array([str(q["question_id"]) in ok for q in batch], np.int32)
+  multihost_utils.assert_equal(mask, fail_message=(
+      f"questions {[q['question_id'] for q in batch]}: their images load on some processes "
+      f"only (this one, {jax.process_index()}, prepared {sorted(ok)}); every process needs "
+      "the same image files"))
+
+
 def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | os.PathLike,
              annotations: str | os.PathLike | None = None, image_root: str | None = None,
              batch_size: int = 8, limit: int | None = None, max_new_tokens: int = 64,
@@ -112,8 +155,10 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
       without annotations nothing is scored (eval.json still records counts).
     image_root: directory the questions' relative ``image`` paths are under (default:
       the questions file's directory).
+    mesh: the mesh the params are on (default ``model.mesh``); None runs unsharded.
   Returns:
-    the dict written to ``eval.json``: ``{"step", "<task>/<metric>": …, "<task>/errors"}``.
+    the dict written to ``eval.json``: ``{"step", "<task>/<metric>": …, "<task>/errors"}``
+    (on every process; only process 0 writes files).
   """
   import jax
   from tqdm import tqdm
@@ -123,30 +168,35 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
   files.get_task(task)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  mesh = mesh if mesh is not None else getattr(model, "mesh", None)
+  primary = jax.process_index() == 0
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
   image_root = image_root if image_root is not None else os.path.dirname(os.fspath(questions))
   asked = files.read_questions(questions)
   if limit is not None:
     asked = asked[:limit]
   out = answers_path(workdir, task)
-  done = {str(i) for i in files.answered_ids(out)}
-  todo = [q for q in asked if str(q["question_id"]) not in done]
+  todo = [asked[i] for i in _todo(asked, out)]
   log.info("%s: %d questions, %d already answered, %d to go", task, len(asked),
            len(asked) - len(todo), len(todo))
   stops = model.stop_token_ids()
   rng = jax.random.key(seed)
-  with files.AnswerWriter(out, model_id or "llava_jax") as writer, \
-      tqdm(total=len(todo), desc=task, unit="q", disable=not progress) as bar:
+  writing = files.AnswerWriter(out, model_id or "llava_jax") if primary else None
+  with (writing or contextlib.nullcontext()) as writer, \
+      tqdm(total=len(todo), desc=task, unit="q", disable=not (progress and primary)) as bar:
     for start in range(0, len(todo), batch_size):
       ready = []
       for q in todo[start:start + batch_size]:
         try:
           ready.append(prepare(model, q, task, image_root))
         except ValueError as e:
-          log.warning("%s", e)
-          writer.write(q["question_id"], q["text"], "", {"error": str(e)})
+          if writer is not None:
+            log.warning("%s", e)
+            writer.write(q["question_id"], q["text"], "", {"error": str(e)})
           bar.update(1)
+      _check_same_batch(ready, todo[start:start + batch_size])
       if not ready:
         continue
       ids, mask, pixels, image_mask = make_batch(ready, batch_size, length_bucket,
@@ -155,14 +205,19 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
       tokens = generate(model.cfg, model.params, ids, pixels, mask, image_mask=image_mask,
                         max_new_tokens=max_new_tokens, temperature=temperature,
                         eos_token_id=None, stop_token_ids=stops,
-                        rng=jax.random.fold_in(rng, start), mesh=mesh)
-      tokens = np.asarray(tokens)
+                        rng=jax.random.fold_in(rng, start), mesh=mesh,
+                        rules=getattr(model, "rules", None))
+      tokens = np.asarray(tokens)  # replicated with a mesh: every process has all rows
       for r, p in enumerate(ready):
-        extra = {k: p.question[k] for k in ("round_id", "options") if k in p.question}
-        writer.write(p.question["question_id"], p.question["text"],
-                     model.decode_answer(tokens[r]), {"prompt": p.prompt}, **extra)
+        if writer is not None:
+          extra = {k: p.question[k] for k in ("round_id", "options") if k in p.question}
+          writer.write(p.question["question_id"], p.question["text"],
+                       model.decode_answer(tokens[r]), {"prompt": p.prompt}, **extra)
         bar.update(1)
-  return write_eval_json(workdir, task, out, asked, annotations, model.step)
+  result = None
+  if primary:
+    result = write_eval_json(workdir, task, out, asked, annotations, model.step)
+  return broadcast_json(result)
 
 
 def write_eval_json(workdir: Path, task: str, answers: Path, asked: Sequence[dict],
