@@ -17,6 +17,7 @@ broadcasts each line to the others. One process: no mesh unless ``--mesh`` is gi
 from __future__ import annotations
 
 import io
+import os
 import sys
 from typing import Sequence, TextIO
 
@@ -90,22 +91,33 @@ def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_t
   return model.decode_answer(tokens)
 
 
+def _native_stdout_to_stderr() -> None:
+  """Keeps stdout for the conversation: with several processes on CPU, gloo (C++) logs
+  each new connection on fd 1 at any moment, even mid-answer. From here on native writes
+  to fd 1 go to stderr, while ``sys.stdout`` keeps the real stdout."""
+  sys.stdout.flush()
+  real = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(real, "w", buffering=1, encoding=sys.stdout.encoding)
+
+
 def _read_line(prompt: str) -> str | None:
   """A line of stdin read by process 0 (None at EOF), the same on every process."""
-  from llava_jax.infer.loading import broadcast_json
   message = None
   if distributed.is_primary():
     try:
       message = input(prompt)
     except EOFError:
       pass
-  return broadcast_json(message)
+  return distributed.gather_json(message)[0]
 
 
 def main(argv):
   del argv
   distributed.initialize()
   import jax
+  if jax.process_count() > 1:
+    _native_stdout_to_stderr()
 
   from llava_jax import sharding
   from llava_jax.data.images import load_image, preprocess

@@ -41,10 +41,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from llava_jax import distributed
 from llava_jax.data.images import load_image, preprocess
 from llava_jax.data.templates import IMAGE_TAG
 from llava_jax.eval import files
-from llava_jax.infer.loading import broadcast_json
 
 log = logging.getLogger(__name__)
 
@@ -113,31 +113,28 @@ def _todo(asked: Sequence[dict], out: Path) -> list[int]:
   """Indices into ``asked`` of the questions without an answer in ``out``, as process 0
   sees the file, on every process."""
   import jax
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.assert_equal(np.int32(len(asked)), fail_message=(
-        f"the processes read different numbers of questions (this one: {len(asked)}); "
-        "every process needs the same question file"))
+  counts = distributed.gather_json(len(asked))
+  if len(set(counts)) > 1:
+    raise ValueError(f"the processes read different numbers of questions {counts} (in "
+                     "process order); every process needs the same question file")
   todo = None
   if jax.process_index() == 0:
     done = {str(i) for i in files.answered_ids(out)}
     todo = [i for i, q in enumerate(asked) if str(q["question_id"]) not in done]
-  return broadcast_json(todo)
+  return distributed.gather_json(todo)[0]  # process 0's view
 
 
 def _check_same_batch(ready: Sequence[Prepared], batch: Sequence[dict]) -> None:
   """Several processes: the same questions of ``batch`` prepared everywhere, else their
-  generate calls would differ in shape and hang; raises naming the questions."""
+  generate calls would differ in shape and hang; raises (on every process) naming them."""
   import jax
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils
-  ok = {str(p.question["question_id"]) for p in ready}
-  mask = np.array([str(q["question_id"]) in ok for q in batch], np.int32)
-  multihost_utils.assert_equal(mask, fail_message=(
-      f"questions {[q['question_id'] for q in batch]}: their images load on some processes "
-      f"only (this one, {jax.process_index()}, prepared {sorted(ok)}); every process needs "
-      "the same image files"))
+  prepared = distributed.gather_json([str(p.question["question_id"]) for p in ready])
+  if any(ids != prepared[0] for ids in prepared):
+    raise ValueError(f"questions {[q['question_id'] for q in batch]}: the processes could "
+                     f"load the images of different ones (prepared, in process order: "
+                     f"{prepared}); every process needs the same image files")
 
 
 def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | os.PathLike,
@@ -217,7 +214,7 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
   result = None
   if primary:
     result = write_eval_json(workdir, task, out, asked, annotations, model.step)
-  return broadcast_json(result)
+  return distributed.gather_json(result)[0]
 
 
 def write_eval_json(workdir: Path, task: str, answers: Path, asked: Sequence[dict],

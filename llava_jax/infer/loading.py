@@ -157,21 +157,6 @@ def place_params(params, shardings):
   return jax.tree_util.tree_unflatten(treedef, placed)
 
 
-def broadcast_json(value: Any) -> Any:
-  """Process 0's JSON-able ``value``, returned on every process (the others' argument is
-  ignored): for what only process 0 can know, such as its files or its stdin. Every
-  process must call it at the same point. One process: ``value`` itself."""
-  import jax
-  if jax.process_count() == 1:
-    return value
-  from jax.experimental import multihost_utils
-  primary = jax.process_index() == 0
-  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if primary else None
-  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if primary else 0)))
-  data = multihost_utils.broadcast_one_to_all(data if primary else np.zeros(size, np.uint8))
-  return json.loads(np.asarray(data, np.uint8).tobytes().decode())
-
-
 def _read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
