@@ -30,8 +30,11 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=
     prefix_len: int32[B]; first tokens of each row attend bidirectionally (prefix-LM).
     impl: "xla" (reference, default on CPU), "cudnn" (jax.nn.dot_product_attention on
       GPU) or "pallas" (flash kernel).
-    interpret: Pallas only. None runs interpret mode iff the default backend is CPU;
-      False forces the compiled kernel (as ``jax.export(platforms=[...])`` needs).
+    interpret: Pallas only. None runs interpret mode iff the platform compiled for is
+      CPU: the devices of the enclosing mesh (``sharding.use_mesh``; an ahead-of-time
+      TPU compile on a CPU host gets the Mosaic kernel), else the default backend (see
+      ``flash_attention.target_platform``). False forces the compiled kernel (as
+      ``jax.export(platforms=[...])`` needs).
     logits_soft_cap: optional ``cap * tanh(logits / cap)`` before masking (Gemma 2 style).
     sliding_window: optional local attention window (keys with q_pos - k_pos < window).
   """

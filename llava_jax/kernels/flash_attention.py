@@ -143,6 +143,29 @@ def _flash_bwd(cfg: _Config, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def target_platform() -> str:
+  """The platform this trace is compiled for: that of the enclosing mesh's devices
+  (``with mesh:``, ``jax.set_mesh`` or an abstract mesh, any size, 1 device included),
+  else ``jax.default_backend()``.
+
+  An ahead-of-time compile for a TPU topology traces on a CPU host with the topology's
+  devices in the mesh; deciding from the default backend there would silently compile
+  the interpreted kernel (plain HLO, no Mosaic call) into the TPU program.
+  """
+  from jax._src import mesh as mesh_lib  # the mesh contexts have no public device getter
+  physical = mesh_lib.thread_resources.env.physical_mesh
+  if not physical.empty:
+    return physical.devices.flat[0].platform
+  concrete = mesh_lib.get_concrete_mesh()
+  if concrete is not None and not concrete.empty:
+    return concrete.devices.flat[0].platform
+  abstract = mesh_lib.get_abstract_mesh()
+  device = None if abstract is None or abstract.empty else abstract.abstract_device
+  if device is not None and getattr(device, "platform", None):
+    return device.platform
+  return jax.default_backend()
+
+
 def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None,
                     prefix_len=None, interpret: bool | None = None,
                     logits_soft_cap: float | None = None, sliding_window: int | None = None,
@@ -155,8 +178,10 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segmen
     segment_ids: int32[B, T]; kv_segment_ids: int32[B, S] (defaults to segment_ids when
       T == S). Tokens attend only where ids are equal and non-zero.
     prefix_len: int32[B]; keys below it are visible to every query (needs causal=True).
-    interpret: None runs Pallas interpret mode iff the default backend is CPU; False
-      forces the compiled kernel (what ``jax.export(platforms=[...])`` needs).
+    interpret: None decides from the platform being compiled for (``target_platform``:
+      the devices of the enclosing mesh, else the default backend): interpret mode iff
+      that is CPU. False forces the compiled kernel (what ``jax.export(platforms=[...])``
+      needs), True interpret mode.
     logits_soft_cap: optional ``cap * tanh(logits / cap)`` before masking.
     sliding_window: optional local attention, keys with ``q_pos - k_pos < window``.
     block_sizes: tile sizes; None uses ``BlockSizes.default`` of the chosen backend.
@@ -181,7 +206,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segmen
   if sliding_window is not None and sliding_window < 1:
     raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
+    interpret = target_platform() == "cpu"
 
   segmented = segment_ids is not None or kv_segment_ids is not None
   if segmented:
