@@ -41,8 +41,13 @@ def llava_recipe(*, stage: int, vision: str, llm: str, data: dict, template: str
                  log_every=10, ckpt_every=500, keep=3, eval_every=0, eval_batch_size=batch_size,
                  peak_tflops=ml_collections.config_dict.placeholder(float), tensorboard=True,
                  progress=True, async_checkpoint=True,
+                 # Reliability: see configs/tiny_shapes.py and llava_jax/train/loop.py.
+                 on_nonfinite="stop", max_nonfinite=10, checkpoint_on_stop=True,
+                 on_corrupt_checkpoint="fallback",
                  crash_after_step=ml_collections.config_dict.placeholder(int))
-  c.init = dict(init)
+  # None becomes a typed placeholder, so that --config.init.from_run=DIR (etc.) can be set.
+  c.init = {k: ml_collections.config_dict.placeholder(str) if v is None else v
+            for k, v in init.items()}
   c.mesh = dict(data=1, fsdp=-1, tensor=1)  # FSDP over every chip: 7B/13B fit a v4-32/v5e-32
   c.sharding_rules = []
   return c

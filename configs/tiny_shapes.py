@@ -67,9 +67,17 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
                  log_every=25, ckpt_every=200 if stage == "stage1" else 300,
                  keep=2, eval_every=200 if stage == "stage1" else 300, eval_batch_size=50, peak_tflops=None, tensorboard=True,
                  progress=True, async_checkpoint=True,
+                 # Reliability (llava_jax/train/loop.py): a non-finite loss/gradient stops the
+                 # run ("skip": drop such updates, at most max_nonfinite); SIGTERM/Ctrl-C write
+                 # a checkpoint of the current step; a damaged checkpoint is moved aside and
+                 # the one before restored ("raise": refuse with the command to delete it).
+                 on_nonfinite="stop", max_nonfinite=10, checkpoint_on_stop=True,
+                 on_corrupt_checkpoint="fallback",
                  # Fault injection for the resume tests: exit (like a kill) after this step.
                  crash_after_step=ml_collections.config_dict.placeholder(int))
-  c.init = dict(from_run=f"{root}/stage1" if stage == "stage2" else None, from_run_params=".*")
+  # A placeholder, not None, so that --config.init.from_run=DIR works on stage 1 too.
+  c.init = dict(from_run=f"{root}/stage1" if stage == "stage2"
+                else ml_collections.config_dict.placeholder(str), from_run_params=".*")
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = []
   if stage == "test":  # a few steps for the resume / CLI tests

@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
-# Runs one training command on every host of a Cloud TPU VM pod slice (same command on all
-# hosts; jax.distributed discovers the topology, each host reads its own data shard).
+# Runs one llava_jax command on every host of a Cloud TPU VM pod slice: the same command on
+# all workers, joined by jax.distributed (LLAVA_JAX_DISTRIBUTED=1: jax detects the TPU
+# slice's coordinator, process count and index from the VM metadata). Each host feeds its
+# own rows of every global batch (llava_jax/data/pipeline.py), so the same run can be
+# resumed on a pod of another size.
 #
-#   TPU=my-v5e-32 ZONE=us-west4-a bash launch/tpu_pod.sh \
-#     --config=configs/llava15_stage2.py:size=7b,data=/data/mix665k,stage1=gs://b/s1,clip=/ckpt/clip,llm=/ckpt/vicuna \
-#     --workdir=gs://bucket/runs/llava15-7b-s2
+#   TPU=my-v5e-32 ZONE=us-west4-a bash launch/tpu_pod.sh llava_jax.train \
+#     --config=configs/llava15_stage2.py:size=7b,data=/data/mix665k,stage1=/runs/s1,clip=/ckpt/clip,llm=/ckpt/vicuna \
+#     --workdir=/runs/llava15-7b-s2
 #
-# The repo must already be at $REPO on every host (e.g. `git clone` via the same --command);
-# `launch/setup.sh` creates the venv there; install jax[tpu] on TPU hosts.
+# Check first that the config fits the slice (seconds to minutes, no TPU needed):
+#   python -m llava_jax.compile --config=... --topology=v5e:4x8
+#
+# The repo must already be at $REPO on every host (e.g. `git clone` through the same
+# --command), and the data, the converted weights and the workdir at the same paths on
+# every host: pod hosts share no disk, so the workdir (checkpoints are written by every
+# host, each its own shards) must be a file system all hosts mount. The same multi-process
+# code path is tested on one machine with launch/local_pod.sh.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"
+if [ $# -lt 1 ]; then echo "usage: TPU=... ZONE=... launch/tpu_pod.sh MODULE [ARGS...]" >&2; exit 2; fi
 REPO="${REPO:-~/llava_jax}"
+module="$1"; shift
 args=$(printf '%q ' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd $REPO && bash launch/setup.sh && .venv/bin/pip install -q 'jax[tpu]==0.10.2' && \
-   LLAVA_JAX_DISTRIBUTED=1 .venv/bin/python -m llava_jax.train $args"
+  "cd $REPO && bash launch/setup.sh && .venv/bin/pip install -q -e '.[tpu]' && \
+   LLAVA_JAX_DISTRIBUTED=1 .venv/bin/python -m $module $args"

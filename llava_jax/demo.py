@@ -49,6 +49,8 @@ def main(argv):
   from llava_jax.train.loop import train
 
   root = _ROOT.value
+  from llava_jax import console
+  print(f"== full log (library messages included): {console.setup_logging(root)}")
   t0 = time.time()
   for stage in ("stage1", "stage2"):
     config = load_config(stage, root)

@@ -129,8 +129,56 @@ class Checkpointer:
                                    step=t["step"], rng=t["rng"])
     return state, (out["data"] if "data" in args else None)
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def restore_intact(self, abstract_state, *, on_corrupt: str = "fallback"):
+    """The newest checkpoint that restores: ``(state, data, step)``.
+
+    A checkpoint that fails to restore (truncated files, bad JSON, missing items) is
+    named in the log; with ``on_corrupt="fallback"`` it is moved aside to
+    ``checkpoints/N.corrupt`` (kept, not deleted) and the next older one is tried; with
+    ``"raise"`` the error says which it is and how to remove it. ``step`` is None when
+    none was left (training starts over).
+    """
+    if on_corrupt not in ("fallback", "raise"):
+      raise ValueError(f"train.on_corrupt_checkpoint must be 'fallback' or 'raise', got {on_corrupt!r}")
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data = self.restore(step, abstract_state)
+        return state, data, step
+      except Exception as e:  # orbax / tensorstore / JSON errors of a damaged checkpoint
+        path = os.path.join(os.fspath(self.manager.directory), str(step))
+        if on_corrupt == "raise":
+          raise RuntimeError(f"checkpoint {step} ({path}) cannot be restored: "
+                             f"{type(e).__name__}: {str(e)[:500]}. Remove it to resume from the "
+                             f"one before: rm -r {path}") from e
+        logging.error("checkpoint %d (%s) cannot be restored (%s: %s); moving it to %s.corrupt "
+                      "and trying the one before", step, path, type(e).__name__, str(e)[:300], path)
+        self._move_aside(path)
+    return None, None, None
+
+  def _move_aside(self, path: str):
+    from llava_jax import distributed
+    if distributed.is_primary() and os.path.exists(path):
+      target = path + ".corrupt"
+      k = 1
+      while os.path.exists(target):
+        target, k = f"{path}.corrupt{k}", k + 1
+      os.replace(path, target)
+    distributed.barrier(f"llava_jax:corrupt:{path}")
+    self.manager.reload()
+
+  def wait(self, timeout: float | None = None):
+    """Waits for an in-flight async save. With ``timeout`` (multi-process error paths,
+    where the other processes may never reach orbax's commit barrier) gives up after that
+    many seconds instead of hanging."""
+    if timeout is None:
+      self.manager.wait_until_finished()
+      return
+    import threading
+    done = threading.Thread(target=self.manager.wait_until_finished, daemon=True)
+    done.start()
+    done.join(timeout)
+    if done.is_alive():
+      logging.error("the in-flight checkpoint did not commit within %.0f s; giving up", timeout)
 
   def close(self):
     self.manager.wait_until_finished()
@@ -148,9 +196,12 @@ def restore_params(workdir: str, cfg: LlavaConfig, step: int | None = None, shar
   from llava_jax.models.llava import init_params
   manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
+  saved = sorted(manager.all_steps())
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoints under {os.path.join(workdir, CKPT_DIR)}")
+  if step not in saved:
+    raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; saved steps: {saved}")
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -111,6 +111,8 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
     and every reason of `tokenize_conversation`.
   """
   sid = sample_id_of(record)
+  if record.get("error"):  # the source could not read it (sources.bad_record)
+    return Rejected(sid, RejectReason.BAD_RECORD, str(record["error"]))
   images = _images_of(record)
   if len(images) > max_images:
     return Rejected(sid, RejectReason.IMAGE_COUNT_MISMATCH,

@@ -100,6 +100,12 @@ def normalize_record(record: Mapping, image_root: str | os.PathLike | None = Non
           "images": [_resolve(im, root) for im in image_list(record)]}
 
 
+def bad_record(sample_id: str, detail: str) -> Record:
+  """A record the source could not read: the pipeline counts it as `bad_record` (the
+  data policy skips or raises), naming `sample_id` (file:index) and `detail`."""
+  return {"id": sample_id, "conversations": None, "images": [], "error": detail}
+
+
 # ----------------------------------------------------------------------------- JSON / JSONL
 
 def index_jsonl(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -213,17 +219,31 @@ class LlavaJsonSource:
     start, end = int(self._starts[index]), int(self._ends[index])
     text = os.pread(self._fd, end - start, start)  # thread-safe: no shared file position
     try:
-      return json.loads(text)
+      text = text.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is not valid UTF-8 "
+                       f"at byte {start + e.start}: {text[max(e.start - 20, 0):e.end + 20]!r}") from e
+    try:
+      record = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is not valid JSON: {e}") from e
+      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is not valid JSON "
+                       f"(a line cut short?): {e}") from e
+    if not isinstance(record, dict):
+      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is a JSON "
+                       f"{type(record).__name__}, expected an object")
+    return record
 
   def __getitem__(self, index) -> Record:
     index = int(index)
     if not -len(self) <= index < len(self):
       raise IndexError(f"record {index} out of range for {len(self)} records in {self.path}")
     index %= len(self)
-    return normalize_record(self.read_raw(index), self.image_root,
-                            default_id=f"{os.path.basename(self.path)}:{index}")
+    default_id = f"{os.path.basename(self.path)}:{index}"
+    try:
+      raw = self.read_raw(index)
+    except ValueError as e:  # bad UTF-8, a cut or invalid line: one bad record, not a dead run
+      return bad_record(default_id, str(e))
+    return normalize_record(raw, self.image_root, default_id=default_id)
 
   def __iter__(self):
     return (self[i] for i in range(len(self)))

@@ -58,6 +58,8 @@ class RejectReason(str, enum.Enum):
   TRUNCATED_IMAGE = "truncated_image"  # max_len cut into or past an image's tokens; answers remain
   NO_TARGET = "no_target"  # nothing to learn even before truncation
   BAD_IMAGE = "bad_image"  # reserved for the image loader
+  BAD_RECORD = "bad_record"  # the source could not read the record (bad UTF-8, cut or invalid JSON)
+  EMPTY_ANSWER = "empty_answer"  # an assistant turn with no text: it would train an end token only
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -32,6 +33,8 @@ from llava_jax.data.templates import get_template, prompt_for_generation
 from llava_jax.data.tokenize import tokenize_prompt
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 # Text model family (``checkpoint.convert.hf.llm_family``) -> conversation template.
 # Llama-family LLaVA (1.5, vicuna) uses LLaVA's conv_llava_v1.
@@ -206,6 +209,10 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
       cfg = LlavaConfig.from_dict(read_run_info(path)["model"])
       shardings = param_shardings(cfg, mesh, rules)
     run = load_run(path, step=step, shardings=shardings)
+    if run.template == "plain" and template is None:
+      log.warning("%s was trained with the 'plain' template (stage 1: image captions); it has "
+                  "not seen instructions, so it will answer with captions. Use a stage-2 run "
+                  "(or pass --template to override).", path)
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else run.tokenizer
     return LoadedModel(run.cfg, run.params, tok, template or run.template, run.image,
                        run.step, source="run", **placed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from llava_jax import console
 from llava_jax import distributed  # defines --coordinator_address/--num_processes/--process_id
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config(arg))",
@@ -23,11 +24,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize()  # multi-process: flags, env, or auto-detection (see distributed.py)
   from llava_jax.train.loop import train
+  log_file = console.setup_logging(_WORKDIR.value)
   config = _CONFIG.value
   if distributed.is_primary():
     logging.info("config:\n%s", config)
   last = train(config, _WORKDIR.value)
-  logging.info("done: %s", last)
+  logging.info("done: %s (full log: %s)", last, log_file)
 
 
 def run():

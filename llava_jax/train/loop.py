@@ -19,7 +19,9 @@ its own rows of each global batch; only process 0 writes metrics and ``run.json`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import re
 import time
@@ -33,12 +35,14 @@ from tqdm import tqdm
 
 from llava_jax import distributed
 from llava_jax.checkpoint import orbax as ckpt
+from llava_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
 from llava_jax.data import images as images_lib
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.train import evaluation
 from llava_jax.train import flops as flops_lib
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optim
+from llava_jax.train import preemption
 from llava_jax.train.setup import TrainSetup, build_setup, model_config  # noqa: F401 (re-export)
 from llava_jax.train.step import MODEL_KEYS
 
@@ -173,8 +177,7 @@ def make_train_iterator(config, run: Run, *, start_batch: int = 0):
 
 
 def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Checkpointer):
-  """(state, data iterator): from the latest checkpoint, or fresh."""
-  from llava_jax.data import pipeline
+  """(state, data iterator): from the newest intact checkpoint, or fresh."""
   latest = checkpointer.latest_step()
   if latest is None:  # random init directly into its shards, then the configured weights on top
     state = setup.init_state(jax.random.key(config.seed))
@@ -182,7 +185,15 @@ def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Che
     if overrides:
       state = state.replace(params=place_params(state.params, overrides))
     return state, make_train_iterator(config, run)
-  state, saved = checkpointer.restore(latest, setup.abstract_state())
+  state, saved, step = checkpointer.restore_intact(
+      setup.abstract_state(), on_corrupt=config.train.get("on_corrupt_checkpoint", "fallback"))
+  if step is None:  # every checkpoint was corrupt and moved aside: start over
+    return _restore_or_init(config, run, setup, checkpointer)
+  return state, _resume_data(config, run, saved, step)
+
+
+def _resume_data(config, run: Run, saved, step: int):
+  from llava_jax.data import pipeline
   processes = saved.get("processes") if isinstance(saved, dict) else None
   n, me = jax.process_count(), jax.process_index()
   if processes is None:  # no data state, or one saved before per-process states
@@ -196,10 +207,10 @@ def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Che
   else:
     start = pipeline.resume_batch(processes)
     logging.info("checkpoint %d was written by %d processes, resuming on %d: data continues at "
-                 "global batch %d", latest, len(processes), n, start)
+                 "global batch %d", step, len(processes), n, start)
     data = make_train_iterator(config, run, start_batch=start)
-  logging.info("resumed from checkpoint %d", latest)
-  return state, data
+  logging.info("resumed from checkpoint %d", step)
+  return data
 
 
 def _compile(setup: TrainSetup, state, config):
@@ -219,7 +230,37 @@ def _step_flops(setup: TrainSetup, config) -> float:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training; returns the last logged metrics ({} if already done)."""
+  """Runs (or resumes) training; returns the last logged metrics ({} if already done).
+
+  Holds the workdir's lock for the whole run (``checkpoint/lock.py``). SIGTERM / Ctrl-C
+  stop after the current step with a checkpoint of it (``train.checkpoint_on_stop``) and
+  a non-zero exit; any other error first lets an in-flight checkpoint finish. A
+  non-finite loss or gradient is never applied nor saved (``train.on_nonfinite``).
+  """
+  with _workdir_lock(workdir), preemption.StopSignal() as stop:
+    return _train(config, workdir, stop)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str):
+  """Process 0 holds the lock; every process learns the outcome (and raises the same)."""
+  lock = WorkdirLock(workdir)
+  error = None
+  if distributed.is_primary():
+    try:
+      lock.acquire()
+    except WorkdirLockedError as e:
+      error = str(e)
+  error = distributed.gather_json(error)[0]
+  if error is not None:
+    raise WorkdirLockedError(error)
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
   run = _prepare_run(config, workdir)
   setup = build_setup(config, run.cfg)
   trainable, total = setup.param_counts()
@@ -235,7 +276,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  setup.shardings.params, setup.mesh, setup.rules)
   peak = (t.get("peak_tflops") or 0) * 1e12 or metrics_lib.measure_matmul_peak()
   throughput = metrics_lib.Throughput(_step_flops(setup, config), peak, jax.device_count())
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.get("tensorboard", True))
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.get("tensorboard", True),
+                                    resume_step=start)
+  guard = NonFiniteGuard(t.get("on_nonfinite", "stop"), t.get("max_nonfinite", 10))
   log_every, eval_every = t.get("log_every", 10), t.get("eval_every", 0)
   crash_after = t.get("crash_after_step", None)  # fault injection for resume tests
   primary = distributed.is_primary()
@@ -244,36 +287,119 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
              disable=None if t.get("progress", True) and primary else True)
   t_start = time.perf_counter()
-  for step in range(start + 1, t.steps + 1):
-    batch = next(data)
-    state, m = compiled(state, setup.global_batch(batch))
-    mask = batch["attention_mask"]  # segment ids: examples per row = the row's largest id
-    throughput.update(int(np.count_nonzero(mask)), int(np.sum(np.max(mask, axis=1))))
-    if step % log_every == 0 or step == t.steps or step == start + 1:
-      last = _log(step, jax.device_get(m), config, setup, throughput, data, mask)
-      writer.write(step, last)
-      bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['token_accuracy']:.3f}")
-      if bar.disable and primary:
-        per_step = (time.perf_counter() - t_start) / (step - start)
-        logging.info("step %d/%d loss %.4f token_acc %.3f %.0f tokens/s, ETA %s", step, t.steps,
-                     last["loss"], last["token_accuracy"], last["tokens_per_s"],
-                     _hms(per_step * (t.steps - step)))
-    bar.update(1)
-    if checkpointer.due(step, force=step == t.steps):
-      checkpointer.save(step, state, distributed.gather_json(data.get_state()),
-                        force=step == t.steps)
-    if eval_fn is not None and eval_every and (step % eval_every == 0 or step == t.steps):
-      results = eval_fn(state.params, step)
-      writer.write_eval(step, results)
-      if primary:
-        logging.info("eval at step %d: %s", step, results)
-    if crash_after is not None and step == crash_after:
-      os._exit(42)  # like a kill: no cleanup, an in-flight async save may be lost
-  bar.close()
+  try:
+    for step in range(start + 1, t.steps + 1):
+      batch = next(data)
+      state, m = compiled(state, setup.global_batch(batch))
+      guard.add(step, m)
+      mask = batch["attention_mask"]  # segment ids: examples per row = the row's largest id
+      throughput.update(int(np.count_nonzero(mask)), int(np.sum(np.max(mask, axis=1))))
+      final = step == t.steps
+      if step % log_every == 0 or final or step == start + 1:
+        guard.check()
+        last = {**_log(step, jax.device_get(m), config, setup, throughput, data, mask),
+                "skipped/nonfinite_steps": guard.skipped}
+        writer.write(step, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['token_accuracy']:.3f}")
+        if bar.disable and primary:
+          per_step = (time.perf_counter() - t_start) / (step - start)
+          logging.info("step %d/%d loss %.4f token_acc %.3f %.0f tokens/s, ETA %s", step, t.steps,
+                       last["loss"], last["token_accuracy"], last["tokens_per_s"],
+                       _hms(per_step * (t.steps - step)))
+      bar.update(1)
+      stopping = stop.should_stop(step)
+      save = stopping and t.get("checkpoint_on_stop", True)
+      if checkpointer.due(step, force=final or save):
+        guard.check()  # never a checkpoint after an update that was not finite
+        checkpointer.save(step, state, distributed.gather_json(data.get_state()),
+                          force=final or save)
+      if stopping:
+        checkpointer.wait()
+        logging.warning("stopped by %s after step %d%s", _signal_name(stop.signum), step,
+                        f"; checkpoint {step} written" if save else "")
+        stop.stop()
+      if eval_fn is not None and eval_every and (step % eval_every == 0 or final):
+        results = eval_fn(state.params, step)
+        writer.write_eval(step, results)
+        if primary:
+          logging.info("eval at step %d: %s", step, results)
+      if crash_after is not None and step == crash_after:
+        os._exit(42)  # like a kill: no cleanup, an in-flight async save may be lost
+  except BaseException as e:
+    _explain(e, workdir)
+    try:
+      checkpointer.wait(timeout=None if jax.process_count() == 1 else 300.0)
+    except Exception as wait_error:  # the in-flight save failed too: say so, raise the first
+      _explain(wait_error, workdir)
+      logging.error("the in-flight checkpoint did not complete: %s", str(wait_error)[:300])
+    raise
+  finally:
+    bar.close()
+    writer.close()
+    data.close()
   checkpointer.close()
-  writer.close()
-  data.close()
   return last
+
+
+_STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+                   errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied"}
+
+
+def _explain(error: BaseException, workdir: str) -> None:
+  """One clear line first for storage errors, which orbax otherwise buries in tracebacks."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    why = _STORAGE_ERRORS.get(getattr(e, "errno", None))
+    if why is None and "No space left on device" in str(e):
+      why = _STORAGE_ERRORS[errno.ENOSPC]
+    if why is not None:
+      logging.error("cannot write under %s: %s (%s). Checkpoints already committed are intact; "
+                    "free space or fix permissions, then rerun the same command to resume.",
+                    workdir, why, str(e)[:200])
+      return
+    e = e.__cause__ or e.__context__
+
+
+def _signal_name(signum) -> str:
+  import signal
+  return signal.Signals(signum).name if signum else "a signal"
+
+
+class NonFiniteGuard:
+  """Watches each step's ``nonfinite`` flag (the step already dropped such an update).
+
+  ``check()`` (at log steps and before every checkpoint; it reads the flags of the
+  steps since the last check, so no step synchronises on its own) raises
+  FloatingPointError naming the first bad step under ``policy="stop"``, and under
+  ``"skip"`` once more than ``max_skips`` updates were dropped.
+  """
+
+  def __init__(self, policy: str, max_skips: int):
+    if policy not in ("stop", "skip"):
+      raise ValueError(f"train.on_nonfinite must be 'stop' or 'skip', got {policy!r}")
+    self.policy, self.max_skips, self.skipped = policy, int(max_skips), 0
+    self._pending: list = []
+
+  def add(self, step: int, m):
+    self._pending.append((step, m["nonfinite"], m["loss"], m["grad_norm"]))
+
+  def check(self):
+    pending, self._pending = jax.device_get(self._pending), []
+    for step, bad, loss, grad_norm in pending:
+      if not bad:
+        continue
+      self.skipped += 1
+      what = f"step {step}: loss {float(loss)}, gradient norm {float(grad_norm)}"
+      if self.policy == "stop":
+        raise FloatingPointError(
+            f"non-finite {what}. The update was not applied and no checkpoint was written "
+            "after it. Lower optim.lr (or optim.grad_clip), or set "
+            "train.on_nonfinite=skip to drop such updates (at most train.max_nonfinite).")
+      logging.warning("non-finite %s: update skipped (%d so far)", what, self.skipped)
+      if self.skipped > self.max_skips:
+        raise FloatingPointError(f"{self.skipped} non-finite updates skipped, more than "
+                                 f"train.max_nonfinite={self.max_skips} (last: {what})")
 
 
 def _log(step, m, config, setup: TrainSetup, throughput, data, mask) -> dict:

@@ -33,7 +33,7 @@ class MetricWriter:
   """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to
   TensorBoard (``tb/``); ``eval.json`` holds the latest evaluation."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int | None = None):
     self.workdir = workdir
     self._primary = jax.process_index() == 0  # only process 0 writes the run's files
     self._jsonl = None
@@ -41,7 +41,9 @@ class MetricWriter:
     if not self._primary:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    repair_metrics(path, keep_through=resume_step)
+    self._jsonl = open(path, "a")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -73,6 +75,44 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def repair_metrics(path: str, keep_through: int | None = None) -> None:
+  """Makes ``metrics.jsonl`` safe to append to on resume.
+
+  Drops a last line cut short by a kill, and (``keep_through``: the step a run resumes
+  from) the rows of steps after it, which the resumed run logs again, so no step is
+  written twice. The file is rewritten atomically, and only if something changes.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    raw = f.read()
+  keep, dropped_tail, dropped_rows = [], False, 0
+  lines = raw.split(b"\n")
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      if i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1:]):
+        dropped_tail = True  # the write a kill cut short
+        continue
+      raise ValueError(f"{path}: line {i + 1} is not JSON (and not the last): {line[:200]!r}")
+    if keep_through is not None and isinstance(row, dict) and row.get("step", 0) > keep_through:
+      dropped_rows += 1
+      continue
+    keep.append(line)
+  if not dropped_tail and not dropped_rows and raw.endswith(b"\n") or not raw:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(b"".join(line + b"\n" for line in keep))
+  os.replace(tmp, path)
+  logging.warning("%s: %s%s", path, "dropped a partly written last line; " if dropped_tail else "",
+                  f"dropped {dropped_rows} rows after step {keep_through} (logged again on resume)"
+                  if dropped_rows else "")
 
 
 def _scalar(v):

@@ -188,7 +188,6 @@ def make_train_step(cfg: LlavaConfig, optimizer: optax.GradientTransformation, t
       grads, aux = sums_and_grads(state.params, batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), None)
 
       def body(carry, mb):
         g_acc, a_acc = carry
@@ -199,16 +198,23 @@ def make_train_step(cfg: LlavaConfig, optimizer: optax.GradientTransformation, t
 
       first_g, first_a = sums_and_grads(state.params, jax.tree.map(lambda x: x[0], micro))
       (grads, aux), _ = jax.lax.scan(body, (first_g, first_a), jax.tree.map(lambda x: x[1:], micro))
-      del zeros
     denom = jnp.maximum(aux["tokens"] if step_cfg.loss_norm == "token" else aux["examples"], 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": _normalised(aux, step_cfg),
+    loss, grad_norm = _normalised(aux, step_cfg), optax.global_norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is dropped (the
+    # step still counts, so the data and schedule move on) and reported as `nonfinite`;
+    # the loop stops the run or counts it (train.on_nonfinite). With finite values the
+    # selects return the updated state bit for bit.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss,
                "token_accuracy": aux["correct"] / jnp.maximum(aux["tokens"], 1.0),
                "target_tokens": aux["tokens"], "examples_with_targets": aux["examples"],
-               "grad_norm": optax.global_norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+               "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state)), metrics
 
   return train_step
 

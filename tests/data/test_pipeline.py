@@ -139,7 +139,8 @@ def test_each_bad_input_is_counted_under_its_reason_and_skipped(data, tmp_path, 
   assert [i for i in ids if i] == [g["id"] for g in good]
   assert ids[len(good):] == [""] * (-len(good) % 4)  # the last batch is padded with empty rows
   assert it.counts() == {"bad_image": 3, "image_count_mismatch": 2, "template_mismatch": 1,
-                         "truncated_no_target": 1, "no_target": 1, "truncated_image": 0}
+                         "truncated_no_target": 1, "no_target": 1, "truncated_image": 0,
+                         "bad_record": 0, "empty_answer": 0}
   for r in bad:
     assert f"'{r['id']}'" in caplog.text  # every rejection logged with its id
   assert "more than the max_images=2" in caplog.text and "nothere.png" in caplog.text
