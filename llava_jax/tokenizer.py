@@ -1,46 +1,64 @@
 """Tokenizers: a sentencepiece `.model` or a Hugging Face `tokenizer.json`, behind one small interface.
 
-    tok = load_tokenizer("path/to/dir_or_file")
+    tok = load_tokenizer("path/to/checkpoint_dir")           # picks the back end, logs which
     ids = tok.encode("USER: hi ASSISTANT:", add_bos=True)   # list[int]
     tok.decode(ids)                                          # str
 
 Special tokens in text. Rendered conversations contain the separators as
-text ("</s>", "<|im_end|>", "<start_of_turn>"), so `encode` must map those
+text ("</s>", "<|im_end|>", "<start_of_turn>"), so `encode` maps those
 strings to their ids, as HF tokenizers do:
 - `tokenizer.json` (`tokenizers` library): its own added-token matching.
 - sentencepiece: sentencepiece never parses control pieces (`<s>`, `</s>`,
-  `<unk>`, `<pad>`) out of text, so `encode` splits the text on them first and
-  encodes each stretch in between separately (user-defined pieces, e.g.
-  `<|im_start|>` in a tiny test model, are matched by sentencepiece itself).
+  `<unk>`) out of text, so `encode` splits the text on them (and on the added
+  tokens of `tokenizer_config.json`, e.g. llava-hf's `<image>`) and encodes
+  each stretch in between, as HF's slow `LlamaTokenizer` does.
 
-The leading-space question. A sentencepiece model with `add_dummy_prefix`
-(Llama, Mistral; not Gemma) encodes "hi" as "▁hi" at the start of every
-`encode` call. LLaVA tokenizes pieces of a conversation separately and then
-patches the counts (`instruction_len - 2`, and `-1` per round for non-legacy
-Llama tokenizers) to undo that. We do not: `llava_jax.data.tokenize` only
-ever tokenizes *prefixes of the whole rendered text*, so there is no
-per-piece prefix to subtract, and any disagreement surfaces as a
-`template_mismatch` rejection instead of a silently shifted mask. What remains
-is a choice of where a "start of text" is; for sentencepiece we take every
-stretch between special tokens as a start (the dummy prefix applies after
-`<s>`/`</s>`). That is plain sentencepiece behaviour, the tokenization Meta's
-Llama-2 and Mistral reference code produce (each round is a separate
-`sp.encode`), and HF's `legacy=True`. For `tokenizer.json` the file decides
-(Metaspace `prepend_scheme`, a `Prepend` normalizer, or byte-level with no
-prefix at all); we do not override it. `llava_jax.data.tokenize` also starts a
-new stretch after each `<image>` placeholder, as LLaVA's `tokenizer_image_token`
-does.
+Where the dummy prefix goes (`legacy`). A sentencepiece model with
+`add_dummy_prefix` (Llama, Mistral; not Gemma) writes "hi" as "▁hi" at the
+start of text. HF's slow tokenizer has two behaviours, chosen by `"legacy"`
+in the checkpoint's `tokenizer_config.json` (absent means True):
+- legacy=True: every stretch between special tokens starts with the prefix:
+  "A cat.</s>USER:" -> ['▁A', '▁cat', '.', '</s>', '▁US', 'ER', ':'];
+- legacy=False: only the start of the text has it:
+  "A cat.</s>USER:" -> [..., '</s>', 'USER', ':'] (lmsys/vicuna-7b-v1.5 and
+  the LLaVA-1.5 checkpoints trained from it set `"legacy": false`; LLaVA
+  trained them with this slow tokenizer, `use_fast=False`, transformers 4.36).
+`SentencePieceTokenizer` does exactly what that tokenizer does in each mode
+(checked token for token against transformers 4.36.2 on Mistral's model, see
+tests/test_tokenizer.py). A `tokenizer.json` encodes as the file says (its
+Metaspace `prepend_scheme` or `Prepend` normalizer); we do not override it.
+`llava_jax.data.tokenize` encodes each stretch between `<image>` tags with a
+separate `encode` call, as LLaVA's `tokenizer_image_token` does.
+
+Which back end (`load_tokenizer(dir)`, logged at INFO). A checkpoint that
+ships one of `tokenizer.json` / `tokenizer.model` gets that one. One that
+ships both gets `tokenizer.json` (what `AutoTokenizer` loads), unless
+`tokenizer_config.json` says `"legacy": false` and the `tokenizer.json`
+prefixes every stretch anyway (the legacy behaviour, as Llama-2's and
+Mistral's converted files do): then the sentencepiece model, the only one of
+the two that does what the config asks. With both present the two are
+compared on the conversation template's own text and a warning names the
+first difference (they differ e.g. on runs of spaces, "safe.  Your" in
+Llama-2's system prompt): training and serving one checkpoint through
+different back ends would give different ids. `backend=` overrides.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+log = logging.getLogger(__name__)
+
+SPIECE_UNDERLINE = "\u2581"
+BACKENDS = ("auto", "sentencepiece", "tokenizer.json")
 
 
 class Tokenizer:
@@ -54,6 +72,9 @@ class Tokenizer:
     vocab_size: number of ids `encode` can return (including added tokens).
     special_tokens: strings that `encode` maps to a single id wherever they
       occur in text.
+    backend: "sentencepiece" or "tokenizer.json".
+    chat_template: the checkpoint's Jinja chat template (from
+      `tokenizer_config.json` or `chat_template.jinja`), None if it has none.
   """
 
   bos_id: int | None
@@ -62,6 +83,8 @@ class Tokenizer:
   unk_id: int | None
   vocab_size: int
   special_tokens: tuple[str, ...]
+  backend: str = ""
+  chat_template: str | None = None
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
     """Text -> ids (`list[int]`, each in [0, vocab_size)); BOS prepended iff `add_bos` and the tokenizer has one."""
@@ -79,6 +102,12 @@ class Tokenizer:
     """Vocabulary entry (piece/token string) of one id."""
     raise NotImplementedError
 
+  def special_token_strings(self) -> dict[str, str | None]:
+    """{"bos_token", "eos_token", "pad_token", "unk_token"} as strings (None if absent), for chat templates."""
+    name = lambda i: None if i is None else self.id_to_token(i)
+    return {"bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
+            "unk_token": name(self.unk_id)}
+
 
 def _split_pattern(tokens: Iterable[str]) -> re.Pattern | None:
   """A regex whose `split` keeps `tokens` as separate items (longest first, so `<|im_start|>` beats `<`)."""
@@ -87,17 +116,60 @@ def _split_pattern(tokens: Iterable[str]) -> re.Pattern | None:
 
 
 class SentencePieceTokenizer(Tokenizer):
-  """A sentencepiece model (serialized `ModelProto` bytes, e.g. a Llama `tokenizer.model`).
+  """A sentencepiece model (serialized `ModelProto` bytes, e.g. a Llama `tokenizer.model`), as HF's slow tokenizer.
 
-  Pickles as its model bytes, so it can be shipped to data-loader workers.
+  Args:
+    model_proto: the model file's bytes.
+    name: for messages.
+    legacy: HF's `legacy` (see the module docstring); only matters for a
+      model with `add_dummy_prefix`.
+    added_tokens: HF added tokens, `{"id": int, "content": str, "special":
+      bool, "lstrip": bool, "rstrip": bool}` (`tokenizer_config.json`'s
+      `added_tokens_decoder`); ids past the model's pieces extend the
+      vocabulary, ids inside it mark existing pieces as never split.
+    chat_template: kept for `template="hf"`.
+
+  Pickles as its arguments, so it can be shipped to data-loader workers.
   """
 
-  def __init__(self, model_proto: bytes, *, name: str = "<sentencepiece>"):
+  backend = "sentencepiece"
+
+  def __init__(self, model_proto: bytes, *, name: str = "<sentencepiece>", legacy: bool = True,
+               added_tokens: Sequence[Mapping[str, Any]] = (), chat_template: str | None = None):
     self.name = name
     self._proto = bytes(model_proto)
-    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    self.legacy = bool(legacy)
+    self._added = [dict(t) for t in added_tokens]
+    self.chat_template = chat_template
+    proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+    # legacy=False: the prefix once at the start of the text (HF drops sentencepiece's own, adds "▁" itself).
+    self._prefix_once = not self.legacy and proto.normalizer_spec.add_dummy_prefix
+    if self._prefix_once:
+      proto.normalizer_spec.add_dummy_prefix = False
+      self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    else:
+      self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     sp = self._sp
-    self.vocab_size = sp.get_piece_size()
+    n = sp.get_piece_size()
+    self._extra = {}  # id >= n -> content (added tokens outside the model)
+    self._split_ids = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
+    special = set(self._split_ids)
+    self._strip = {}  # content -> (lstrip, rstrip)
+    for t in self._added:
+      i, content = int(t["id"]), t["content"]
+      if i >= n:
+        self._extra[i] = content
+      elif sp.id_to_piece(i) != content:
+        raise ValueError(f"{name}: added token {content!r} has id {i}, which is the model's piece "
+                         f"{sp.id_to_piece(i)!r}")
+      self._split_ids[content] = i
+      if t.get("special", True):
+        special.add(content)
+      if t.get("lstrip") or t.get("rstrip"):
+        self._strip[content] = (bool(t.get("lstrip")), bool(t.get("rstrip")))
+    if self._extra and sorted(self._extra) != list(range(n, n + len(self._extra))):
+      raise ValueError(f"{name}: added token ids {sorted(self._extra)} do not continue the model's {n} pieces")
+    self.vocab_size = n + len(self._extra)
     self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
     self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
     self.unk_id = sp.unk_id() if sp.unk_id() >= 0 else None
@@ -107,16 +179,17 @@ class SentencePieceTokenizer(Tokenizer):
     if pad is None:
       raise ValueError(f"sentencepiece model {name} has no pad, unk or eos piece to pad with")
     self.pad_id = pad
-    # Pieces sentencepiece will not match in text; we match them ourselves.
-    self._special_ids = {sp.id_to_piece(i): i for i in range(self.vocab_size)
-                         if sp.is_control(i) or sp.is_unknown(i)}
-    self.special_tokens = tuple(self._special_ids)
-    self._split = _split_pattern(self._special_ids)
+    self.special_tokens = tuple(sorted(special, key=self._split_ids.get))
+    self._special_ids = {self._split_ids[t] for t in special}
+    self._split_id_set = set(self._split_ids.values())
+    self._split = _split_pattern(self._split_ids)
+    unk = sp.id_to_piece(self.unk_id) if self.unk_id is not None else "<unk>"
+    self._unk_text, self._unk_len = unk, len(sp.encode(unk))
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
+  def from_file(cls, path: str | os.PathLike, **kwargs) -> "SentencePieceTokenizer":
     with open(path, "rb") as f:
-      return cls(f.read(), name=os.fspath(path))
+      return cls(f.read(), name=os.fspath(path), **kwargs)
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the `.model` file (loadable by `load_tokenizer` and by sentencepiece itself)."""
@@ -124,34 +197,55 @@ class SentencePieceTokenizer(Tokenizer):
       f.write(self._proto)
 
   def __getstate__(self):
-    return {"model_proto": self._proto, "name": self.name}
+    return {"model_proto": self._proto, "name": self.name, "legacy": self.legacy, "added_tokens": self._added,
+            "chat_template": self.chat_template}
 
   def __setstate__(self, state):
-    self.__init__(state["model_proto"], name=state["name"])
+    state = dict(state)
+    self.__init__(state.pop("model_proto"), **state)
+
+  def _encode_stretch(self, text: str) -> list[int]:
+    """HF `LlamaTokenizer._tokenize`: without the model's prefix a leading space must survive, hence "<unk>" + text."""
+    if self._prefix_once and text.startswith((SPIECE_UNDERLINE, " ")):
+      return self._sp.encode(self._unk_text + text)[self._unk_len:]
+    return self._sp.encode(text)
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
     ids = [self.bos_id] if add_bos and self.bos_id is not None else []
+    if not text:
+      return ids
+    if self._prefix_once:  # HF LlamaTokenizer.tokenize with legacy=False
+      text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
     chunks = self._split.split(text) if self._split is not None else [text]
-    for chunk in chunks:
+    for k, chunk in enumerate(chunks):  # HF's lstrip/rstrip of added tokens eat the neighbours' spaces
+      strip = self._strip.get(chunk) if k % 2 else None
+      if strip and strip[0] and k > 0:
+        chunks[k - 1] = chunks[k - 1].rstrip()
+      if strip and strip[1] and k + 1 < len(chunks):
+        chunks[k + 1] = chunks[k + 1].lstrip()
+    out = []
+    for k, chunk in enumerate(chunks):
       if not chunk:
         continue
-      special = self._special_ids.get(chunk)
-      if special is not None:
-        ids.append(special)
+      if k % 2:  # re.split puts the matched tokens at odd positions
+        out.append(self._split_ids[chunk])
       else:
-        ids.extend(self._sp.encode(chunk))
-    return ids
+        out.extend(self._encode_stretch(chunk))
+    if (self._prefix_once and len(out) > 1 and self._sp.id_to_piece(out[0]) == SPIECE_UNDERLINE
+        and out[1] in self._special_ids):
+      out = out[1:]  # "▁" + a text that starts with a special token
+    return ids + out
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    """Pieces between split tokens are decoded together (sentencepiece drops a leading "▁" of each run)."""
     ids = [int(i) for i in ids]
-    special = set(self._special_ids.values())
     if skip_special_tokens:
-      return self._sp.decode([i for i in ids if i not in special])
+      ids = [i for i in ids if i not in self._special_ids]
     out, run = [], []
     for i in ids:
-      if i in special:
+      if i in self._split_id_set:
         out.append(self._sp.decode(run))
-        out.append(self._sp.id_to_piece(i))
+        out.append(self.id_to_token(i))
         run = []
       else:
         run.append(i)
@@ -159,13 +253,18 @@ class SentencePieceTokenizer(Tokenizer):
     return "".join(out)
 
   def token_to_id(self, token: str) -> int | None:
+    if token in self._split_ids:
+      return self._split_ids[token]
     i = self._sp.piece_to_id(token)
     if i == self.unk_id and token != self._sp.id_to_piece(i):
       return None
     return i
 
   def id_to_token(self, token_id: int) -> str:
-    return self._sp.id_to_piece(int(token_id))
+    token_id = int(token_id)
+    if token_id in self._extra:
+      return self._extra[token_id]
+    return self._sp.id_to_piece(token_id)
 
 
 # Names tried, in order, when neither the caller nor tokenizer_config.json says.
@@ -185,11 +284,13 @@ class HFTokenizer(Tokenizer):
   """
 
   _UNSET = object()
+  backend = "tokenizer.json"
 
   def __init__(self, tokenizer, *, bos_token=_UNSET, eos_token=_UNSET, pad_token=_UNSET,
-               unk_token=_UNSET, name: str = "<tokenizer.json>"):
+               unk_token=_UNSET, name: str = "<tokenizer.json>", chat_template: str | None = None):
     self.name = name
     self._tok = tokenizer
+    self.chat_template = chat_template
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     added = tokenizer.get_added_tokens_decoder()
     self.special_tokens = tuple(t.content for t in added.values() if t.special)
@@ -231,6 +332,8 @@ class HFTokenizer(Tokenizer):
     return self._tok.id_to_token(int(token_id))
 
 
+# ----------------------------------------------------------------------------- checkpoint files
+
 def _token_content(value) -> str | None:
   """tokenizer_config.json stores a token as a string or as {"content": ...}."""
   if isinstance(value, dict):
@@ -238,47 +341,187 @@ def _token_content(value) -> str | None:
   return value
 
 
-def _read_special_names(directory: str) -> dict:
-  """BOS/EOS/pad/unk names from tokenizer_config.json, then special_tokens_map.json; keys absent if unknown."""
-  names = {}
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_tokenizer_config(directory: str) -> dict:
+  """What the back ends need from a checkpoint directory's tokenizer files.
+
+  Returns a dict with (each present only if the files say):
+    "bos_token", "eos_token", "pad_token", "unk_token": str or None
+      (`tokenizer_config.json` wins over `special_tokens_map.json`);
+    "legacy": bool; "added_tokens": list of {"id", "content", "special",
+      "lstrip", "rstrip"} (`added_tokens_decoder`, then `added_tokens.json`);
+    "chat_template": str (`chat_template.jinja`, else `tokenizer_config.json`'s
+      "chat_template" (a string, or a list of {"name", "template"}: "default"),
+      else `chat_template.json`, as processors save it).
+  """
+  out: dict[str, Any] = {}
   for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
-    p = os.path.join(directory, fname)
-    if not os.path.exists(p):
-      continue
-    with open(p) as f:
-      cfg = json.load(f)
+    cfg = _read_json(os.path.join(directory, fname))
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
       if key in cfg:
-        names[key] = _token_content(cfg[key])
-  return names
+        out[key] = _token_content(cfg[key])
+  cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
+  if isinstance(cfg.get("legacy"), bool):
+    out["legacy"] = cfg["legacy"]
+  added = {}
+  for i, t in (cfg.get("added_tokens_decoder") or {}).items():
+    added[int(i)] = {"id": int(i), "content": t["content"], "special": bool(t.get("special", True)),
+                     "lstrip": bool(t.get("lstrip", False)), "rstrip": bool(t.get("rstrip", False))}
+  for content, i in _read_json(os.path.join(directory, "added_tokens.json")).items():
+    added.setdefault(int(i), {"id": int(i), "content": content, "special": True, "lstrip": False, "rstrip": False})
+  if added:
+    out["added_tokens"] = [added[i] for i in sorted(added)]
+  jinja = os.path.join(directory, "chat_template.jinja")
+  template = cfg.get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  if os.path.exists(jinja):
+    with open(jinja, encoding="utf-8") as f:
+      template = f.read()
+  if template is None:
+    template = _read_json(os.path.join(directory, "chat_template.json")).get("chat_template")
+  if isinstance(template, str):
+    out["chat_template"] = template
+  return out
 
 
-def load_tokenizer(path: str | os.PathLike, **special_tokens) -> Tokenizer:
-  """Opens a tokenizer from a file or a directory.
+def _json_prefixes_every_stretch(path: str) -> bool:
+  """Whether a tokenizer.json puts "▁" before every stretch between added tokens (HF legacy=True behaviour)."""
+  spec = _read_json(path)
+
+  def parts(node):
+    if not node:
+      return []
+    if node.get("type") == "Sequence":
+      return [p for sub in node.get("normalizers", node.get("pretokenizers", [])) for p in parts(sub)]
+    return [node]
+
+  for n in parts(spec.get("normalizer")):
+    if n.get("type") == "Prepend" and n.get("prepend") == SPIECE_UNDERLINE:
+      return True
+  for p in parts(spec.get("pre_tokenizer")):
+    if p.get("type") == "Metaspace":
+      scheme = p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never")
+      return scheme == "always"
+  return False
+
+
+def _find_files(directory: str) -> dict[str, str]:
+  """{"tokenizer.json": path, "sentencepiece": path} for the files a checkpoint directory ships."""
+  found = {}
+  if os.path.exists(os.path.join(directory, "tokenizer.json")):
+    found["tokenizer.json"] = os.path.join(directory, "tokenizer.json")
+  if os.path.exists(os.path.join(directory, "tokenizer.model")):
+    found["sentencepiece"] = os.path.join(directory, "tokenizer.model")
+  else:
+    models = sorted(f for f in os.listdir(directory) if f.endswith(".model"))
+    if len(models) == 1:
+      found["sentencepiece"] = os.path.join(directory, models[0])
+  return found
+
+
+def _open(backend: str, path: str, cfg: Mapping, legacy: bool | None, special_tokens: Mapping) -> Tokenizer:
+  template = cfg.get("chat_template")
+  if backend == "tokenizer.json":
+    import tokenizers  # local: only the tokenizer.json path needs it
+    names = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in cfg}
+    return HFTokenizer(tokenizers.Tokenizer.from_file(path), name=path, chat_template=template,
+                       **{**names, **special_tokens})
+  if special_tokens:
+    raise ValueError(f"special-token overrides {sorted(special_tokens)} only apply to tokenizer.json, not {path}")
+  legacy = cfg.get("legacy", True) if legacy is None else legacy
+  return SentencePieceTokenizer.from_file(path, legacy=legacy, added_tokens=cfg.get("added_tokens", ()),
+                                          chat_template=template)
+
+
+def compare_backends(a: Tokenizer, b: Tokenizer, texts: Iterable[str]) -> str | None:
+  """None if `a` and `b` encode every text (split at `<image>` tags, as training does) to the same ids;
+  else a description of the first difference."""
+  for text in texts:
+    for part in text.split("<image>"):
+      x, y = a.encode(part), b.encode(part)
+      if x == y:
+        continue
+      k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+      show = lambda tok, ids: [tok.id_to_token(i) for i in ids[max(0, k - 2):k + 3]]
+      cut = part[:160] + ("..." if len(part) > 160 else "")
+      return (f"on {cut!r}: {a.backend} gives ...{show(a, x)}, {b.backend} ...{show(b, y)} "
+              f"(token {k})")
+  return None
+
+
+def load_tokenizer(path: str | os.PathLike, *, backend: str = "auto", legacy: bool | None = None,
+                   template: str | None = None, **special_tokens) -> Tokenizer:
+  """Opens a tokenizer from a file or a checkpoint directory (see the module docstring).
 
   Args:
     path: a sentencepiece `*.model`, a `tokenizer.json`, or a directory
-      holding one (`tokenizer.json` is preferred: it includes HF added tokens
-      that a `tokenizer.model` lacks).
+      holding one or both (with `tokenizer_config.json` etc. beside them;
+      a file's directory is read too).
+    backend: "auto" (module docstring), "sentencepiece" or "tokenizer.json".
+    legacy: overrides `tokenizer_config.json`'s `legacy` (sentencepiece only).
+    template: the conversation template the tokenizer will be used with; when
+      a directory ships both back ends they are compared on its text (None:
+      every built-in template's).
     **special_tokens: for `tokenizer.json` only, `bos_token=`, `eos_token=`,
       `pad_token=`, `unk_token=` override `tokenizer_config.json`.
   """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   path = os.fspath(path)
-  if os.path.isdir(path):
-    for fname in ("tokenizer.json", "tokenizer.model"):
-      if os.path.exists(os.path.join(path, fname)):
-        return load_tokenizer(os.path.join(path, fname), **special_tokens)
-    models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
-    if len(models) == 1:
-      return load_tokenizer(os.path.join(path, models[0]), **special_tokens)
+  if not os.path.isdir(path):
+    cfg = read_tokenizer_config(os.path.dirname(path) or ".")
+    kind = "tokenizer.json" if path.endswith(".json") else "sentencepiece"
+    if backend not in ("auto", kind):
+      raise ValueError(f"backend={backend!r} but {path} is a {kind} file")
+    tok = _open(kind, path, cfg, legacy, special_tokens)
+    log.info("tokenizer %s: %s back end%s", path, kind, _legacy_note(tok))
+    return tok
+  found = _find_files(path)
+  if not found:
     raise FileNotFoundError(f"no tokenizer.json or single *.model in {path}: found {sorted(os.listdir(path))}")
-  if path.endswith(".json"):
-    import tokenizers  # local: only the tokenizer.json path needs it
-    names = {**_read_special_names(os.path.dirname(path) or "."), **special_tokens}
-    return HFTokenizer(tokenizers.Tokenizer.from_file(path), name=path, **names)
-  if special_tokens:
-    raise ValueError(f"special-token overrides {sorted(special_tokens)} only apply to tokenizer.json, not {path}")
-  return SentencePieceTokenizer.from_file(path)
+  cfg = read_tokenizer_config(path)
+  if backend != "auto":
+    if backend not in found:
+      raise FileNotFoundError(f"backend={backend!r}: {path} has no such file (it has {sorted(found)})")
+    chosen, why = backend, "asked for"
+  elif len(found) == 1:
+    chosen, why = next(iter(found)), "the only tokenizer file"
+  elif cfg.get("legacy") is False and legacy is not True and _json_prefixes_every_stretch(found["tokenizer.json"]):
+    chosen, why = "sentencepiece", ('tokenizer_config.json says "legacy": false, which its tokenizer.json does '
+                                    'not implement (it prefixes "▁" after every special token)')
+  else:
+    chosen, why = "tokenizer.json", "as AutoTokenizer loads it"
+  tok = _open(chosen, found[chosen], cfg, legacy, special_tokens if chosen == "tokenizer.json" else {})
+  log.info("tokenizer %s: %s back end (%s)%s", path, chosen, why, _legacy_note(tok))
+  if len(found) == 2:
+    other_kind = "sentencepiece" if chosen == "tokenizer.json" else "tokenizer.json"
+    other = _open(other_kind, found[other_kind], cfg, legacy, special_tokens if other_kind == "tokenizer.json" else {})
+    from llava_jax.data.templates import probe_texts  # local: templates import nothing from here at module level
+    diff = compare_backends(tok, other, probe_texts(template, tokenizer=tok))
+    if diff:
+      log.warning("tokenizer %s ships tokenizer.json and %s, which disagree on the %s text %s. Using %s; "
+                  "training and serving must use the same one (load_tokenizer(..., backend=...)). LLaVA trained "
+                  "Llama-family checkpoints with the sentencepiece one (use_fast=False).", path,
+                  os.path.basename(found["sentencepiece"]), f"template {template!r}" if template else "templates'",
+                  diff, chosen)
+  return tok
+
+
+def _legacy_note(tok: Tokenizer) -> str:
+  if isinstance(tok, SentencePieceTokenizer):
+    return f", legacy={tok.legacy}" + ("" if tok._prefix_once or tok.legacy else " (no dummy prefix: no effect)")
+  return ""
 
 
 def train_sentencepiece(sentences: Sequence[str], vocab_size: int, *, user_defined_symbols: Sequence[str] = (),
