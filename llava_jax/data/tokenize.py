@@ -10,7 +10,10 @@
 Labels use the HF convention: `labels[i] = input_ids[i]` where that token is
 learned, IGNORE (-100) elsewhere; the loss shifts (predicts `labels[i]` from
 positions `< i`). Learned tokens are those of the template's target segments:
-each answer with its end separator/token (`" answer</s>"`), as in LLaVA.
+each answer with its end separator/token (`" answer</s>"`), as in LLaVA; plus,
+for LLaVA-NeXT's templates, every token listed in `Template.learned_tokens`.
+An assistant turn with no text is rejected (`empty_answer`): it would teach
+only the end token.
 
 How labels are placed. The whole rendered text is tokenized once (that is
 `input_ids`). For every boundary between a prompt and a target segment the
@@ -20,9 +23,14 @@ inference), and its length is where the mask flips. If it is not a prefix, a
 token straddles the boundary or the tokenizer is context dependent there, and
 the sample is rejected as `template_mismatch` — LLaVA's "tokenization
 mismatch" check, made exact, and without its per-tokenizer length patches.
+One exception: whitespace that ends an answer after its end token and that
+the tokenizer joins to the next turn's first token (llava-hf's Mistral
+template: "</s> [INST]" -> '</s>', '▁[') goes with the next turn.
 Text is split at each `<image>` tag and the stretches are tokenized separately
 (LLaVA's `tokenizer_image_token`); each tag becomes `num_image_tokens` copies
 of `image_token_id` (HF convention: one id per image feature), never learned.
+With `template="hf"` the text is tokenized whole, `<image>` as the tokenizer's
+own token, as HF processors do (split as above if the tokenizer has none).
 
 Cost: one encode of the whole text plus one of the stretch (since the last
 `<image>`) before each prompt/answer boundary, so roughly (answers + 1) encodes
@@ -39,7 +47,8 @@ from typing import Mapping, MutableMapping, Sequence
 
 import numpy as np
 
-from llava_jax.data.templates import IMAGE_TAG, ConversationError, Segment, Template, get_template, render
+from llava_jax.data.templates import (IMAGE_TAG, ConversationError, Segment, Template, get_template,
+                                      normalize_conversation)
 from llava_jax.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -110,9 +119,17 @@ def count_images(sample: Mapping) -> int:
   return 1
 
 
-def _encode_chunks(text: str, tokenizer: Tokenizer, add_bos: bool) -> tuple[list[int], list[tuple[int, int, int]]]:
-  """Text -> ids with one _IMAGE per tag, and per image-free stretch (char_start, char_end, token_start)."""
+def _encode_chunks(text: str, tokenizer: Tokenizer, add_bos: bool, split_at_images: bool = True
+                   ) -> tuple[list[int], list[tuple[int, int, int]]]:
+  """Text -> ids with one _IMAGE per tag, and per image-free stretch (char_start, char_end, token_start).
+
+  `split_at_images`: encode each stretch between tags separately (LLaVA's `tokenizer_image_token`); else the
+  whole text at once with the tokenizer's own `<image>` token (HF processors; needs the token).
+  """
   ids = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+  if not split_at_images:
+    image_id = tokenizer.token_to_id(IMAGE_TAG)
+    return ids + [_IMAGE if i == image_id else i for i in tokenizer.encode(text)], [(0, len(text), len(ids))]
   chunks, pos = [], 0
   for k, part in enumerate(text.split(IMAGE_TAG)):
     if k:
@@ -125,8 +142,15 @@ def _encode_chunks(text: str, tokenizer: Tokenizer, add_bos: bool) -> tuple[list
   return ids, chunks
 
 
+def _splits_at_images(template, tokenizer: Tokenizer) -> bool:
+  return getattr(template, "split_at_images", True) or tokenizer.token_to_id(IMAGE_TAG) is None
+
+
 def _token_at_boundary(text: str, b: int, whole: list[int], chunks, tokenizer: Tokenizer) -> tuple[int | None, str]:
-  """Index into `whole` where text[:b] ends, or (None, why) if text[:b] does not tokenize to a prefix of `whole`."""
+  """Index into `whole` where text[:b] ends, or (None, why) if text[:b] does not tokenize to a prefix of `whole`.
+
+  (With one chunk for the whole text, `<image>` is the tokenizer's token: it is `_IMAGE` in `whole`.)
+  """
   for cs, ce, ts in chunks:
     if cs <= b <= ce:
       break
@@ -135,6 +159,9 @@ def _token_at_boundary(text: str, b: int, whole: list[int], chunks, tokenizer: T
   if b == cs:
     return ts, ""
   part = tokenizer.encode(text[cs:b])
+  if len(chunks) == 1 and IMAGE_TAG in text:
+    image_id = tokenizer.token_to_id(IMAGE_TAG)
+    part = [_IMAGE if i == image_id else i for i in part]
   if whole[ts:ts + len(part)] == part:
     return ts + len(part), ""
   k = next((i for i, (x, y) in enumerate(zip(part, whole[ts:])) if x != y), min(len(part), len(whole) - ts))
@@ -154,6 +181,29 @@ def _merge(segments: Sequence[Segment]) -> list[Segment]:
   return out
 
 
+def _wants_bos(text: str, tokenizer: Tokenizer, add_bos: bool | None) -> bool:
+  """add_bos=None: BOS iff the tokenizer has one and the text does not already start with it (HF chat templates
+  write their own, as `apply_chat_template` expects)."""
+  if add_bos is not None:
+    return add_bos
+  return tokenizer.bos_id is not None and not text.startswith(tokenizer.id_to_token(tokenizer.bos_id))
+
+
+def learned_token_ids(tokenizer: Tokenizer, tokens: Sequence[str]) -> set[int]:
+  """Ids of `Template.learned_tokens`: the vocabulary entry, else the single token the string encodes to
+  ("\n" is "Ċ" in byte-level vocabularies); strings that are neither are left out, as LLaVA-NeXT's
+  `convert_tokens_to_ids` leaves them out."""
+  ids = set()
+  for t in tokens:
+    i = tokenizer.token_to_id(t)
+    if i is None:
+      enc = tokenizer.encode(t)
+      i = enc[0] if len(enc) == 1 else None
+    if i is not None and i != tokenizer.unk_id:
+      ids.add(i)
+  return ids
+
+
 def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str | Template, *, image_token_id: int,
                           num_image_tokens: int, max_len: int,
                           add_bos: bool | None = None) -> TokenizedSample | Rejected:
@@ -162,13 +212,14 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
   Args:
     sample: LLaVA JSON record with "conversations", optional "id" and "image"/"images".
     tokenizer: a `llava_jax.tokenizer.Tokenizer`.
-    template: a Template or its name in `templates.TEMPLATES`.
+    template: a Template, a name in `templates.TEMPLATES`, or "hf" (the
+      tokenizer's own chat template, `llava_jax.data.chat_template`).
     image_token_id: id written at each image feature position (must not be
       produced by tokenizing the text).
     num_image_tokens: features per image (N_img), e.g. 576 for CLIP-L/14 at 336.
     max_len: keep at most this many tokens (the end is cut).
     add_bos: prepend BOS; None = iff the tokenizer has one (Llama/Mistral/Gemma
-      yes, Qwen2 no).
+      yes, Qwen2 no) and the rendered text does not start with it already.
 
   Returns:
     TokenizedSample with input_ids, labels int32[L] (L <= max_len), or
@@ -183,9 +234,15 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
   if not isinstance(conversation, Sequence) or isinstance(conversation, str):
     return reject(RejectReason.TEMPLATE_MISMATCH,
                   f"'conversations' must be a list of turns, got {type(conversation).__name__}")
-  template = get_template(template)
+  template = get_template(template, tokenizer)
   try:
-    segments = _merge(render(conversation, template))
+    _, turns = normalize_conversation(conversation)
+    for turn in turns:
+      if turn.role == "assistant" and not turn.text.strip():
+        return reject(RejectReason.EMPTY_ANSWER,
+                      f"turn {turn.index} (assistant) is {'whitespace only' if turn.text else 'empty'}: "
+                      f"it would train the end token alone")
+    segments = _merge(template.render(conversation))
   except ConversationError as e:
     return reject(RejectReason.TEMPLATE_MISMATCH, f"template {template.name!r}: {e}")
   text = "".join(s.text for s in segments)
@@ -196,8 +253,8 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
     return reject(RejectReason.IMAGE_COUNT_MISMATCH,
                   f"{n_tags} {IMAGE_TAG} tags in the rendered text, {n_images} images given")
 
-  add_bos = tokenizer.bos_id is not None if add_bos is None else add_bos
-  whole, chunks = _encode_chunks(text, tokenizer, add_bos)
+  whole, chunks = _encode_chunks(text, tokenizer, _wants_bos(text, tokenizer, add_bos),
+                                 _splits_at_images(template, tokenizer))
   if image_token_id in whole:
     return reject(RejectReason.IMAGE_COUNT_MISMATCH,
                   f"the text itself tokenizes to image_token_id {image_token_id} "
@@ -209,6 +266,12 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
     end_char = start_char + len(seg.text)
     if k + 1 < len(segments):
       end_tok, why = _token_at_boundary(text, end_char, whole, chunks, tokenizer)
+      kept = len(seg.text.rstrip())
+      if end_tok is None and seg.is_target and 0 < kept < len(seg.text):
+        # Whitespace after an answer's end token that the tokenizer joins to the next turn ("</s> [INST]" ->
+        # '</s>', '▁[') belongs to that turn: the model stops before it.
+        end_tok, _ = _token_at_boundary(text, start_char + kept, whole, chunks, tokenizer)
+        end_char = start_char + kept if end_tok is not None else end_char
       if end_tok is None:
         return reject(RejectReason.TEMPLATE_MISMATCH, f"template {template.name!r}: {why}")
     else:
@@ -217,11 +280,14 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
       labels[start_tok:end_tok] = [IGNORE if i == _IMAGE else i for i in whole[start_tok:end_tok]]
     start_char, start_tok = end_char, end_tok
 
-  ids = np.asarray(whole, np.int64)
-  lab = np.asarray(labels, np.int64)
-  if not (lab != IGNORE).any():
+  if all(label == IGNORE for label in labels):
     n_turns = len(conversation)
     return reject(RejectReason.NO_TARGET, f"no answer tokens to learn ({n_turns} turns, template {template.name!r})")
+  if template.learned_tokens:  # LLaVA-NeXT: structural tokens learned in every turn
+    learned = learned_token_ids(tokenizer, template.learned_tokens)
+    labels = [i if i in learned else label for i, label in zip(whole, labels)]
+  ids = np.asarray(whole, np.int64)
+  lab = np.asarray(labels, np.int64)
 
   is_image = ids == _IMAGE
   reps = np.where(is_image, num_image_tokens, 1)
@@ -244,10 +310,14 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
 
 
 def tokenize_prompt(text: str, tokenizer: Tokenizer, *, image_token_id: int, num_image_tokens: int,
-                    add_bos: bool | None = None) -> np.ndarray:
-  """A generation prompt (e.g. from `templates.prompt_for_generation`) -> int32[T], tokenized as in training."""
-  add_bos = tokenizer.bos_id is not None if add_bos is None else add_bos
-  ids = np.asarray(_encode_chunks(text, tokenizer, add_bos)[0], np.int64)
+                    add_bos: bool | None = None, template=None) -> np.ndarray:
+  """A generation prompt (e.g. from `templates.prompt_for_generation`) -> int32[T], tokenized as in training.
+
+  `template`: the one that rendered `text`; "hf" (a ChatTemplate) encodes `<image>` with the tokenizer's own
+  token as training did (None: split at the tags, as the built-in templates do).
+  """
+  split = template is None or _splits_at_images(get_template(template, tokenizer), tokenizer)
+  ids = np.asarray(_encode_chunks(text, tokenizer, _wants_bos(text, tokenizer, add_bos), split)[0], np.int64)
   is_image = ids == _IMAGE
   return np.repeat(np.where(is_image, image_token_id, ids), np.where(is_image, num_image_tokens, 1)).astype(np.int32)
 

@@ -42,13 +42,15 @@ def sp():
   sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".?!") for _ in range(2000)]
   sents += [t.replace("<image>", "") for t in _rendered_texts()]  # so every character has a piece
   return tk.train_sentencepiece(sents, 200, user_defined_symbols=[
-      "\n", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"])
+      "\n", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>",
+      "<|end_header_id|>", "<|eot_id|>"])
 
 
 @pytest.fixture(scope="module")
 def wl():
   """WordLevel + Whitespace pre-tokenizer: one token per word / punctuation run, whitespace dropped."""
-  specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
+  specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>",
+              "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
   words = []
   for text in _rendered_texts():
     words += [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.replace("<image>", " "))]
@@ -70,7 +72,8 @@ def bpe():
   rng = random.Random(1)
   sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(1000)] + _rendered_texts()
   tok.train_from_iterator(sents, trainers.BpeTrainer(
-      vocab_size=400, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      vocab_size=400, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                          "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   return tk.HFTokenizer(tok, bos_token=None, eos_token="<|im_end|>", name="bpe")
 
@@ -105,9 +108,15 @@ WL_EXPECTED = {
                  "USER : Color ? ASSISTANT : Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
     "llama_2": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
                 "<s> [ INST ] Color ? [/ INST ] Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
-    "mistral_instruct": ("<s> [ INST ] Be brief . IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
-                         "[ INST ] Color ? [/ INST ] Black . </s>",
-                         [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
+    "llava_llama_2": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
+                      "<s> [ INST ] Color ? [/ INST ] Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
+    "mistral_instruct": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . "
+                         "</s> [ INST ] Color ? [/ INST ] Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
+    "llama3": ("<s> <|start_header_id|> system <|end_header_id|> Be brief . <|eot_id|> <|start_header_id|> user "
+               "<|end_header_id|> IMG IMG IMG What is this ? <|eot_id|> <|start_header_id|> assistant <|end_header_id|> "
+               "A cat . <|eot_id|> <|start_header_id|> user <|end_header_id|> Color ? <|eot_id|> <|start_header_id|> "
+               "assistant <|end_header_id|> Black . <|eot_id|>",
+               [["A", "cat", ".", "<|eot_id|>"], ["Black", ".", "<|eot_id|>"]]),
     "chatml": ("<|im_start|> system Be brief . <|im_end|> <|im_start|> user IMG IMG IMG What is this ? <|im_end|> "
                "<|im_start|> assistant A cat . <|im_end|> <|im_start|> user Color ? <|im_end|> "
                "<|im_start|> assistant Black . <|im_end|>",
@@ -117,6 +126,33 @@ WL_EXPECTED = {
               "Black . <end_of_turn>", [["A", "cat", ".", "<end_of_turn>"], ["Black", ".", "<end_of_turn>"]]),
     "plain": ("<s> IMG IMG IMG A cat .", [["A", "cat", "."]]),
 }
+
+
+# LLaVA-NeXT: learned tokens in [brackets] (also the structural ones of user and system turns).
+WL_MARKED = {
+    "llama3_llava_next": "<s> [<|start_header_id|>] system [<|end_header_id|>] Be brief . [<|eot_id|>] "
+                         "[<|start_header_id|>] user [<|end_header_id|>] IMG IMG IMG What is this ? [<|eot_id|>] "
+                         "[<|start_header_id|>] [assistant] [<|end_header_id|>] [A] [cat] [.] [<|eot_id|>] "
+                         "[<|start_header_id|>] user [<|end_header_id|>] Color ? [<|eot_id|>] [<|start_header_id|>] "
+                         "[assistant] [<|end_header_id|>] [Black] [.] [<|eot_id|>]",
+    # "\n" is learned too where it is a token of its own; WordLevel drops whitespace.
+    "chatml_llava_next": "[<|im_start|>] system Be brief . [<|im_end|>] [<|im_start|>] user IMG IMG IMG What is this ? "
+                         "[<|im_end|>] [<|im_start|>] [assistant] [A] [cat] [.] [<|im_end|>] [<|im_start|>] user Color "
+                         "? [<|im_end|>] [<|im_start|>] [assistant] [Black] [.] [<|im_end|>]",
+}
+
+
+def test_every_template_has_a_wordlevel_expectation():
+  assert set(WL_EXPECTED) | set(WL_MARKED) == set(tp.TEMPLATES)
+
+
+@pytest.mark.parametrize("name", sorted(WL_MARKED))
+def test_wordlevel_learned_tokens_by_hand(wl, name):
+  r = _tok(SAMPLE, wl, name, add_bos=not name.startswith("chatml"))
+  assert isinstance(r, TokenizedSample), r
+  marked = ["IMG" if i == IMG else (f"[{wl.id_to_token(i)}]" if l != IGNORE else wl.id_to_token(i))
+            for i, l in zip(r.input_ids, r.labels)]
+  assert " ".join(marked) == WL_MARKED[name]
 
 
 @pytest.mark.parametrize("name", sorted(WL_EXPECTED))
@@ -140,9 +176,11 @@ def test_sentencepiece_vicuna_by_hand(sp):
   assert ["".join(run) for run in _targets(sp, r)] == ["▁A▁cat.</s>", "▁Black.</s>"]
 
 
-@pytest.mark.parametrize("name", sorted(tp.TEMPLATES))
+@pytest.mark.parametrize("name", sorted(n for n, t in tp.TEMPLATES.items() if not t.learned_tokens))
 def test_sentencepiece_targets_are_the_answer_text(sp, name):
-  """Each learned run spells exactly the template's target segment (spaces as ▁)."""
+  """Each learned run spells exactly the template's target segment (spaces as ▁).
+
+  (LLaVA-NeXT's templates also learn structural tokens of other turns: test_tokenize_reference.py.)"""
   sample = PLAIN if name == "plain" else SAMPLE
   r = _tok(sample, sp, name)
   assert isinstance(r, TokenizedSample), r
@@ -170,14 +208,18 @@ def test_generation_prompt_tokens_equal_training_context(sp, wl, bpe, name):
   conv = sample["conversations"]
   for tok in (sp, wl, bpe):
     r = _tok(sample, tok, name)
+    t = tp.TEMPLATES[name]
     starts = [i for i in range(len(r.labels)) if r.labels[i] != IGNORE and (i == 0 or r.labels[i - 1] == IGNORE)]
-    user_turns = [k for k, t in enumerate(conv) if t["from"] == "human"]
-    assert len(starts) == len(user_turns)
-    for start, k in zip(starts, user_turns):
+    user_turns = [k for k, turn in enumerate(conv) if turn["from"] == "human"]
+    if not t.learned_tokens:
+      assert len(starts) == len(user_turns)
+    for j, k in enumerate(user_turns):
       prompt = tp.prompt_for_generation(conv[:k + 1], name)
       ids = tokenize_prompt(prompt, tok, image_token_id=IMG, num_image_tokens=N_IMG)
       assert ids.dtype == np.int32
-      np.testing.assert_array_equal(ids, r.input_ids[:start], err_msg=f"{name} {tok.name} turn {k}")
+      np.testing.assert_array_equal(ids, r.input_ids[:len(ids)], err_msg=f"{name} {tok.name} turn {k}")
+      if not t.learned_tokens:  # the answer's learned tokens start right after the generation prompt
+        assert starts[j] == len(ids), (name, tok.name, k)
 
 
 def test_template_mismatch_token_straddles_boundary(wl):
@@ -291,4 +333,22 @@ def test_never_all_ignore_and_invariants(sp, wl, bpe):
     np.testing.assert_array_equal(r.labels[learned], r.input_ids[learned])
     assert not (learned & (r.input_ids == IMG)).any()
     assert (r.input_ids == IMG).sum() == N_IMG * r.num_images
-  assert seen["ok"] > 30 and len(seen) >= 4, seen
+  assert seen["ok"] > 20 and len(seen) >= 5, seen
+  assert seen[RejectReason.EMPTY_ANSWER] > 0, seen
+
+
+def test_empty_answer_is_rejected_naming_the_turn(wl):
+  """An assistant turn with no text would train the end token alone ("</s>" right after "ASSISTANT:")."""
+  for value, what in (("", "empty"), ("  \n ", "whitespace only")):
+    conv = CONV[1:4] + [{"from": "gpt", "value": value}]
+    r = _tok({"id": "e-1", "image": "x.jpg", "conversations": conv}, wl, "vicuna_v1")
+    assert isinstance(r, Rejected) and r.reason == RejectReason.EMPTY_ANSWER and r.sample_id == "e-1", r
+    assert r.detail == f"turn 3 (assistant) is {what}: it would train the end token alone"
+  caption = {"id": "c", "image": "x.jpg", "conversations": [CONV[1], {"from": "gpt", "value": " "}]}
+  assert _tok(caption, wl, "plain").reason == RejectReason.EMPTY_ANSWER
+  # a leading assistant turn is dropped before training (as LLaVA does), so it may be empty
+  lead = {"id": "l", "image": "x.jpg", "conversations": [{"from": "gpt", "value": ""}] + CONV[1:3]}
+  assert isinstance(_tok(lead, wl, "vicuna_v1"), TokenizedSample)
+  counters = {}
+  assert apply_policy(_tok({**lead, "conversations": conv}, wl, "vicuna_v1"), "skip", counters) is None
+  assert counters == {"empty_answer": 1}
