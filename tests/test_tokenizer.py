@@ -1,5 +1,7 @@
 """The tokenizer wrapper: sentencepiece and tokenizer.json back ends, special tokens in text, loading."""
 import json
+import logging
+import os
 import pickle
 import random
 
@@ -118,3 +120,139 @@ def test_hf_byte_level_bpe_without_bos(tmp_path):
 def test_load_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
     tk.load_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------------------- a real Llama-family model
+
+MISTRAL = os.path.join(os.path.dirname(__file__), "data", "testdata", "mistral_v1_tokenizer.model")
+
+# What transformers 4.36.2's slow LlamaTokenizer (the one LLaVA trains with) gives on Mistral's model.
+# legacy=True: every stretch between special tokens gets the dummy prefix; legacy=False: only the text's start.
+HF_436 = {
+    (True, "A cat.</s>USER:"): ["▁A", "▁cat", ".", "</s>", "▁US", "ER", ":"],
+    (False, "A cat.</s>USER:"): ["▁A", "▁cat", ".", "</s>", "USER", ":"],
+    (True, "safe.  Your"): ["▁safe", ".", "▁", "▁Your"],
+    (False, "safe.  Your"): ["▁safe", ".", "▁", "▁Your"],
+    (True, " ASSISTANT:"): ["▁", "▁ASS", "IST", "ANT", ":"],
+    (False, " ASSISTANT:"): ["▁", "▁ASS", "IST", "ANT", ":"],
+    (True, "[/INST] A cat. </s><s>[INST] Color?"): ["▁[", "/", "INST", "]", "▁A", "▁cat", ".", "▁", "</s>", "<s>",
+                                                    "▁[", "INST", "]", "▁Color", "?"],
+    (False, "[/INST] A cat. </s><s>[INST] Color?"): ["▁[", "/", "INST", "]", "▁A", "▁cat", ".", "▁", "</s>", "<s>",
+                                                     "[", "INST", "]", "▁Color", "?"],
+    (True, "Hi </s> x"): ["▁Hi", "▁", "</s>", "▁", "▁x"],
+    (False, "Hi </s> x"): ["▁Hi", "▁", "</s>", "▁x"],  # a space after </s> survives (the "<unk>" trick)
+    (False, "</s>x"): ["</s>", "x"],  # no lone "▁" before a leading special token
+}
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("mistral")
+  with open(MISTRAL, "rb") as f, open(d / "tokenizer.model", "wb") as g:
+    g.write(f.read())
+  return d
+
+
+@pytest.mark.parametrize("legacy,text", sorted(HF_436), ids=lambda x: repr(x))
+def test_sentencepiece_legacy_matches_transformers_436(legacy, text):
+  tok = tk.SentencePieceTokenizer.from_file(MISTRAL, legacy=legacy)
+  assert [tok.id_to_token(i) for i in tok.encode(text)] == HF_436[legacy, text]
+
+
+def test_legacy_true_matches_transformers_sentencepiece_backend():
+  """Live check against the venv's transformers (its generic sentencepiece back end is HF's legacy=True)."""
+  backend = pytest.importorskip("transformers.tokenization_utils_sentencepiece").SentencePieceBackend
+  ref = backend(vocab_file=MISTRAL, legacy=True, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+  ours = tk.SentencePieceTokenizer.from_file(MISTRAL, legacy=True)
+  rng = random.Random(0)
+  parts = ["</s>", "<s>", " ", "  ", "\n", "USER:", " ASSISTANT:", "A cat.", "[INST]", " [/INST]", "é", "日本", "x"]
+  for _ in range(300):
+    text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 8)))
+    assert ours.encode(text) == ref.convert_tokens_to_ids(ref.tokenize(text)), repr(text)
+
+
+def _write_config(d, **cfg):
+  with open(d / "tokenizer_config.json", "w") as f:
+    json.dump(cfg, f)
+
+
+def test_load_reads_legacy_added_tokens_and_chat_template(mistral_dir, tmp_path, caplog):
+  d = tmp_path / "ckpt"
+  d.mkdir()
+  (d / "tokenizer.model").write_bytes((mistral_dir / "tokenizer.model").read_bytes())
+  _write_config(d, legacy=False, chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                added_tokens_decoder={"32000": {"content": "<image>", "special": True, "lstrip": False,
+                                                "rstrip": False, "normalized": False, "single_word": False}})
+  with caplog.at_level(logging.INFO, logger="llava_jax.tokenizer"):
+    tok = tk.load_tokenizer(d)
+  assert "sentencepiece back end (the only tokenizer file), legacy=False" in caplog.text
+  assert isinstance(tok, tk.SentencePieceTokenizer) and not tok.legacy and tok.backend == "sentencepiece"
+  assert [tok.id_to_token(i) for i in tok.encode("A cat.</s>USER:")] == HF_436[False, "A cat.</s>USER:"]
+  assert tok.vocab_size == 32001 and tok.token_to_id("<image>") == 32000 and "<image>" in tok.special_tokens
+  assert tok.encode("a<image>b")[1] == 32000 and tok.decode([32000], skip_special_tokens=False) == "<image>"
+  assert tok.chat_template.startswith("{{ bos_token }}")
+  assert tk.load_tokenizer(d, legacy=True).legacy  # the argument wins over the file
+  # chat_template.jinja wins over tokenizer_config.json's (as transformers reads them)
+  (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+  assert tk.load_tokenizer(d / "tokenizer.model").chat_template == "{{ messages[0]['content'] }}"
+  clone = pickle.loads(pickle.dumps(tok))
+  assert not clone.legacy and clone.vocab_size == 32001 and clone.encode("x</s>USER") == tok.encode("x</s>USER")
+
+
+@pytest.fixture(scope="module")
+def mistral_json(mistral_dir, tmp_path_factory):
+  """tokenizer.json files converted from the model by the venv's transformers: Metaspace "always" / "first"."""
+  transformers = pytest.importorskip("transformers")
+  out = {}
+  for legacy in (True, False):
+    path = tmp_path_factory.mktemp("json") / "tokenizer.json"
+    transformers.LlamaTokenizer.from_pretrained(str(mistral_dir), legacy=legacy).backend_tokenizer.save(str(path))
+    out[legacy] = path.read_bytes()
+  return out
+
+
+def _both(tmp_path, mistral_dir, json_bytes, **cfg):
+  d = tmp_path / "both"
+  d.mkdir(exist_ok=True)
+  (d / "tokenizer.model").write_bytes((mistral_dir / "tokenizer.model").read_bytes())
+  (d / "tokenizer.json").write_bytes(json_bytes)
+  _write_config(d, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **cfg)
+  return d
+
+
+def test_backend_choice_and_disagreement_warning(mistral_dir, mistral_json, tmp_path, caplog):
+  # Both files, no legacy key: tokenizer.json (what AutoTokenizer loads); the back ends disagree on the
+  # Llama-2 system prompt's double space, and the warning shows where.
+  d = _both(tmp_path, mistral_dir, mistral_json[True])
+  with caplog.at_level(logging.INFO, logger="llava_jax.tokenizer"):
+    tok = tk.load_tokenizer(d, template="llama_2")
+  assert isinstance(tok, tk.HFTokenizer) and "tokenizer.json back end (as AutoTokenizer loads it)" in caplog.text
+  assert "disagree on the template 'llama_2' text" in caplog.text and "'▁▁'" in caplog.text, caplog.text
+  # legacy=false, but a tokenizer.json that prefixes every stretch: the sentencepiece model does what the config says
+  caplog.clear()
+  d = _both(tmp_path, mistral_dir, mistral_json[True], legacy=False)
+  with caplog.at_level(logging.INFO, logger="llava_jax.tokenizer"):
+    tok = tk.load_tokenizer(d, template="vicuna_v1")
+  assert isinstance(tok, tk.SentencePieceTokenizer) and not tok.legacy
+  assert 'says "legacy": false, which its tokenizer.json does not implement' in caplog.text
+  assert [tok.id_to_token(i) for i in tok.encode("A cat.</s>USER:")][-2:] == ["USER", ":"]
+  # legacy=false with a "first" tokenizer.json: that file; it agrees with sentencepiece on vicuna_v1's text
+  caplog.clear()
+  d = _both(tmp_path, mistral_dir, mistral_json[False], legacy=False)
+  with caplog.at_level(logging.INFO, logger="llava_jax.tokenizer"):
+    tok = tk.load_tokenizer(d, template="vicuna_v1")
+  assert isinstance(tok, tk.HFTokenizer) and "disagree" not in caplog.text, caplog.text
+  assert [tok.id_to_token(i) for i in tok.encode("A cat.</s>USER:")][-2:] == ["USER", ":"]
+  assert isinstance(tk.load_tokenizer(d, backend="sentencepiece"), tk.SentencePieceTokenizer)
+  with pytest.raises(FileNotFoundError, match="backend='tokenizer.json'"):
+    tk.load_tokenizer(mistral_dir, backend="tokenizer.json")
+  with pytest.raises(ValueError, match="backend must be one of"):
+    tk.load_tokenizer(d, backend="slow")
+
+
+def test_compare_backends_names_the_first_difference():
+  a = tk.SentencePieceTokenizer.from_file(MISTRAL, legacy=True)
+  b = tk.SentencePieceTokenizer.from_file(MISTRAL, legacy=False)
+  assert tk.compare_backends(a, a, ["x</s>USER"]) is None
+  diff = tk.compare_backends(a, b, ["fine", "A cat.</s>USER: hi"])
+  assert "'A cat.</s>USER: hi'" in diff and "'▁US'" in diff and "'USER'" in diff and "token 4" in diff

@@ -16,9 +16,10 @@ own BOS if it wants one (`tokenize` then adds none).
 Turns become messages `{"role": "system" | "user" | "assistant", "content": ...}`
 (LLaVA's "human"/"gpt" mapped, a leading assistant turn dropped, `<image>`
 tags moved to the front of their turn as LLaVA does). `content` is the string,
-or for templates that read it as a list of parts (llava-hf's, Qwen2-VL's) a
-list `[{"type": "image"}, ..., {"type": "text", "text": ...}]`; which one is
-detected from the template source (`content_format="auto"`).
+or for templates that render image parts (llava-hf's, Qwen2-VL's: they
+mention an 'image' type) or only read parts, a list `[{"type": "image"}, ...,
+{"type": "text", "text": ...}]`, so images come out as the model's own
+placeholders; detected from the template source (`content_format="auto"`).
 
 Label masks:
 - with `{% generation %}` blocks: exactly the text inside them is target,
@@ -50,7 +51,9 @@ import jinja2.sandbox
 from llava_jax.data.templates import IMAGE_TAG, ConversationError, Segment, normalize_conversation
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-# A template that handles string content says so; one that only indexes or iterates content needs parts.
+# A template that renders image parts itself (llava-hf's, Qwen2-VL's, Gemma-3's) gets parts, so images come out
+# as the model's own placeholders; one that handles string content says so; one that only reads parts needs them.
+_IMAGE_PARTS = re.compile(r"['\"]image['\"]")
 _HANDLES_STRING = re.compile(r"content['\"]?\]?\s+is\s+string")
 _READS_PARTS = re.compile(r"for\s+\w+\s+in\s+[\w.\[\]'\"]*content['\"]?\]?\s*(\||%)|"
                           r"content['\"]?\]?\s*\[\s*0\s*\]|content['\"]?\]?\s*\|\s*selectattr")
@@ -113,10 +116,10 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def detect_content_format(source: str) -> str:
-  """"string" if the template takes `content` as a string, "parts" if it only reads a list of parts."""
-  if _HANDLES_STRING.search(source) or not _READS_PARTS.search(source):
-    return "string"
-  return "parts"
+  """"parts" if the template renders image parts or only reads a list of parts, else "string"."""
+  if _IMAGE_PARTS.search(source) or (_READS_PARTS.search(source) and not _HANDLES_STRING.search(source)):
+    return "parts"
+  return "string"
 
 
 class ChatTemplate:

@@ -336,9 +336,9 @@ def prompt_for_generation(conversation: Sequence[Mapping], template, tokenizer=N
   return get_template(template, tokenizer).prompt_for_generation(conversation)
 
 
-# A conversation with every part a template renders: system text, image, two rounds, a double space.
+# A conversation with every part a template renders: system text, image, two rounds.
 PROBE_CONVERSATION = (
-    {"from": "system", "value": "Be safe.  Answer briefly."},
+    {"from": "system", "value": "Answer briefly."},
     {"from": "human", "value": "<image>\nWhat is in the picture?"},
     {"from": "gpt", "value": "A cat on a mat."},
     {"from": "human", "value": "What colour is it?"},
@@ -347,8 +347,9 @@ PROBE_CONVERSATION = (
 
 
 def probe_texts(template=None, tokenizer=None) -> list[str]:
-  """The rendered text of `PROBE_CONVERSATION` (with and without its system turn) under `template`
-  (None: every built-in template, and "hf" if the tokenizer has a chat template), to compare tokenizers on."""
+  """The rendered text of `PROBE_CONVERSATION` (with and without its system turn, so with the template's own
+  default system text) under `template` (None: every built-in template, and "hf" if the tokenizer has a chat
+  template), to compare tokenizers on the template's own text."""
   names = [template] if template is not None else sorted(TEMPLATES) + (
       ["hf"] if getattr(tokenizer, "chat_template", None) else [])
   out = []

@@ -261,24 +261,23 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
                   f"at token {whole.index(image_token_id)}")
 
   labels = [IGNORE] * len(whole)
-  start_char, start_tok = 0, 0
+  seg_start, start_tok = 0, 0
   for k, seg in enumerate(segments):
-    end_char = start_char + len(seg.text)
+    end_char = seg_start + len(seg.text)
     if k + 1 < len(segments):
       end_tok, why = _token_at_boundary(text, end_char, whole, chunks, tokenizer)
       kept = len(seg.text.rstrip())
       if end_tok is None and seg.is_target and 0 < kept < len(seg.text):
         # Whitespace after an answer's end token that the tokenizer joins to the next turn ("</s> [INST]" ->
         # '</s>', '▁[') belongs to that turn: the model stops before it.
-        end_tok, _ = _token_at_boundary(text, start_char + kept, whole, chunks, tokenizer)
-        end_char = start_char + kept if end_tok is not None else end_char
+        end_tok, _ = _token_at_boundary(text, seg_start + kept, whole, chunks, tokenizer)
       if end_tok is None:
         return reject(RejectReason.TEMPLATE_MISMATCH, f"template {template.name!r}: {why}")
     else:
       end_tok = len(whole)
     if seg.is_target:
       labels[start_tok:end_tok] = [IGNORE if i == _IMAGE else i for i in whole[start_tok:end_tok]]
-    start_char, start_tok = end_char, end_tok
+    seg_start, start_tok = end_char, end_tok
 
   if all(label == IGNORE for label in labels):
     n_turns = len(conversation)
