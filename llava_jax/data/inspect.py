@@ -210,7 +210,7 @@ def format_survey(s: Survey, max_len: int, width: int = 40) -> str:
   lines.append(f"token lengths (images included), {len(x)} samples: min {x.min()}  median {q[0]}  p90 {q[1]}  "
                f"p99 {q[2]}  max {x.max()}  mean {x.mean():.0f}")
   top = max(int(x.max()), max_len)
-  edges = np.linspace(0, top, 11).astype(int)
+  edges = np.unique(np.linspace(int(x.min()), top + 1, 11).astype(int))
   hist, _ = np.histogram(x, bins=edges)
   for lo, hi, c in zip(edges[:-1], edges[1:], hist):
     bar = "#" * int(round(width * c / max(hist.max(), 1)))
