@@ -61,7 +61,7 @@ _SENTINEL = "\x00answer\x00"
 
 
 class _GenerationTracker(jinja2.ext.Extension):
-  """`{% generation %}...{% endgeneration %}`: records the character span of each block (transformers' AssistantTracker)."""
+  """`{% generation %}...{% endgeneration %}`: records each block's character span (transformers' AssistantTracker)."""
   tags = {"generation"}
 
   def __init__(self, environment):

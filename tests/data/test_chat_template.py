@@ -171,9 +171,9 @@ def test_mistral_v3_template_is_not_prefix_stable_with_a_system_text(mistral):
   assert "not prefix-stable at message 2" in r.detail and "{% generation %}" in r.detail
 
 
-@pytest.mark.parametrize("name,fmt,stop", [("llama3", "string", "<|eot_id|>"), ("qwen2_5", "string", "<|im_end|>"),
-                                           ("gemma", "string", "<end_of_turn>"), ("mistral_v3", "string", "</s>"),
-                                           ("llava_next_mistral", "parts", "</s>"), ("qwen2_vl", "parts", "<|im_end|>")])
+@pytest.mark.parametrize("name,fmt,stop", [
+    ("llama3", "string", "<|eot_id|>"), ("qwen2_5", "string", "<|im_end|>"), ("gemma", "string", "<end_of_turn>"),
+    ("mistral_v3", "string", "</s>"), ("llava_next_mistral", "parts", "</s>"), ("qwen2_vl", "parts", "<|im_end|>")])
 def test_content_format_stop_and_generation_prompt(bpe, name, fmt, stop):
   bos, eos = FAMILY.get(name, ("<s>", "</s>") if "mistral" in name else (None, "<|im_end|>"))
   hf, ours = _pair(bpe, name, bos, eos)

@@ -5,12 +5,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from llava_jax import tokenizer as tk
 from llava_jax.data import inspect as ins
-from llava_jax.data.tokenize import IGNORE, tokenize_conversation
+from llava_jax.data.tokenize import tokenize_conversation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MISTRAL = os.path.join(ROOT, "tests", "data", "testdata", "mistral_v1_tokenizer.model")
@@ -55,8 +54,10 @@ def test_first_fit_rows():
 def test_report_on_the_embedded_data_and_rejections(root, tmp_path):
   report = ins.inspect_config(_config(root), index=1, show=2, count=0)
   lines = report.splitlines()
-  assert lines[0].startswith("data.train: 64 records; template 'vicuna_v1'; tokenizer ") and "(sentencepiece)" in lines[0]
-  assert "sample 'shapes-train-000001-qa' (record 1): " in report and "sample 'shapes-train-000002-qa' (record 2)" in report
+  assert lines[0].startswith("data.train: 64 records; template 'vicuna_v1'; tokenizer ")
+  assert "(sentencepiece)" in lines[0]
+  assert "sample 'shapes-train-000001-qa' (record 1): " in report
+  assert "sample 'shapes-train-000002-qa' (record 2)" in report
   assert "USER: <image x9> \n" in report and "ASSISTANT:[[ yes</s>]]" in report
   assert "first 64 samples: 64 trained on, 0 rejected" in report
   assert "max_len 128: 0 samples (0.0%) longer" in report and "first-fit packing" in report
@@ -82,9 +83,9 @@ def test_report_on_the_embedded_data_and_rejections(root, tmp_path):
 
 def test_command_line(root):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-m", "llava_jax.data.inspect", f"--config=configs/tiny_shapes.py:test,root={root}",
-                        "--index=3", "--count=10", "--color=always"], cwd=ROOT, capture_output=True, text=True,
-                       env=env, timeout=300)
+  out = subprocess.run([sys.executable, "-m", "llava_jax.data.inspect",
+                        f"--config=configs/tiny_shapes.py:test,root={root}", "--index=3", "--count=10",
+                        "--color=always"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sample 'shapes-train-000003-qa' (record 3)" in out.stdout and "\x1b[30;42m" in out.stdout
   assert "first 10 samples: 10 trained on, 0 rejected" in out.stdout

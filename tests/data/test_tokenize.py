@@ -109,11 +109,14 @@ WL_EXPECTED = {
     "llama_2": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
                 "<s> [ INST ] Color ? [/ INST ] Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
     "llava_llama_2": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
-                      "<s> [ INST ] Color ? [/ INST ] Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
+                      "<s> [ INST ] Color ? [/ INST ] Black . </s>",
+                      [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
     "mistral_instruct": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . "
-                         "</s> [ INST ] Color ? [/ INST ] Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
+                         "</s> [ INST ] Color ? [/ INST ] Black . </s>",
+                         [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
     "llama3": ("<s> <|start_header_id|> system <|end_header_id|> Be brief . <|eot_id|> <|start_header_id|> user "
-               "<|end_header_id|> IMG IMG IMG What is this ? <|eot_id|> <|start_header_id|> assistant <|end_header_id|> "
+               "<|end_header_id|> IMG IMG IMG What is this ? <|eot_id|> <|start_header_id|> assistant "
+               "<|end_header_id|> "
                "A cat . <|eot_id|> <|start_header_id|> user <|end_header_id|> Color ? <|eot_id|> <|start_header_id|> "
                "assistant <|end_header_id|> Black . <|eot_id|>",
                [["A", "cat", ".", "<|eot_id|>"], ["Black", ".", "<|eot_id|>"]]),

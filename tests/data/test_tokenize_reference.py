@@ -15,7 +15,6 @@ import copy
 import os
 import random
 
-import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
