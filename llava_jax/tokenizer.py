@@ -53,7 +53,6 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +140,12 @@ class SentencePieceTokenizer(Tokenizer):
     self.legacy = bool(legacy)
     self._added = [dict(t) for t in added_tokens]
     self.chat_template = chat_template
-    proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
+    proto = None
+    if not self.legacy:  # local: only legacy=False edits the model (needs protobuf)
+      from sentencepiece import sentencepiece_model_pb2
+      proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
     # legacy=False: the prefix once at the start of the text (HF drops sentencepiece's own, adds "▁" itself).
-    self._prefix_once = not self.legacy and proto.normalizer_spec.add_dummy_prefix
+    self._prefix_once = proto is not None and proto.normalizer_spec.add_dummy_prefix
     if self._prefix_once:
       proto.normalizer_spec.add_dummy_prefix = False
       self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
