@@ -43,17 +43,8 @@ from llava_jax.train import flops as flops_lib
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optim
 from llava_jax.train import preemption
-from llava_jax.train.setup import TrainSetup, build_setup, model_config  # noqa: F401 (re-export)
+from llava_jax.train.setup import TrainSetup, build_setup, config_value, model_config  # noqa: F401 (re-export)
 from llava_jax.train.step import MODEL_KEYS
-
-
-def _get(config, path: str, default=None):
-  node = config
-  for key in path.split("."):
-    if node is None or key not in node:
-      return default
-    node = node[key]
-  return node
 
 
 def prepare_synthetic(config) -> None:
@@ -62,7 +53,7 @@ def prepare_synthetic(config) -> None:
   Process 0 writes first; the others then write their own copy only if they do not see
   it (pod hosts have disks of their own; a local pod shares one).
   """
-  syn = _get(config, "data.synthetic")
+  syn = config_value(config, "data.synthetic")
   if not syn or not syn.get("dir"):
     return
   marker = os.path.join(syn["dir"], "tokenizer.model")
@@ -90,7 +81,7 @@ def initial_params(config, cfg: LlavaConfig, params_sharding=None) -> dict[str, 
   arrive as host arrays and are placed leaf by leaf (``place_params``), so no device
   ever holds a full unsharded model.
   """
-  init = _get(config, "init", {}) or {}
+  init = config_value(config, "init", {}) or {}
   out: dict[str, Any] = {}
 
   def add(prefix: str, tree, pattern: str = ".*"):

@@ -32,7 +32,8 @@ from llava_jax.train import validate
 from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step
 
 
-def _get(config, path: str, default=None):
+def config_value(config, path: str, default=None):
+  """``config.a.b`` for ``path="a.b"``, or ``default`` where a key is missing."""
   node = config
   for key in path.split("."):
     if node is None or key not in node:
