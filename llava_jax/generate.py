@@ -59,12 +59,11 @@ def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_t
   """
   import jax
 
-  from llava_jax.data.templates import get_template
   from llava_jax.infer.sampler import generate_stream
 
   _, ids = model.encode_prompt(conversation)
   stops = model.stop_token_ids()
-  stop_text = get_template(model.template).stop
+  stop_text = model.stop_text()
   tokens, printed = [], ""
   steps = generate_stream(model.cfg, model.params, ids[None], None if pixels is None else pixels[None],
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -34,7 +34,7 @@ Files written by `write_synthetic(out_dir)`:
     tokenizer.model                              sentencepiece (`build_tokenizer`), ~384 pieces
 
 The tokenizer is trained on the training records rendered under every
-template in `templates.TEMPLATES` (so each template's markers and system
+template in `TOKENIZER_TEMPLATES` (so each template's markers and system
 prompt tokenize without <unk>), plus each answer word repeated so that it is
 one "▁word" piece; `<image>` and the ChatML / Gemma markers are pieces of
 their own. Numbers are answered as words ("two"): with split digits, " 2"
@@ -219,13 +219,19 @@ def _write_jsonl(path: str, rows: Iterable[dict]):
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+# The templates whose text trains the embedded tokenizer: a fixed list (not every entry of
+# TEMPLATES), so that adding a template does not change the demo's vocabulary.
+TOKENIZER_TEMPLATES = ("chatml", "gemma", "llama_2", "llava_v1", "mistral_instruct", "plain",
+                       "vicuna_v1")
+
+
 def tokenizer_sentences(records: Sequence[dict]) -> list[str]:
   """Training text for the tokenizer: each record rendered with every template (so separators and
   system prompts get pieces), control tokens and image tags removed."""
   out = []
   for rec in records:
     conv = rec["conversations"]
-    for name in sorted(TEMPLATES):
+    for name in TOKENIZER_TEMPLATES:
       if TEMPLATES[name].image_only_prompt and len(conv) != 2:
         continue
       text = "".join(s.text for s in render(conv, name))

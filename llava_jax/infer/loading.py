@@ -67,9 +67,9 @@ class LoadedModel:
   def encode_prompt(self, conversation) -> tuple[str, np.ndarray]:
     """A conversation ending with a user turn (``<image>`` tags where images go) ->
     (prompt text, int32[T] ids with ``cfg.num_image_tokens`` placeholders per image)."""
-    text = prompt_for_generation(conversation, self.template)
+    text = prompt_for_generation(conversation, self.template, self.tokenizer)
     ids = tokenize_prompt(text, self.tokenizer, image_token_id=self.cfg.image_token_id,
-                          num_image_tokens=self.cfg.num_image_tokens)
+                          num_image_tokens=self.cfg.num_image_tokens, template=self.template)
     return text, ids
 
   def decode(self, ids) -> str:
@@ -88,7 +88,7 @@ class LoadedModel:
         ids = ids[:k]
         break
     text = self.decode(ids)
-    stop = get_template(self.template).stop
+    stop = self.stop_text()
     if stop and stop in text:
       text = text[:text.index(stop)]
     return text.strip()
@@ -104,10 +104,14 @@ class LoadedModel:
                    stop_token_ids=self.stop_token_ids(), mesh=self.mesh, rules=self.rules)
     return self.decode_answer(np.asarray(out)[0])
 
+  def stop_text(self) -> str:
+    """The template's end-of-answer string ("hf": the checkpoint's chat template's)."""
+    return get_template(self.template, self.tokenizer).stop
+
   def stop_token_ids(self) -> list[int]:
     """EOS plus the template's stop string when that is a single token (e.g. ``<|im_end|>``)."""
     ids = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
-    stop = get_template(self.template).stop
+    stop = self.stop_text()
     single = self.tokenizer.token_to_id(stop) if stop else None
     if single is not None and single not in ids and single != self.tokenizer.unk_id:
       ids.append(single)
@@ -197,7 +201,7 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
     FileNotFoundError / ValueError saying which files were expected and what was found.
   """
   path = os.fspath(path)
-  if template is not None:
+  if template is not None and template != "hf":  # "hf" needs the tokenizer: checked on use
     get_template(template)  # fail before loading gigabytes
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint {path!r} is not a directory")

@@ -142,7 +142,7 @@ class Run:
 def _prepare_run(config, workdir: str) -> Run:
   from llava_jax.tokenizer import load_tokenizer
   prepare_synthetic(config)
-  tokenizer = load_tokenizer(config.data.tokenizer)
+  tokenizer = load_tokenizer(config.data.tokenizer, template=config.data.template)
   cfg = model_config(config, tokenizer)
   image_config = images_lib.image_config_for(cfg.vision.kind, cfg.vision.image_size,
                                              config.data.get("image_mode"))

@@ -84,8 +84,10 @@ def test_malformed_record_names_file_and_index(tmp_path):
   p.write_text('{"id": "ok", "conversations": []}\n{"id": broken\n')
   src = S.LlavaJsonSource(p)
   assert src[0]["id"] == "ok"
+  # Reading: the record comes back as a bad_record the pipeline counts (or raises on).
+  assert src[1]["id"] == "x.jsonl:1" and "x.jsonl: record 1" in src[1]["error"]
   with pytest.raises(ValueError, match=r"x.jsonl: record 1"):
-    src[1]
+    src.read_raw(1)
 
 
 def test_iter_records_streams_raw_records(data):
