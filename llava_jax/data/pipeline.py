@@ -67,7 +67,8 @@ import numpy as np
 from llava_jax.data import packing
 from llava_jax.data.images import ImageConfig, load_image, preprocess
 from llava_jax.data.templates import Template
-from llava_jax.data.tokenize import (IGNORE, Rejected, RejectReason, TokenizedSample, apply_policy, sample_id_of,
+from llava_jax.data.records import RecordError, image_list, sample_id_of
+from llava_jax.data.tokenize import (IGNORE, Rejected, RejectReason, TokenizedSample, apply_policy,
                                      tokenize_conversation)
 from llava_jax.tokenizer import Tokenizer
 
@@ -79,13 +80,6 @@ MAX_CONSECUTIVE_REJECTS = 10_000
 
 # ----------------------------------------------------------------------------- one example
 
-def _images_of(record: Mapping) -> list:
-  images = record.get("images", record.get("image"))
-  if images is None:
-    return []
-  return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
 def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
                     image_token_id: int, num_image_tokens: int, max_len: int,
                     max_images: int, pad: bool = True) -> dict[str, Any] | Rejected:
@@ -93,7 +87,7 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
 
   Args:
     record: `{"id", "conversations", "images": [path | bytes | None, ...]}`
-      (a `sources` record; LLaVA's "image" key works too).
+      (a `sources` record; LLaVA's "image" key works too, not both: `records.image_list`).
     tokenizer, template, image_token_id, num_image_tokens, max_len: as
       `tokenize.tokenize_conversation`.
     image_config: preprocessing; S = image_config.size.
@@ -107,13 +101,17 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
     "positions": int32[T], "pixel_values": float32[M, S, S, 3], "image_mask": bool[M],
     "ids": str} with T = max_len, or Rejected(id, reason, detail): `image_count_mismatch`
     for more than M images, `bad_image` for a missing (None, or no such
-    file) or undecodable image,
+    file) or undecodable image, `bad_record` for an unreadable record or one with
+    both "image" and "images",
     and every reason of `tokenize_conversation`.
   """
   sid = sample_id_of(record)
   if record.get("error"):  # the source could not read it (sources.bad_record)
     return Rejected(sid, RejectReason.BAD_RECORD, str(record["error"]))
-  images = _images_of(record)
+  try:
+    images = image_list(record)
+  except RecordError as e:  # both "image" and "images"
+    return Rejected(sid, RejectReason.BAD_RECORD, str(e))
   if len(images) > max_images:
     return Rejected(sid, RejectReason.IMAGE_COUNT_MISMATCH,
                     f"{len(images)} images, more than the max_images={max_images} slots per example")

@@ -14,7 +14,7 @@ Both sources implement grain's `RandomAccessDataSource` protocol (`__len__`,
 `images` holds file paths (LlavaJsonSource; `image_root` joined) or the encoded
 file bytes (ArrayRecordLlavaSource); `llava_jax.data.images.load_image`
 accepts either. The input record may name its images LLaVA's way (`"image":
-"a.jpg"` or a list) or as `"images": [...]`.
+"a.jpg"` or a list) or as `"images": [...]`, not both (`records.image_list`).
 
 JSON files. A `.jsonl` file is indexed by line (byte offsets, one pass over
 the file in 16 MiB blocks). A `.json` file (LLaVA's usual top-level array) is
@@ -58,7 +58,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from llava_jax.data.images import load_image
-from llava_jax.data.tokenize import sample_id_of
+from llava_jax.data.records import RecordError, image_list, sample_id_of
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +73,6 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ----------------------------------------------------------------------------- record normalisation
 
-def image_list(record: Mapping) -> list:
-  """The images a LLaVA record names: its "image" (one, or a list) or "images" list; [] if none."""
-  images = record.get("image", record.get("images"))
-  if images is None:
-    return []
-  if isinstance(images, (list, tuple)):
-    return list(images)
-  return [images]
-
-
 def _resolve(image, image_root: str | None):
   if isinstance(image, (bytes, bytearray, memoryview)) or image_root is None:
     return image
@@ -91,7 +81,11 @@ def _resolve(image, image_root: str | None):
 
 def normalize_record(record: Mapping, image_root: str | os.PathLike | None = None, *,
                      default_id: str | None = None) -> Record:
-  """A LLaVA JSON record -> `{"id", "conversations", "images"}` (image paths joined to `image_root`)."""
+  """A LLaVA JSON record -> `{"id", "conversations", "images"}` (image paths joined to `image_root`).
+
+  Raises:
+    RecordError: the record names images under both "image" and "images".
+  """
   root = None if image_root is None else os.fspath(image_root)
   sid = sample_id_of(record)
   if sid == "<no id>" and default_id is not None:
@@ -243,7 +237,11 @@ class LlavaJsonSource:
       raw = self.read_raw(index)
     except ValueError as e:  # bad UTF-8, a cut or invalid line: one bad record, not a dead run
       return bad_record(default_id, str(e))
-    return normalize_record(raw, self.image_root, default_id=default_id)
+    try:
+      return normalize_record(raw, self.image_root, default_id=default_id)
+    except RecordError as e:  # both "image" and "images"
+      sid = sample_id_of(raw)
+      return bad_record(default_id if sid == "<no id>" else sid, f"{self.path}: record {index}: {e}")
 
   def __iter__(self):
     return (self[i] for i in range(len(self)))
@@ -338,7 +336,7 @@ class ConversionReport:
   Attributes:
     written: records written.
     shard_lengths: records per shard file.
-    skipped: records left out, per reason ("missing_image", "bad_image").
+    skipped: records left out, per reason ("missing_image", "bad_image", "bad_record").
     skipped_ids: ids of the first 100 skipped records, with their reason.
     files: the shard paths.
   """
@@ -383,7 +381,8 @@ def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *
       without "id" is stored as "<name>-<split>:<index in records>".
     name: dataset name in the file names.
     policy: a record whose image file is missing ("missing_image") or
-      undecodable and not JPEG/PNG ("bad_image"): "skip" (count, log, leave it
+      undecodable and not JPEG/PNG ("bad_image"), or that names images under
+      both "image" and "images" ("bad_record"): "skip" (count, log, leave it
       out) or "raise" (ValueError naming the record id and the image).
     jpeg_quality: for re-encoded images.
 
@@ -411,7 +410,11 @@ def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *
       sid = sample_id_of(record)
       sid = f"{name}-{split}:{i}" if sid == "<no id>" else sid  # traceable in later rejection logs
       names, blobs, problem = [], [], None
-      for image in image_list(record):
+      try:
+        images = image_list(record)
+      except RecordError as e:  # both "image" and "images"
+        images, problem = [], ("bad_record", str(e))
+      for image in images:
         path = _resolve(image, root)
         # The name as the record gives it (relative to image_root): output independent of where data lives.
         names.append("<bytes>" if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image))

@@ -47,6 +47,7 @@ from typing import Mapping, MutableMapping, Sequence
 
 import numpy as np
 
+from llava_jax.data.records import RecordError, image_list, sample_id_of
 from llava_jax.data.templates import (IMAGE_TAG, ConversationError, Segment, Template, get_template,
                                       normalize_conversation)
 from llava_jax.tokenizer import Tokenizer
@@ -67,7 +68,7 @@ class RejectReason(str, enum.Enum):
   TRUNCATED_IMAGE = "truncated_image"  # max_len cut into or past an image's tokens; answers remain
   NO_TARGET = "no_target"  # nothing to learn even before truncation
   BAD_IMAGE = "bad_image"  # reserved for the image loader
-  BAD_RECORD = "bad_record"  # the source could not read the record (bad UTF-8, cut or invalid JSON)
+  BAD_RECORD = "bad_record"  # unreadable (bad UTF-8, cut or invalid JSON) or contradictory ("image" and "images")
   EMPTY_ANSWER = "empty_answer"  # an assistant turn with no text: it would train an end token only
 
 
@@ -102,21 +103,6 @@ class Rejected:
 
   def __str__(self):
     return f"sample {self.sample_id!r} rejected ({self.reason.value}): {self.detail}"
-
-
-def sample_id_of(sample: Mapping) -> str:
-  """The record's "id" as a string ("<no id>" if absent)."""
-  return str(sample.get("id", sample.get("sample_id", "<no id>")))
-
-
-def count_images(sample: Mapping) -> int:
-  """Images a record provides: its "image" (a path, or a list of them) or "images" list; 0 if none."""
-  images = sample.get("image", sample.get("images"))
-  if images is None:
-    return 0
-  if isinstance(images, (list, tuple)):
-    return len(images)
-  return 1
 
 
 def _encode_chunks(text: str, tokenizer: Tokenizer, add_bos: bool, split_at_images: bool = True
@@ -210,7 +196,8 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
   """Renders, tokenizes and masks one record (see the module docstring).
 
   Args:
-    sample: LLaVA JSON record with "conversations", optional "id" and "image"/"images".
+    sample: LLaVA JSON record with "conversations", optional "id" and "image" or "images"
+      (`records.image_list`; both is a `bad_record`).
     tokenizer: a `llava_jax.tokenizer.Tokenizer`.
     template: a Template, a name in `templates.TEMPLATES`, or "hf" (the
       tokenizer's own chat template, `llava_jax.data.chat_template`).
@@ -247,7 +234,10 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
     return reject(RejectReason.TEMPLATE_MISMATCH, f"template {template.name!r}: {e}")
   text = "".join(s.text for s in segments)
 
-  n_images = count_images(sample)
+  try:
+    n_images = len(image_list(sample))
+  except RecordError as e:  # both "image" and "images": which is meant is not ours to guess
+    return reject(RejectReason.BAD_RECORD, str(e))
   n_tags = text.count(IMAGE_TAG)
   if n_tags != n_images:
     return reject(RejectReason.IMAGE_COUNT_MISMATCH,

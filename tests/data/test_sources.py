@@ -10,6 +10,7 @@ from PIL import Image
 
 from llava_jax.data import sources as S
 from llava_jax.data.images import load_image
+from llava_jax.data.records import image_list
 
 TRICKY = 'say "hi" [a, {b}] \\ , ] } \u00e9'  # structure characters and escapes inside strings
 
@@ -110,7 +111,7 @@ def test_array_record_round_trip(data):
   assert set(got) == set(want) and "llava-train:7" in got  # a record without id gets split:index
   for sid, r in got.items():
     assert r["conversations"] == want[sid]["conversations"]
-    assert r["image_names"] == S.image_list(want[sid])  # as the record names them, not absolute paths
+    assert r["image_names"] == image_list(want[sid])  # as the record names them, not absolute paths
   # PNG bytes are stored unchanged; BMP is re-encoded as JPEG with the same pixels (up to JPEG error).
   assert got["r1"]["images"] == [(d / "img1.png").read_bytes()]
   assert len(got["multi"]["images"]) == 2
