@@ -231,10 +231,13 @@ class RejectCounter:
   def total(self) -> int:
     return sum(self._counts.values())
 
-  def _mapping(self) -> dict[str, int]:
-    return self._counts  # mutated by tokenize.apply_policy
+  def count(self, rejected: Rejected, policy: str) -> None:
+    """Counts `rejected` under its reason and logs it; under policy "raise", then raises
+    ValueError naming it (`tokenize.apply_policy`)."""
+    apply_policy(rejected, policy, self._counts)
 
-  def _restore(self, counts: Mapping[str, int]):
+  def restore(self, counts: Mapping[str, int]):
+    """Sets the counts to a saved `counts()` (reasons it lacks count 0)."""
     self._counts = {r.value: int(counts.get(r.value, 0)) for r in RejectReason}
 
 
@@ -260,7 +263,7 @@ class _CountRejectedIterator(grain.DatasetIterator):
       self._consumed += 1
       if not isinstance(value, Rejected):
         return value
-      apply_policy(value, self._policy, self._counter._mapping())  # raises under "raise"
+      self._counter.count(value, self._policy)  # raises under "raise"
       if self._keep_slots:
         return EmptySlot()
       in_a_row += 1
@@ -274,7 +277,7 @@ class _CountRejectedIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]):
     self._parent.set_state(state["parent"])
-    self._counter._restore(state["rejected"])
+    self._counter.restore(state["rejected"])
     self._consumed = int(state.get("consumed", 0))
 
   def __str__(self) -> str:

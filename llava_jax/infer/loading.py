@@ -21,14 +21,14 @@ leaf with ``jax.make_array_from_callback`` (each process fills only its own devi
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
 
-from llava_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, image_config_for
 import numpy as np
 
+from llava_jax.checkpoint.convert.common import read_json
+from llava_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, image_config_for
 from llava_jax.data.templates import get_template, prompt_for_generation
 from llava_jax.data.tokenize import tokenize_prompt
 from llava_jax.models.configs import LlavaConfig
@@ -164,18 +164,13 @@ def place_params(params, shardings):
   return jax.tree_util.tree_unflatten(treedef, placed)
 
 
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
 def _hf_image_config(path: str, cfg: LlavaConfig) -> ImageConfig:
   """From ``preprocessor_config.json`` when present, else the tower family's processor."""
   pre = os.path.join(path, "preprocessor_config.json")
   base = image_config_for(cfg.vision.kind, cfg.vision.image_size)
   if not os.path.exists(pre):
     return base
-  d = _read_json(pre)
+  d = read_json(pre)
   crop = bool(d.get("do_center_crop", base.mode == "square"))
   return ImageConfig(size=cfg.vision.image_size, mode="square" if crop else "resize",
                      mean=tuple(d.get("image_mean", base.mean)),
@@ -224,7 +219,7 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path}: neither run.json (training workdir) nor config.json "
                             f"(HF / original LLaVA) found; contents: {sorted(os.listdir(path))[:20]}")
-  d = _read_json(config_path)
+  d = read_json(config_path)
   tok = load_tokenizer(tokenizer_path or path)
   overrides = {"remat": "none", **(llm_overrides or {})}
   if "text_config" in d and d.get("model_type") == "llava":

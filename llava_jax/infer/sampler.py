@@ -39,7 +39,8 @@ import numpy as np
 
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava, default_positions
-from llava_jax.models.llm import CACHE_AXES, init_cache
+from llava_jax.models.layers import ACT_TOKENS, CACHE_AXES
+from llava_jax.models.llm import init_cache
 
 __all__ = ["generate", "generate_stream", "prefill", "decode_step", "sample_logits",
            "init_cache", "to_mesh"]
@@ -91,7 +92,7 @@ def _constrain_cache(cache, ctx):
   import flax.linen as nn
   from llava_jax import sharding
   axes = {"k": (None,) + CACHE_AXES, "v": (None,) + CACHE_AXES,
-          "segment_ids": ("act_batch", "act_seq")}
+          "segment_ids": ACT_TOKENS}
   return {name: nn.with_logical_constraint(x, axes[name], rules=sharding.rules(ctx[1]),
                                            mesh=ctx[0]) for name, x in cache.items()}
 

@@ -17,6 +17,16 @@ from llava_jax.models.configs import RopeScaling
 
 Array = jax.Array
 
+# Logical axes of activations, for ``nn.with_logical_constraint`` (``sharding.LOGICAL_RULES``
+# maps them onto the mesh). Written once here so every module constrains alike.
+ACT = ("act_batch", "act_seq", "act_embed")                          # float[B, T, E]
+ACT_HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")    # float[B, T, H, D]
+ACT_MLP = ("act_batch", "act_seq", "act_mlp")                        # float[B, T, F]
+ACT_LOGITS = ("act_batch", "act_seq", "act_vocab")                   # float32[B, T, V]
+ACT_TOKENS = ("act_batch", "act_seq")                                # int32[B, T] (segment ids)
+# One layer's cache k/v float[B, S, K, D]; the stacked cache adds a leading (unsharded) layer axis.
+CACHE_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
+
 
 def dtype_of(name: str):
   return jnp.dtype(name)

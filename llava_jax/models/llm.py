@@ -16,12 +16,9 @@ import numpy as np
 
 from llava_jax.kernels.attention import attention
 from llava_jax.models.configs import LLMConfig
-from llava_jax.models.layers import (LayerStack, RMSNorm, activation, apply_rope, dense,
-                                     dtype_of, logical, rope_inv_freq)
-
-ACT = ("act_batch", "act_seq", "act_embed")
-# One layer's cache k/v [B, S, K, D]; the stacked cache adds a leading (unsharded) layer axis.
-CACHE_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
+from llava_jax.models.layers import (ACT, ACT_HEADS, ACT_LOGITS, ACT_MLP, ACT_TOKENS, CACHE_AXES,
+                                     LayerStack, RMSNorm, activation, apply_rope, dense, dtype_of,
+                                     logical, rope_inv_freq)
 
 
 def _norm(c: LLMConfig, name: str) -> RMSNorm:
@@ -56,7 +53,7 @@ class Attention(nn.Module):
               use_bias=c.qkv_bias, dtype=dt)(x)
     inv_freq = rope_inv_freq(d, c.rope_theta, c.rope_scaling)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", "act_head_dim"))
+    q = nn.with_logical_constraint(q, ACT_HEADS)
     new_cache = None
     if kv_cache is None or cache_index is None:
       o = attention(q, k, v, causal=True, segment_ids=segment_ids, impl=c.attn_impl,
@@ -108,7 +105,7 @@ class MLP(nn.Module):
     c, dt = self.cfg, dtype_of(self.cfg.dtype)
     gate = dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", use_bias=False, dtype=dt)(x)
     up = dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", use_bias=False, dtype=dt)(x)
-    h = nn.with_logical_constraint(activation(c.act)(gate) * up, ("act_batch", "act_seq", "act_mlp"))
+    h = nn.with_logical_constraint(activation(c.act)(gate) * up, ACT_MLP)
     return dense(c.hidden_size, ("mlp", "embed"), name="down_proj", use_bias=False, dtype=dt)(h)
 
 
@@ -185,7 +182,7 @@ class Decoder(nn.Module):
       new_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg, start, axis=1)
       new_cache = {"k": nn.with_logical_constraint(kv["k"], (None,) + CACHE_AXES),
                    "v": nn.with_logical_constraint(kv["v"], (None,) + CACHE_AXES),
-                   "segment_ids": nn.with_logical_constraint(new_seg, ("act_batch", "act_seq"))}
+                   "segment_ids": nn.with_logical_constraint(new_seg, ACT_TOKENS)}
     if hidden_only:
       if cache is not None:
         raise ValueError("hidden_only is for training forwards (no cache)")
@@ -199,8 +196,7 @@ class Decoder(nn.Module):
     """float[B, N, E] last-layer outputs -> float32[B, N, V] logits (final norm, LM head)."""
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                      ("act_batch", "act_seq", "act_vocab"))
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ACT_LOGITS)
 
 
 def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=None) -> dict:
@@ -214,8 +210,7 @@ def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=None) -> dict:
   axes = (None,) + CACHE_AXES
   return {"k": nn.with_logical_constraint(jnp.zeros(shape, dt), axes),
           "v": nn.with_logical_constraint(jnp.zeros(shape, dt), axes),
-          "segment_ids": nn.with_logical_constraint(jnp.zeros((batch, max_len), jnp.int32),
-                                                    ("act_batch", "act_seq"))}
+          "segment_ids": nn.with_logical_constraint(jnp.zeros((batch, max_len), jnp.int32), ACT_TOKENS)}
 
 
 def _check_cache(c: LLMConfig, cache, x_shape, cache_index):

@@ -12,9 +12,7 @@ import jax.numpy as jnp
 
 from llava_jax.kernels.attention import attention
 from llava_jax.models.configs import VisionConfig
-from llava_jax.models.layers import LayerStack, activation, dense, dtype_of, layer_norm, logical
-
-ACT = ("act_batch", "act_seq", "act_embed")
+from llava_jax.models.layers import ACT, LayerStack, activation, dense, dtype_of, layer_norm, logical
 
 
 class Attention(nn.Module):

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llava_jax.data.tokenize import IGNORE
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava
 
-IGNORE = -100
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_values", "image_mask")
 
 
