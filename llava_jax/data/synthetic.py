@@ -57,7 +57,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from llava_jax.data import sources
+from llava_jax.data.array_record import write_array_record
 from llava_jax.data.templates import TEMPLATES, IMAGE_TAG, render
 from llava_jax.eval.files import SHORT_ANSWER
 from llava_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -313,8 +313,8 @@ def write_synthetic(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int =
       ar_dir = os.path.join(out_dir, "array_record", stage)
       paths[f"array_record_{stage}"] = ar_dir
       for split in ("train", "val"):
-        report = sources.write_array_record(records[stage, split], ar_dir, image_root=image_dir, num_shards=1,
-                                            split=split, name=NAME, policy="raise")
+        report = write_array_record(records[stage, split], ar_dir, image_root=image_dir, num_shards=1,
+                                    split=split, name=NAME, policy="raise")
         assert report.written == len(records[stage, split])
 
   # Tokenizer text: training records only, so nothing about held-out scenes leaks into it

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from llava_jax.data import array_record as AR
 from llava_jax.data import pipeline as P
 from llava_jax.data import sources as S
 from llava_jax.data import synthetic as sy
@@ -90,8 +91,8 @@ def test_tokenizer_and_pipeline_reject_both_keys_as_bad_record(data):
 def test_converter_skips_or_raises_on_both_keys(data, tmp_path):
   paths, _ = data
   good, both = _both(paths)
-  report = S.write_array_record([good, both], tmp_path / "ar", image_root=paths["images"])
+  report = AR.write_array_record([good, both], tmp_path / "ar", image_root=paths["images"])
   assert report.written == 1 and report.skipped == {"bad_record": 1}
   assert report.skipped_ids == [("both", "bad_record")]
   with pytest.raises(ValueError, match=r"id 'both'.*\(bad_record\).*both 'image'"):
-    S.write_array_record([good, both], tmp_path / "ar2", image_root=paths["images"], policy="raise")
+    AR.write_array_record([good, both], tmp_path / "ar2", image_root=paths["images"], policy="raise")
