@@ -27,7 +27,7 @@ import os
 from absl import app, flags, logging
 
 from llava_jax import distributed
-from llava_jax.eval.files import TASKS
+from llava_jax.eval.tasks import TASKS
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory", required=True)
 _TASK = flags.DEFINE_enum("task", None, sorted(TASKS), "benchmark (prompt suffix + metric)",

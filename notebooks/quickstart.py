@@ -146,7 +146,7 @@ if plt is not None:
 
 # %%
 from llava_jax.data.images import load_image
-from llava_jax.eval.files import SHORT_ANSWER
+from llava_jax.eval.tasks import SHORT_ANSWER
 from llava_jax.infer.loading import load_model
 
 model = load_model(os.path.join(ROOT, "stage2"))

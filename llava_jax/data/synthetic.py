@@ -15,7 +15,7 @@ exactly one answer:
 
 Answers are one word (one token of the bundled tokenizer). Each question is
 followed by LLaVA-1.5's "\\nAnswer the question using a single word or phrase."
-(`llava_jax.eval.files.SHORT_ANSWER`, the suffix of the "synthetic" eval task).
+(`llava_jax.eval.tasks.SHORT_ANSWER`, the suffix of the "synthetic" eval task).
 
 Held out. A scene's composition (its set of (shape, colour, position))
 belongs to the validation side iff a CRC32 of its canonical text is 0 mod 10;
@@ -59,7 +59,7 @@ from PIL import Image
 
 from llava_jax.data.array_record import write_array_record
 from llava_jax.data.templates import TEMPLATES, IMAGE_TAG, render
-from llava_jax.eval.files import SHORT_ANSWER
+from llava_jax.eval.tasks import SHORT_ANSWER
 from llava_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 SHAPES = ("circle", "square", "triangle")

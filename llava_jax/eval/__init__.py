@@ -7,5 +7,7 @@ answers files copied off a pod.
   vqa.py              VQAv2 / TextVQA soft accuracy, GQA and synthetic exact match
   pope.py             POPE accuracy / precision / recall / F1 / yes-ratio per split
   multiple_choice.py  ScienceQA and MMBench letter extraction and accuracy
-  files.py            question / annotation readers, resumable answers JSONL, TASKS, score()
+  tasks.py            TASKS (prompt suffix, metric, ground-truth fields per benchmark), score()
+  questions.py        question / annotation readers (official and LLaVA formats)
+  answers.py          resumable answers JSONL (AnswerWriter, read_answers, answered_ids)
 """

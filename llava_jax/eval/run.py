@@ -3,12 +3,12 @@
     metrics = run_eval(load_model(ckpt), "out/", task="gqa", questions="q.jsonl",
                        annotations="a.json", image_root="images/")
 
-Steps: read the questions (``eval.files.read_questions``), skip the ids already in
+Steps: read the questions (``eval.questions.read_questions``), skip the ids already in
 ``OUT/<task>_answers.jsonl`` (a killed run resumes where it stopped), build each prompt
 from the question text + the task's suffix in the model's conversation template (the
 image tag first, as LLaVA's ``model_vqa_loader``), generate in left-padded batches of
 fixed shape (greedy by default), append each answer as soon as its batch is done, and
-score everything with ``eval.files.score`` into ``OUT/eval.json``.
+score everything with ``eval.tasks.score`` into ``OUT/eval.json``.
 
 A question whose image is missing or cannot be decoded is not a crash: it gets an answer
 row with empty text and ``metadata.error`` (so it scores as wrong and is not retried),
@@ -44,7 +44,9 @@ import numpy as np
 from llava_jax import distributed
 from llava_jax.data.images import load_image, preprocess
 from llava_jax.data.templates import IMAGE_TAG
-from llava_jax.eval import files
+from llava_jax.eval.answers import AnswerWriter, answered_ids, read_answers
+from llava_jax.eval.questions import read_annotations, read_questions
+from llava_jax.eval.tasks import get_task, prompt_text, score
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def prepare(model, question: dict, task: str, image_root: str | None) -> Prepare
       pixels = preprocess(load_image(source), model.image_config)
     except (ValueError, OSError) as e:
       raise ValueError(f"question {question['question_id']!r}: {e}") from e
-  text = files.prompt_text(question, task).replace(IMAGE_TAG, "").strip()
+  text = prompt_text(question, task).replace(IMAGE_TAG, "").strip()
   if pixels is not None:
     text = f"{IMAGE_TAG}\n{text}"
   prompt, ids = model.encode_prompt([{"from": "human", "value": text}])
@@ -119,7 +121,7 @@ def _todo(asked: Sequence[dict], out: Path) -> list[int]:
                      "process order); every process needs the same question file")
   todo = None
   if jax.process_index() == 0:
-    done = {str(i) for i in files.answered_ids(out)}
+    done = {str(i) for i in answered_ids(out)}
     todo = [i for i, q in enumerate(asked) if str(q["question_id"]) not in done]
   return distributed.gather_json(todo)[0]  # process 0's view
 
@@ -147,7 +149,7 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
   Args:
     model: a ``llava_jax.infer.loading.LoadedModel``.
     workdir: output directory (``<task>_answers.jsonl``, ``eval.json``).
-    task: a key of ``eval.files.TASKS`` (prompt suffix and metric).
+    task: a key of ``eval.tasks.TASKS`` (prompt suffix and metric).
     questions / annotations: files as ``read_questions`` / ``read_annotations`` take them;
       without annotations nothing is scored (eval.json still records counts).
     image_root: directory the questions' relative ``image`` paths are under (default:
@@ -162,7 +164,7 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
 
   from llava_jax.infer.sampler import generate
 
-  files.get_task(task)
+  get_task(task)
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   mesh = mesh if mesh is not None else getattr(model, "mesh", None)
@@ -171,7 +173,7 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
   if primary:
     workdir.mkdir(parents=True, exist_ok=True)
   image_root = image_root if image_root is not None else os.path.dirname(os.fspath(questions))
-  asked = files.read_questions(questions)
+  asked = read_questions(questions)
   if limit is not None:
     asked = asked[:limit]
   out = answers_path(workdir, task)
@@ -180,7 +182,7 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
            len(asked) - len(todo), len(todo))
   stops = model.stop_token_ids()
   rng = jax.random.key(seed)
-  writing = files.AnswerWriter(out, model_id or "llava_jax") if primary else None
+  writing = AnswerWriter(out, model_id or "llava_jax") if primary else None
   with (writing or contextlib.nullcontext()) as writer, \
       tqdm(total=len(todo), desc=task, unit="q", disable=not (progress and primary)) as bar:
     for start in range(0, len(todo), batch_size):
@@ -221,12 +223,12 @@ def write_eval_json(workdir: Path, task: str, answers: Path, asked: Sequence[dic
                     annotations, step) -> dict[str, Any]:
   """Scores the answers to ``asked`` (others in the file are ignored) into eval.json."""
   ids = {str(q["question_id"]) for q in asked}
-  rows = [r for r in files.read_answers(answers) if str(r["question_id"]) in ids]
+  rows = [r for r in read_answers(answers) if str(r["question_id"]) in ids]
   result: dict[str, Any] = {"step": step}
   if annotations is not None:
-    ann = files.read_annotations(task, annotations, questions=asked)
+    ann = read_annotations(task, annotations, questions=asked)
     ann = {k: v for k, v in ann.items() if str(k) in ids}
-    result.update(files.score(task, rows, ann))
+    result.update(score(task, rows, ann))
   result[f"{task}/answered"] = len({str(r["question_id"]) for r in rows})
   result[f"{task}/errors"] = sum(bool(r.get("metadata", {}).get("error")) for r in rows)
   with open(workdir / "eval.json", "w") as f:

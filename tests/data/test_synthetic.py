@@ -9,7 +9,8 @@ from PIL import Image
 from llava_jax.data import synthetic as sy
 from llava_jax.data.sources import ArrayRecordLlavaSource, LlavaJsonSource
 from llava_jax.data.tokenize import Rejected, tokenize_conversation
-from llava_jax.eval import files as ev
+from llava_jax.eval.questions import read_annotations, read_questions
+from llava_jax.eval.tasks import SHORT_ANSWER, prompt_text, score
 from llava_jax.tokenizer import load_tokenizer
 
 
@@ -74,7 +75,7 @@ def test_stage_formats(ds):
   qa = _rows(paths["stage2"])[0]["conversations"]
   assert qa[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in qa) == 1
   assert [t["from"] for t in qa] == ["human", "gpt"] * 3
-  assert all(t["value"].endswith("\n" + ev.SHORT_ANSWER) for t in qa[::2])
+  assert all(t["value"].endswith("\n" + SHORT_ANSWER) for t in qa[::2])
   assert all(t["value"] in sy.ANSWER_WORDS for t in qa[1::2])
 
 
@@ -133,16 +134,16 @@ def test_questions_have_exact_answers():
 
 def test_eval_files_score_with_the_synthetic_task(ds):
   d, paths = ds
-  qs = ev.read_questions(paths["eval_questions"])
-  ann = ev.read_annotations("synthetic", paths["eval_annotations"])
+  qs = read_questions(paths["eval_questions"])
+  ann = read_annotations("synthetic", paths["eval_annotations"])
   assert len(qs) == 90 and {q["question_id"] for q in qs} == set(ann)
   for q in qs:
     assert os.path.isfile(os.path.join(paths["images"], q["image"])) and q["image"].startswith("val_")
-    assert ev.prompt_text(q, "synthetic") == q["text"]  # suffix already there, not appended twice
+    assert prompt_text(q, "synthetic") == q["text"]  # suffix already there, not appended twice
   perfect = [{"question_id": q["question_id"], "text": ann[q["question_id"]]["answer"]} for q in qs]
-  assert ev.score("synthetic", perfect, ann)["synthetic/accuracy"] == 1.0
+  assert score("synthetic", perfect, ann)["synthetic/accuracy"] == 1.0
   wrong = [dict(a, text="purple") for a in perfect]
-  assert ev.score("synthetic", wrong, ann)["synthetic/accuracy"] == 0.0
+  assert score("synthetic", wrong, ann)["synthetic/accuracy"] == 0.0
 
 
 def test_tokenizer_answers_are_single_tokens_and_every_template_fits(ds):

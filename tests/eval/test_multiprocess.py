@@ -9,7 +9,7 @@ import pytest
 
 import tiny_checkpoint
 from multiprocess import run_module
-from llava_jax.eval import files
+from llava_jax.eval.answers import read_answers
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def setup(tmp_path_factory):
 
 def _rows(out_dir):
   """Answer rows without their random answer_id, in file order."""
-  rows = files.read_answers(os.path.join(out_dir, "synthetic_answers.jsonl"))
+  rows = read_answers(os.path.join(out_dir, "synthetic_answers.jsonl"))
   return [{k: v for k, v in r.items() if k != "answer_id"} for r in rows]
 
 
@@ -116,7 +116,7 @@ def test_killed_run_resumes_on_two_processes(setup):
   kept = [json.loads(line)["answer_id"] for line in lines[:3]]
   run_module("llava_jax.evaluate", *setup["args"], f"--workdir={out}", num_processes=2,
              devices_per_process=2)
-  rows = files.read_answers(os.path.join(out, "synthetic_answers.jsonl"))
+  rows = read_answers(os.path.join(out, "synthetic_answers.jsonl"))
   assert sorted(_by_id(rows)) == [f"q{i}" for i in range(7)]  # none twice, none lost
   assert [r["answer_id"] for r in rows[:3]] == kept  # the first three were not asked again
   assert _by_id(_rows(out)) == _by_id(_rows(setup["reference"]))

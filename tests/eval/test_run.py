@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 import tiny_checkpoint
-from llava_jax.eval import files
+from llava_jax.eval.answers import read_answers
 from llava_jax.eval.run import answers_path, run_eval
 from llava_jax.infer.loading import load_model
 
@@ -23,7 +23,7 @@ def _run(model, paths, out, **kw):
 
 
 def _texts(out):
-  return {r["question_id"]: r["text"] for r in files.read_answers(answers_path(out, "synthetic"))}
+  return {r["question_id"]: r["text"] for r in read_answers(answers_path(out, "synthetic"))}
 
 
 def test_two_runs_give_identical_answers_and_eval_json(tiny, tmp_path):
@@ -44,9 +44,9 @@ def test_resume_skips_answered_ids(tiny, tmp_path):
   model, paths = tiny
   partial = _run(model, paths, tmp_path, limit=2)
   assert partial["synthetic/n"] == 2 and partial["synthetic/missing"] == 0
-  first = files.read_answers(answers_path(tmp_path, "synthetic"))
+  first = read_answers(answers_path(tmp_path, "synthetic"))
   full = _run(model, paths, tmp_path)
-  rows = files.read_answers(answers_path(tmp_path, "synthetic"))
+  rows = read_answers(answers_path(tmp_path, "synthetic"))
   assert [r["question_id"] for r in rows] == ["q0", "q1", "q2"]  # q0, q1 not asked again
   assert [r["answer_id"] for r in rows[:2]] == [r["answer_id"] for r in first]
   assert full["synthetic/n"] == 3
@@ -61,7 +61,7 @@ def test_bad_or_missing_image_gives_an_error_answer(tiny, tmp_path):
   rows[2]["image"] = "images/missing.png"
   (data / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   result = _run(model, paths, tmp_path / "out", questions=data / "questions.jsonl")
-  answers = {r["question_id"]: r for r in files.read_answers(answers_path(tmp_path / "out",
+  answers = {r["question_id"]: r for r in read_answers(answers_path(tmp_path / "out",
                                                                            "synthetic"))}
   assert set(answers) == {"q0", "q1", "q2"}
   assert "cannot decode image" in answers["q1"]["metadata"]["error"]
