@@ -4,10 +4,17 @@ Modules name logical axes only (``batch, seq, embed, mlp, heads, kv_heads, head_
 vocab, layers`` for params, ``act_*`` for activations). ``LOGICAL_RULES`` maps them onto
 the mesh ``("data", "fsdp", "tensor")``; configs may override individual rules. The same
 code runs on 1 CPU or a TPU pod: only the mesh shape changes.
+
+Besides the rules: shardings of params (``param_shardings``), of state that mirrors them
+(``mirror_shardings``: optimizer moments), of batches (``batch_sharding``) and replicated
+values; and, for code traced under ``use_mesh`` (the Pallas kernels' ``shard_map``), the
+enclosing mesh (``context_mesh``), its platform, and the mesh axes a logical axis may be
+split over (``dividing_mesh_axes``).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -165,4 +172,85 @@ def batch_shards(mesh: Mesh, overrides: Iterable[tuple[str, Any]] | None = None)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """The same full value on every device of ``mesh``."""
   return NamedSharding(mesh, P())
+
+
+def mirror_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree of state that mirrors the params (an optimizer state).
+
+  A leaf of ``tree`` whose dict-key path ends with a param's path and that has that
+  param's shape (Adam's mu/nu …) takes that param's sharding; every other leaf (step
+  counts, scalars) is replicated.
+
+  Args:
+    tree: abstract state (e.g. ``jax.eval_shape(optimizer.init, params)``).
+    params: the abstract param tree; ``shardings``: its NamedShardings, same structure.
+  """
+  by_path = {_dict_path(path): (s, leaf.shape) for (path, s), leaf in zip(
+      jax.tree_util.tree_flatten_with_path(shardings)[0], jax.tree.leaves(params))}
+  rep = replicated(mesh)
+
+  def for_leaf(path, leaf):
+    keys = _dict_path(path)
+    for start in range(len(keys)):
+      hit = by_path.get(keys[start:])
+      if hit is not None and hit[1] == leaf.shape:
+        return hit[0]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(for_leaf, tree)
+
+
+def _dict_path(path) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+# ----------------------------------------------------------------------------- inside a trace
+
+def context_mesh() -> Mesh | None:
+  """The concrete mesh of the enclosing ``use_mesh`` (``with mesh:``), else of
+  ``jax.set_mesh``; None outside both.
+
+  The one private JAX access in the code base: jax 0.10.2 has no public getter for the mesh
+  of a ``with mesh:`` context. ``jax.sharding.get_mesh()`` sees only ``jax.set_mesh`` and
+  raises inside ``jit``; ``jax.sharding.get_abstract_mesh()`` has no devices, and a
+  ``shard_map`` over the abstract mesh fails at run time on uncommitted inputs (no device
+  assignment to lower ``sdy.GlobalToLocalShape`` against).
+  """
+  from jax._src import mesh as mesh_lib  # see the docstring: no public getter
+  physical = mesh_lib.thread_resources.env.physical_mesh
+  if not physical.empty:
+    return physical
+  concrete = mesh_lib.get_concrete_mesh()
+  return None if concrete is None or concrete.empty else concrete
+
+
+def context_platform() -> str | None:
+  """The platform of the devices the enclosing mesh context compiles for (``context_mesh``,
+  else the abstract mesh's device: ``jax.sharding.use_abstract_mesh``), or None outside one.
+
+  An ahead-of-time compile for a TPU topology traces on a CPU host with the topology's
+  devices in the mesh: this says "tpu" there, where ``jax.default_backend()`` says "cpu".
+  """
+  mesh = context_mesh()
+  if mesh is not None:
+    return mesh.devices.flat[0].platform
+  abstract = jax.sharding.get_abstract_mesh()
+  device = None if abstract is None or abstract.empty else abstract.abstract_device
+  return getattr(device, "platform", None) or None
+
+
+def dividing_mesh_axes(mesh: Mesh, logical: Sequence[str], sizes: Sequence[Sequence[int]]) -> tuple:
+  """The mesh axes of each logical axis under the active rules (``use_mesh``), or None where
+  their product on ``mesh`` does not divide each of that axis's ``sizes`` (it then stays whole).
+
+  The names resolve together, as the dims of one array (a mesh axis is used once):
+  ``dividing_mesh_axes(mesh, ("act_batch", "act_heads"), ((b,), (h, k)))``.
+  """
+  out = []
+  for axes, dims in zip(nn.logical_to_mesh_axes(tuple(logical)), sizes):
+    n = 1 if axes is None else (mesh.shape[axes] if isinstance(axes, str)
+                                else math.prod(mesh.shape[a] for a in axes))
+    out.append(None if axes is None or any(d % n for d in dims) else axes)
+  return tuple(out)

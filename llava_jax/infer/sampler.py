@@ -125,8 +125,8 @@ def _replicated(x, ctx):
   """Outputs the host reads: replicated, so every process holds all of them."""
   if ctx is None:
     return x
-  from jax.sharding import NamedSharding, PartitionSpec
-  return jax.lax.with_sharding_constraint(x, NamedSharding(ctx[0], PartitionSpec()))
+  from llava_jax import sharding
+  return jax.lax.with_sharding_constraint(x, sharding.replicated(ctx[0]))
 
 
 def _stop(tokens, stop_ids: tuple[int, ...]):

@@ -7,11 +7,11 @@ bidirectional prefix, GQA without repeating K/V.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 from jax.sharding import PartitionSpec as P
 
+from llava_jax import sharding
 from llava_jax.kernels.reference import attention_mask, mha_reference
 
 IMPLS = ("xla", "cudnn", "pallas")
@@ -62,13 +62,6 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
 
 
-def _ambient_mesh():
-  """The mesh of an enclosing ``with mesh:`` (``sharding.use_mesh``), or None."""
-  from jax._src import mesh as mesh_lib  # the legacy context has no public getter
-  mesh = mesh_lib.thread_resources.env.physical_mesh
-  return None if mesh.empty or mesh.size == 1 else mesh
-
-
 def _per_shard(kernel, q, k, v, segment_ids, kv_segment_ids, prefix_len):
   """Runs a Pallas kernel per shard under ``shard_map``.
 
@@ -78,18 +71,12 @@ def _per_shard(kernel, q, k, v, segment_ids, kv_segment_ids, prefix_len):
   ``act_batch`` and heads over those of ``act_heads``; heads stay whole when the kv heads
   don't divide (a query head must sit with its kv head).
   """
-  mesh = _ambient_mesh()
+  mesh = sharding.context_mesh()
   call = lambda q, k, v, s, ks, pl: kernel(q, k, v, segment_ids=s, kv_segment_ids=ks, prefix_len=pl)
-  if mesh is None:
+  if mesh is None or mesh.size == 1:
     return call(q, k, v, segment_ids, kv_segment_ids, prefix_len)
-  import flax.linen as nn
-  batch_axes, head_axes = nn.logical_to_mesh_axes(("act_batch", "act_heads"))
-  size = lambda axes: 1 if axes is None else (
-      mesh.shape[axes] if isinstance(axes, str) else math.prod(mesh.shape[a] for a in axes))
-  if q.shape[0] % size(batch_axes):
-    batch_axes = None
-  if q.shape[2] % size(head_axes) or k.shape[2] % size(head_axes):
-    head_axes = None
+  batch_axes, head_axes = sharding.dividing_mesh_axes(
+      mesh, ("act_batch", "act_heads"), ((q.shape[0],), (q.shape[2], k.shape[2])))
   if batch_axes is None and head_axes is None:
     return call(q, k, v, segment_ids, kv_segment_ids, prefix_len)
   qkv = P(batch_axes, None, head_axes, None)

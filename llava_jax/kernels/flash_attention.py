@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from llava_jax import sharding
 from llava_jax.kernels import flash_common as fc
 from llava_jax.kernels import flash_gpu, flash_tpu
 
@@ -152,18 +153,7 @@ def target_platform() -> str:
   devices in the mesh; deciding from the default backend there would silently compile
   the interpreted kernel (plain HLO, no Mosaic call) into the TPU program.
   """
-  from jax._src import mesh as mesh_lib  # the mesh contexts have no public device getter
-  physical = mesh_lib.thread_resources.env.physical_mesh
-  if not physical.empty:
-    return physical.devices.flat[0].platform
-  concrete = mesh_lib.get_concrete_mesh()
-  if concrete is not None and not concrete.empty:
-    return concrete.devices.flat[0].platform
-  abstract = mesh_lib.get_abstract_mesh()
-  device = None if abstract is None or abstract.empty else abstract.abstract_device
-  if device is not None and getattr(device, "platform", None):
-    return device.platform
-  return jax.default_backend()
+  return sharding.context_platform() or jax.default_backend()
 
 
 def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None,

@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
 from llava_jax.models.llava import Llava
@@ -65,7 +64,7 @@ def make_eval_fn(cfg, params_shardings, mesh, rules, batches: Callable[[], Itera
     return jnp.stack([(nll * w).sum(), w.sum(), (correct * w).sum(), answers, right])
 
   forward = jax.jit(stats, in_shardings=(params_shardings, batch_shardings),
-                    out_shardings=NamedSharding(mesh, P()))
+                    out_shardings=sharding.replicated(mesh))
 
   def eval_fn(params, step):
     del step

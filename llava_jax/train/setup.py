@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from llava_jax import sharding
 from llava_jax.models.configs import LLM_VARIANTS, VISION_VARIANTS, LlavaConfig, llava_config
@@ -210,7 +210,7 @@ def build_setup(config, cfg: LlavaConfig, *, devices=None) -> TrainSetup:
                      for k, v in batch_spec(config, cfg).items()}
   step = jax.jit(make_train_step(cfg, optimizer, trainable, step_cfg),
                  in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
   setup = TrainSetup(cfg=cfg, mesh=mesh, rules=rules, optim=ocfg, step_cfg=step_cfg,
                      optimizer=optimizer, trainable=trainable, shardings=shardings,
                      batch_shardings=batch_shardings,

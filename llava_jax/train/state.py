@@ -1,9 +1,9 @@
 """Creating and sharding the train state on a mesh.
 
 Param shardings come from the modules' logical axis names (``sharding.py`` rules);
-optimizer-state leaves (Adam's mu/nu …) take the sharding of the param they mirror,
-found by matching the param's path as a suffix of the state leaf's path; scalars (counts)
-are replicated. The same code runs on a 1-device mesh and on a pod.
+optimizer-state leaves (Adam's mu/nu …) take the sharding of the param they mirror and
+scalars (counts) are replicated (``sharding.mirror_shardings``). The same code runs on a
+1-device mesh and on a pod.
 """
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from llava_jax import sharding
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import init_params
 from llava_jax.train.step import TrainState, init_state
-
-
-def _dict_path(path) -> tuple[str, ...]:
-  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
 def param_specs(cfg: LlavaConfig) -> Any:
@@ -34,23 +30,11 @@ def param_specs(cfg: LlavaConfig) -> Any:
 def state_shardings(cfg: LlavaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules=None) -> TrainState:
   """NamedShardings for every leaf of the TrainState."""
-  specs = param_specs(cfg)
-  p_shard = sharding.logical_to_sharding(specs, mesh, rules)
+  p_shard = sharding.logical_to_sharding(param_specs(cfg), mesh, rules)
   abstract_params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  by_path = {_dict_path(path): (s, leaf.shape) for (path, s), leaf in zip(
-      jax.tree_util.tree_flatten_with_path(p_shard)[0], jax.tree.leaves(abstract_params))}
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-  replicated = NamedSharding(mesh, P())
-
-  def for_opt_leaf(path, leaf):
-    keys = _dict_path(path)
-    for start in range(len(keys)):
-      hit = by_path.get(keys[start:])
-      if hit is not None and hit[1] == leaf.shape:
-        return hit[0]
-    return replicated
-
-  opt_shard = jax.tree_util.tree_map_with_path(for_opt_leaf, abstract_opt)
+  opt_shard = sharding.mirror_shardings(abstract_opt, abstract_params, p_shard, mesh)
+  replicated = sharding.replicated(mesh)
   return TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
 
 
@@ -78,4 +62,4 @@ def jit_train_step(train_step: Callable, shardings: TrainState, mesh: Mesh, batc
   """``jax.jit`` with state/batch shardings and the old state's buffers donated."""
   batch_shardings = {k: sharding.batch_sharding(mesh, jnp.ndim(v)) for k, v in batch_example.items()}
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
