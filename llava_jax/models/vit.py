@@ -7,7 +7,6 @@ Param names follow Hugging Face (``embeddings/patch_embedding``, ``encoder/layer
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from llava_jax.kernels.attention import attention

@@ -44,7 +44,6 @@ from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optim
 from llava_jax.train import preemption
 from llava_jax.train.setup import TrainSetup, build_setup, config_value, model_config  # noqa: F401 (re-export)
-from llava_jax.train.step import MODEL_KEYS
 
 
 def prepare_synthetic(config) -> None:
