@@ -127,7 +127,7 @@ def main(argv=None):
     rows.append((name, pre, b * p / pre, dec, b * (n - 1) / dec, b * n / gen))
   agree = float(np.mean(ours_tok == hf_tok))
   lines = [
-      f"Command: `python benchmarks/generate.py --results=benchmarks/RESULTS.md`",
+      "Command: `python benchmarks/generate.py --results=benchmarks/RESULTS.md`",
       "",
       f"Random LLaVA: CLIP-tiny tower (56 px, 16 image tokens), Llama {args.layers} layers x "
       f"width {args.width} (MHA, {args.width // 64} heads), vocab {args.vocab}; float32; batch "

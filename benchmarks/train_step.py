@@ -32,7 +32,6 @@ from timing import host_description, timed_interleaved  # noqa: E402
 
 
 def build_hf(path: str):
-  import torch
   import transformers as tf
   import tiny_hf
   vc = tf.CLIPVisionConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
@@ -160,13 +159,13 @@ def main():
       f"model: {n_params / 1e6:.1f}M params (ViT 6x384 frozen; Llama 12x768 + projector trained), "
       f"batch {a.batch} x {a.seq} tokens, {a.dtype}, {jax.device_count()} JAX device(s), "
       f"torch threads {torch.get_num_threads()}; host: {host_description()}",
-      f"| | step time | tokens/s | MFU vs measured matmul peak |",
-      f"|---|---|---|---|",
+      "| | step time | tokens/s | MFU vs measured matmul peak |",
+      "|---|---|---|---|",
       f"| llava_jax train_step (jit, fwd+bwd+AdamW) | {t_jax * 1e3:.0f} ms | {tokens / t_jax:,.0f} | "
       f"{flops / t_jax / peak:.1%} |",
       f"| HF transformers PyTorch (fwd+bwd+AdamW) | {t_torch * 1e3:.0f} ms | {tokens / t_torch:,.0f} | "
       f"{flops / t_torch / torch_peak:.1%} of torch's own matmul peak |",
-      f"",
+      "",
       f"speed-up llava_jax / PyTorch: **{t_torch / t_jax:.2f}x**; float32 1024^3 matmul peak: XLA "
       f"{peak / 1e9:.1f} GFLOP/s, torch {torch_peak / 1e9:.1f} GFLOP/s; model FLOPs "
       f"{flops / 1e9:.1f} GFLOP per step.",

@@ -82,7 +82,7 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def sum_over_processes(values) -> "np.ndarray":
+def sum_over_processes(values):
   """float64[N] summed over every process (one all-gather; every process must call it)."""
   import jax
   import numpy as np

@@ -1,7 +1,6 @@
 """Whole-LLaVA parity with HF ``LlavaForConditionalGeneration`` (CLIP+Llama, SigLIP+Qwen2),
 loaded through ``load_hf_llava`` from a saved directory, plus the merge contract."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -3,7 +3,6 @@
 Loaded through ``load_hf_llm`` from a ``save_pretrained`` directory, as a user would.
 Per-layer tolerance 1e-5, whole model 1e-4 (never loosened).
 """
-import dataclasses
 
 import jax
 import jax.numpy as jnp
