@@ -18,11 +18,15 @@ def llava_recipe(*, stage: int, vision: str, llm: str, data: dict, template: str
                  lr_rules, image_mode: str = "pad") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Pallas flash attention in both towers: XLA's attention holds each layer's [T, T]
+  # scores, 2.4 GiB more per chip for 13B stage 2 on a v5e-32 (15.5 of 15.75 GiB, 98%)
+  # and over a v4-32's HBM. On CPU it runs in interpret mode (slow; "xla" for CPU runs).
   c.model = dict(vision=vision, llm=llm, projector="mlp2x_gelu", vocab_from_tokenizer=False,
                  image_token="<image>",
-                 vision_overrides=dict(select_layer=-2, scan=True, remat="full", dtype="bfloat16"),
+                 vision_overrides=dict(select_layer=-2, scan=True, remat="full", dtype="bfloat16",
+                                       attn_impl="pallas"),
                  llm_overrides=dict(scan=True, remat="full", dtype="bfloat16",
-                                    attn_impl="xla"))
+                                    attn_impl="pallas"))
   # Packing (llava_jax/data/packing.py): several conversations per max_len row, no
   # padding compute. Off to keep the paper's recipe (batch_size counts examples); to
   # turn it on, batch_size counts rows and max_images is image slots per row, e.g.
@@ -48,6 +52,14 @@ def llava_recipe(*, stage: int, vision: str, llm: str, data: dict, template: str
   # None becomes a typed placeholder, so that --config.init.from_run=DIR (etc.) can be set.
   c.init = {k: ml_collections.config_dict.placeholder(str) if v is None else v
             for k, v in init.items()}
-  c.mesh = dict(data=1, fsdp=-1, tensor=1)  # FSDP over every chip: 7B/13B fit a v4-32/v5e-32
+  # FSDP over every chip. Compiled for TPU by benchmarks/aot.py (benchmarks/RESULTS.md;
+  # GiB per chip of the HBM the compiler allows: v5e 15.75, v4 30.75, v5p 95.7):
+  #   stage 2, batch 128: 7B v5e-32 8.1 (batch 256: 12.3), v4-32 15.2, v5p-32 15.4;
+  #                       13B v5e-32 13.1 (batch 256 refused), v4-32 25.5, v5p-32 25.4.
+  #   stage 1, batch 256: 7B v5e-32 9.0, v4-32 17.2, v5p-32 17.2, v5e-256 3.0;
+  #                       13B v5e-32 12.3, v4-32 24.2, v5p-32 24.5, v5e-256 4.0.
+  # On a v5e-256, stage 2's 128 rows are fewer than the 256 batch shards and do not lower:
+  # set train.batch_size to 256-1024 (7B 3.6-12.1, 13B 4.8-12.7 GiB; 2048 is refused).
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)
   c.sharding_rules = []
   return c
