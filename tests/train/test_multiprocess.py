@@ -118,23 +118,41 @@ def test_kill_resume_and_resume_on_another_process_count(runs):
 
 
 @pytest.mark.slow
-def test_local_pod_launcher_trains_stops_on_failure_and_resumes(runs, tmp_path):
-  """``launch/local_pod.sh`` as the README shows it: a failing process stops the pod with
-  its exit status; the same command then resumes and finishes."""
+def test_local_pod_launcher_trains_stops_resumes_on_4_and_evaluates(runs, tmp_path):
+  """``launch/local_pod.sh`` as the README shows it: on 2 processes a failing process stops
+  the pod with its exit status; the run resumes on 4 processes and finishes; then the
+  evaluator answers the held-out questions on 2 processes, each question once."""
   import subprocess
   root, _, workdirs = runs
   workdir = str(tmp_path / "run")
-  cmd = ["bash", f"{ROOT}/launch/local_pod.sh", "2", "llava_jax.train",
-         f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}", f"--workdir={workdir}",
-         f"--config.train.steps={STEPS}", "--config.train.ckpt_every=5"]
+  pod = lambda n, module: ["bash", f"{ROOT}/launch/local_pod.sh", str(n), module]
+  train_args = [f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}", f"--workdir={workdir}",
+                f"--config.train.steps={STEPS}", "--config.train.ckpt_every=5"]
   env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_JAX_")}
   env.update(LOGDIR=str(tmp_path / "logs"), PYTHON=sys.executable)
+  run = lambda cmd, **extra: subprocess.run(cmd, env={**env, **extra}, capture_output=True,
+                                            text=True, timeout=900)
   # Killed after step 12: checkpoint 5 is committed (orbax starts saving 10 only after it).
-  proc = subprocess.run(cmd + ["--config.train.crash_after_step=12"], env=env, capture_output=True,
-                        text=True, timeout=900)
+  proc = run(pod(2, "llava_jax.train") + train_args + ["--config.train.crash_after_step=12"])
   assert proc.returncode == 42, proc.stderr[-3000:]
   assert "process 0 exited with 42" in proc.stderr or "process 1 exited with 42" in proc.stderr
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+  proc = run(pod(4, "llava_jax.train") + train_args, DEVICES_PER_PROCESS="1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from checkpoint" in proc.stderr  # process 0's log is shown
-  assert losses(workdir) == losses(workdirs[2])  # bitwise: the same 2-process run
+  assert "written by 2 processes, resuming on 4" in proc.stderr
+  got, want = losses(workdir), losses(workdirs[2])
+  assert sorted(got) == sorted(want)
+  for s in want:
+    assert got[s] == pytest.approx(want[s], rel=RTOL), s
+  data = os.path.join(root, "data")
+  out = str(tmp_path / "eval")
+  proc = run(pod(2, "llava_jax.evaluate") + [
+      f"--checkpoint={workdir}", "--task=synthetic", f"--workdir={out}", "--limit=12",
+      f"--questions={data}/eval_questions.jsonl", f"--annotations={data}/eval_annotations.jsonl",
+      f"--image_root={data}/images", "--batch_size=4", "--max_new_tokens=4"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, "synthetic_answers.jsonl")) as f:
+    answered = [json.loads(line)["question_id"] for line in f]
+  assert len(answered) == len(set(answered)) == 12  # one writer, none lost or doubled
+  with open(os.path.join(out, "eval.json")) as f:
+    assert json.load(f)["synthetic/answered"] == 12
