@@ -39,7 +39,6 @@ from llava_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
 from llava_jax.data import images as images_lib
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.train import evaluation
-from llava_jax.train import flops as flops_lib
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optim
 from llava_jax.train import preemption
@@ -210,15 +209,6 @@ def _compile(setup: TrainSetup, state, config):
   return compiled
 
 
-def _step_flops(setup: TrainSetup, config) -> float:
-  groups = setup.trainable_groups()
-  spec = setup.batch_spec(config)
-  return flops_lib.train_step_flops(
-      setup.cfg, tokens=int(np.prod(spec["input_ids"].shape)), seq_len=spec["input_ids"].shape[1],
-      images=int(np.prod(spec["image_mask"].shape)), train_img=groups["img"],
-      train_projector=groups["projector"], train_llm=groups["llm"])
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics ({} if already done).
 
@@ -265,7 +255,7 @@ def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
   eval_fn = evaluation.make_eval(config, run.cfg, run.tokenizer, run.image_config,
                                  setup.shardings.params, setup.mesh, setup.rules)
   peak = (t.get("peak_tflops") or 0) * 1e12 or metrics_lib.measure_matmul_peak()
-  throughput = metrics_lib.Throughput(_step_flops(setup, config), peak, jax.device_count())
+  throughput = metrics_lib.Throughput(setup.step_flops(config), peak, jax.device_count())
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.get("tensorboard", True),
                                     resume_step=start)
   guard = NonFiniteGuard(t.get("on_nonfinite", "stop"), t.get("max_nonfinite", 10))
