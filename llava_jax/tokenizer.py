@@ -137,6 +137,9 @@ class SentencePieceTokenizer(Tokenizer):
                added_tokens: Sequence[Mapping[str, Any]] = (), chat_template: str | None = None):
     self.name = name
     self._proto = bytes(model_proto)
+    if not self._proto:
+      raise ValueError(f"sentencepiece model {name} is empty (0 bytes): a failed copy or "
+                       "download? Point data.tokenizer at the checkpoint's tokenizer.model")
     self.legacy = bool(legacy)
     self._added = [dict(t) for t in added_tokens]
     self.chat_template = chat_template

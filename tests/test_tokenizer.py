@@ -256,3 +256,10 @@ def test_compare_backends_names_the_first_difference():
   assert tk.compare_backends(a, a, ["x</s>USER"]) is None
   diff = tk.compare_backends(a, b, ["fine", "A cat.</s>USER: hi"])
   assert "'A cat.</s>USER: hi'" in diff and "'▁US'" in diff and "'USER'" in diff and "token 4" in diff
+
+
+def test_a_zero_byte_model_says_so(tmp_path):
+  empty = tmp_path / "tokenizer.model"
+  empty.write_bytes(b"")
+  with pytest.raises(ValueError, match="is empty"):
+    tk.load_tokenizer(str(empty))
