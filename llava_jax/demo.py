@@ -1,6 +1,6 @@
 """The README's main job: a tiny LLaVA trained end to end on the embedded shapes dataset.
 
-  python -m llava_jax.demo [--root=runs/demo]
+  python -m llava_jax.demo [--root=runs/demo] [--seed=0]
 
 1. writes the synthetic dataset (images, LLaVA JSON, array_record, tokenizer),
 2. trains stage 1 (captions) then stage 2 (VQA conversations) of ``configs/tiny_shapes.py``
@@ -20,6 +20,8 @@ import time
 from absl import app, flags, logging
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "where data, runs and answers go")
+_SEED = flags.DEFINE_integer("seed", 0, "training seed (parameter init and data order) of both "
+                             "stages; the dataset itself is the same for every seed")
 _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                        "tiny_shapes.py")
 
@@ -29,7 +31,9 @@ def load_config(stage: str, root: str):
   spec = importlib.util.spec_from_file_location("tiny_shapes", _CONFIG)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config(f"{stage},root={root}")
+  config = mod.get_config(f"{stage},root={root}")
+  config.seed = _SEED.value
+  return config
 
 
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
