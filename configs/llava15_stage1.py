@@ -8,11 +8,8 @@ max length 2048, ``plain`` template, CLIP ViT-L/14-336 (layer -2, patch tokens),
 mlp2x_gelu. ``clip`` and ``llm`` are HF directories (``CLIPVisionModel`` and
 ``LlamaForCausalLM``) loaded through ``llava_jax.checkpoint.convert.hf``.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import llava_recipe, parse_arg  # noqa: E402
+from llava_jax.train.recipes import llava_recipe
+from llava_jax.train.run_config import parse_arg
 
 SAMPLES = 558_128
 
@@ -21,7 +18,7 @@ def get_config(arg: str = ""):
   a = parse_arg(arg, size="7b", data="/data/LLaVA-Pretrain", clip="", llm="")
   batch = 256
   return llava_recipe(
-      stage=1, vision="clip-L/14-336", llm=f"vicuna-{a['size']}",
+      vision="clip-L/14-336", llm=f"vicuna-{a['size']}",
       data=dict(train=f"{a['data']}/blip_laion_cc_sbu_558k.json", image_root=f"{a['data']}/images",
                 tokenizer=a["llm"]),
       template="plain", lr=1e-3, batch_size=batch, steps=-(-SAMPLES // batch), max_len=2048,

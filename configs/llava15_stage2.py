@@ -8,11 +8,8 @@ Hyper-parameters as ``scripts/v1_5/finetune.sh``: lr 2e-5, global batch 128, 1 e
 (``image_aspect_ratio=pad``). Starts from the stage-1 run's projector plus the converted
 CLIP and Vicuna weights.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import llava_recipe, parse_arg  # noqa: E402
+from llava_jax.train.recipes import llava_recipe
+from llava_jax.train.run_config import parse_arg
 
 SAMPLES = 665_298
 
@@ -21,7 +18,7 @@ def get_config(arg: str = ""):
   a = parse_arg(arg, size="7b", data="/data/llava_v1_5_mix665k", stage1="", clip="", llm="")
   batch = 128
   return llava_recipe(
-      stage=2, vision="clip-L/14-336", llm=f"vicuna-{a['size']}",
+      vision="clip-L/14-336", llm=f"vicuna-{a['size']}",
       data=dict(train=f"{a['data']}/llava_v1_5_mix665k.json", image_root=f"{a['data']}/images",
                 tokenizer=a["llm"]),
       template="vicuna_v1", lr=2e-5, batch_size=batch, steps=-(-SAMPLES // batch), max_len=2048,

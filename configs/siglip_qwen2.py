@@ -7,11 +7,8 @@ SigLIP has no class token: all 729 patch tokens of the last layer (``select_laye
 go to the projector; conversations use Qwen2's ``chatml``; the image placeholder is a
 token the Qwen2 tokenizer must contain (set ``model.image_token``).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import llava_recipe, parse_arg  # noqa: E402
+from llava_jax.train.recipes import llava_recipe
+from llava_jax.train.run_config import parse_arg
 
 
 def get_config(arg: str = "stage=1"):
@@ -24,7 +21,7 @@ def get_config(arg: str = "stage=1"):
     data = dict(train=f"{a['data']}/llava_v1_5_mix665k.json", image_root=f"{a['data']}/images",
                 tokenizer=a["llm"])
   c = llava_recipe(
-      stage=stage, vision="siglip-So400m/14-384", llm="qwen2-7b", data=data,
+      vision="siglip-So400m/14-384", llm="qwen2-7b", data=data,
       template="plain" if stage == 1 else "chatml", lr=1e-3 if stage == 1 else 1e-5,
       batch_size=256 if stage == 1 else 128, steps=2181 if stage == 1 else 5198, max_len=2048,
       init=dict(vision_hf=a["siglip"] or None, llm_hf=a["llm"] or None,

@@ -9,43 +9,28 @@ template) teaches the ViT, projector and LLM to describe images; stage 2 starts 
 stage 1 and learns the VQA conversations (``vicuna_v1``). With real weights the stage-1
 rule would be ``projector/.*`` only (see ``llava15_stage1.py``).
 """
-import ml_collections
+from llava_jax.train.run_config import parse_arg, skeleton
 
 STAGES = ("stage1", "stage2", "test")
 
 
-def parse_arg(arg: str) -> dict:
-  """``"stage2,root=runs/x"`` -> {"stage": "stage2", "root": "runs/x"}."""
-  out = {"stage": "stage1", "root": "runs/shapes"}
-  for part in filter(None, (arg or "").split(",")):
-    if "=" in part:
-      k, v = part.split("=", 1)
-      out[k] = v
-    else:
-      out["stage"] = part
-  if out["stage"] not in STAGES:
-    raise ValueError(f"stage {out['stage']!r}: expected one of {STAGES}")
-  return out
-
-
-def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
-  a = parse_arg(arg)
+def get_config(arg: str = "stage1"):
+  a = parse_arg(arg, positional="stage", stage="stage1", root="runs/shapes")
   stage, root = a["stage"], a["root"]
+  if stage not in STAGES:
+    raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
   data_dir = f"{root}/data"
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = dict(
-      vision="clip-tiny", llm="tiny", projector="mlp2x_gelu", vocab_from_tokenizer=True,
-      image_token="<image>",
-      # 42 px images in 14 px patches: one patch per cell of the scenes' 3x3 grid, so each
-      # shape is one image token (with 28 px / 7 px patches shapes straddle patches and
-      # stage 2 learns the colour/shape binding far more slowly).
-      vision_overrides=dict(width=96, depth=3, mlp_dim=192, num_heads=4, select_layer=-1,
-                            image_size=42, patch_size=14),
-      llm_overrides=dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
-                         num_kv_heads=2, max_position_embeddings=512))
-  c.data = dict(
-      synthetic=dict(dir=data_dir, seed=0, n_train=4000, n_val=200, image_size=42),
+  c = skeleton()
+  c.model.update(vision="clip-tiny", llm="tiny", vocab_from_tokenizer=True)
+  # 42 px images in 14 px patches: one patch per cell of the scenes' 3x3 grid, so each
+  # shape is one image token (with 28 px / 7 px patches shapes straddle patches and
+  # stage 2 learns the colour/shape binding far more slowly).
+  c.model.vision_overrides = dict(width=96, depth=3, mlp_dim=192, num_heads=4, select_layer=-1,
+                                  image_size=42, patch_size=14)
+  c.model.llm_overrides = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
+                               num_kv_heads=2, max_position_embeddings=512)
+  c.data.synthetic = dict(dir=data_dir, seed=0, n_train=4000, n_val=200, image_size=42)
+  c.data.update(
       tokenizer=f"{data_dir}/tokenizer.model", image_root=f"{data_dir}/images",
       # Stage 2 trains on the VQA conversations alone. Stage 1's captions name shapes by
       # kind (see `synthetic.caption`), which already teaches the lookup of a shape among
@@ -56,30 +41,22 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
       eval_questions=f"{data_dir}/eval_questions.jsonl",
       eval_annotations=f"{data_dir}/eval_annotations.jsonl",
       template="plain" if stage == "stage1" else "vicuna_v1",
-      max_len=64 if stage == "stage1" else 128, max_images=1, policy="skip", workers=0,
-      image_mode=None,
-      # Packing (see configs/common.py): with pack=True, max_images is slots per row.
-      pack=False, pack_bins=ml_collections.config_dict.placeholder(int))
-  c.optim = dict(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05,
-                 final_lr_ratio=0.05, weight_decay=0.0, grad_clip=1.0, lr_rules=[(".*", 1.0)])
-  c.train = dict(steps=600 if stage == "stage1" else 1200, batch_size=32, grad_accum=1,
-                 loss_norm="token", target_fraction=ml_collections.config_dict.placeholder(float),
-                 log_every=25, ckpt_every=200 if stage == "stage1" else 300,
-                 keep=2, eval_every=200 if stage == "stage1" else 300, eval_batch_size=50, peak_tflops=None, tensorboard=True,
-                 progress=True, async_checkpoint=True,
-                 # Reliability (llava_jax/train/loop.py): a non-finite loss/gradient stops the
-                 # run ("skip": drop such updates, at most max_nonfinite); SIGTERM/Ctrl-C write
-                 # a checkpoint of the current step; a damaged checkpoint is moved aside and
-                 # the one before restored ("raise": refuse with the command to delete it).
-                 on_nonfinite="stop", max_nonfinite=10, checkpoint_on_stop=True,
-                 on_corrupt_checkpoint="fallback",
-                 # Fault injection for the resume tests: exit (like a kill) after this step.
-                 crash_after_step=ml_collections.config_dict.placeholder(int))
-  # A placeholder, not None, so that --config.init.from_run=DIR works on stage 1 too.
-  c.init = dict(from_run=f"{root}/stage1" if stage == "stage2"
-                else ml_collections.config_dict.placeholder(str), from_run_params=".*")
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.sharding_rules = []
+      # Packing (llava_jax/data/packing.py): with pack=True, max_images is slots per row.
+      max_len=64 if stage == "stage1" else 128)
+  # There are no pretrained weights to keep: every parameter trains in both stages.
+  c.optim.update(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05, final_lr_ratio=0.05,
+                 lr_rules=[[".*", 1.0]])
+  # Reliability (llava_jax/train/loop.py, defaults in llava_jax/train/run_config.py): a
+  # non-finite loss/gradient stops the run (train.on_nonfinite="skip": drop such updates,
+  # at most max_nonfinite); SIGTERM/Ctrl-C write a checkpoint of the current step; a
+  # damaged checkpoint is moved aside and the one before restored.
+  c.train.update(steps=600 if stage == "stage1" else 1200, batch_size=32, log_every=25,
+                 ckpt_every=200 if stage == "stage1" else 300,
+                 eval_every=200 if stage == "stage1" else 300, eval_batch_size=50)
+  if stage == "stage2":
+    c.init.update(from_run=f"{root}/stage1", from_run_params=".*")
+  else:
+    c.init.from_run_params = ".*"
   if stage == "test":  # a few steps for the resume / CLI tests
     c.data.template = "vicuna_v1"
     c.data.train = f"{data_dir}/stage2.jsonl"

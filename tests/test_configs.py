@@ -8,7 +8,7 @@ import pytest
 from llava_jax.models.configs import LLM_VARIANTS, VISION_VARIANTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = sorted(f for f in glob.glob(f"{ROOT}/configs/*.py") if not f.endswith("common.py"))
+FILES = sorted(f for f in glob.glob(f"{ROOT}/configs/*.py"))
 
 
 def _load(path):
