@@ -27,19 +27,10 @@ from llava_jax import sharding
 from llava_jax.models.configs import LLM_VARIANTS, VISION_VARIANTS, LlavaConfig, llava_config
 from llava_jax.models.llava import init_params
 from llava_jax.train import optim
+from llava_jax.train import run_config
 from llava_jax.train import state as state_lib
 from llava_jax.train import validate
 from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step
-
-
-def config_value(config, path: str, default=None):
-  """``config.a.b`` for ``path="a.b"``, or ``default`` where a key is missing."""
-  node = config
-  for key in path.split("."):
-    if node is None or key not in node:
-      return default
-    node = node[key]
-  return node
 
 
 def model_config(config, tokenizer=None) -> LlavaConfig:
@@ -48,16 +39,15 @@ def model_config(config, tokenizer=None) -> LlavaConfig:
   Without a tokenizer (ahead-of-time compiles of configs whose tokenizer is not on this
   machine) the vocabulary is the variant's and the image token an id outside it.
   """
-  import dataclasses as dc
-  m = config.model
-  vision = dc.replace(VISION_VARIANTS[m.vision], **dict(m.get("vision_overrides", {})))
-  llm_over = dict(m.get("llm_overrides", {}))
-  if m.get("vocab_from_tokenizer", False):
+  m = run_config.parse(config).model
+  vision = dataclasses.replace(VISION_VARIANTS[m.vision], **m.vision_overrides)
+  llm_over = dict(m.llm_overrides)
+  if m.vocab_from_tokenizer:
     if tokenizer is None:
       raise ValueError("model.vocab_from_tokenizer=True needs the tokenizer")
     llm_over["vocab_size"] = tokenizer.vocab_size
-  llm = dc.replace(LLM_VARIANTS[m.llm], **llm_over)
-  token = m.get("image_token", "<image>")
+  llm = dataclasses.replace(LLM_VARIANTS[m.llm], **llm_over)
+  token = m.image_token
   if isinstance(token, int):
     image_token_id = token
   else:
@@ -65,23 +55,23 @@ def model_config(config, tokenizer=None) -> LlavaConfig:
   if image_token_id is None:
     image_token_id = llm.vocab_size  # outside the vocabulary: placeholders map to row 0
   pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-  return llava_config(vision, llm, projector=m.get("projector", "mlp2x_gelu"),
+  return llava_config(vision, llm, projector=m.projector,
                       image_token_id=image_token_id, pad_token_id=pad)
 
 
 def optim_config(config) -> optim.OptimConfig:
-  o = config.optim
+  run = run_config.parse(config)
+  o = run.optim
   return optim.OptimConfig(
-      learning_rate=o.lr, warmup_ratio=o.get("warmup_ratio", 0.03),
-      final_lr_ratio=o.get("final_lr_ratio", 0.0), total_steps=config.train.steps,
-      weight_decay=o.get("weight_decay", 0.0), grad_clip=o.get("grad_clip", 1.0),
-      lr_rules=tuple((r, m) for r, m in o.lr_rules))
+      learning_rate=o.lr, warmup_ratio=o.warmup_ratio, final_lr_ratio=o.final_lr_ratio,
+      total_steps=run.train.steps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+      lr_rules=o.lr_rules)
 
 
 def step_config(config) -> StepConfig:
-  t = config.train
-  return StepConfig(grad_accum=t.get("grad_accum", 1), loss_norm=t.get("loss_norm", "token"),
-                    target_fraction=t.get("target_fraction", None))
+  t = run_config.parse(config).train
+  return StepConfig(grad_accum=t.grad_accum, loss_norm=t.loss_norm,
+                    target_fraction=t.target_fraction)
 
 
 def mesh_from_config(config, devices=None) -> Mesh:
@@ -91,13 +81,12 @@ def mesh_from_config(config, devices=None) -> Mesh:
   slices (data-centre network) as well as within each slice (ICI); see
   ``sharding.make_mesh``.
   """
-  m = dict(config.get("mesh", None) or {"data": -1})
-  dcn = {a: m.pop(f"dcn_{a}") for a in sharding.MESH_AXES if f"dcn_{a}" in m}
-  return sharding.make_mesh(m, devices=devices, dcn=dcn or None)
+  m = run_config.parse(config).mesh
+  return sharding.make_mesh(m.ici(), devices=devices, dcn=m.dcn())
 
 
 def sharding_overrides(config) -> tuple[tuple[str, Any], ...]:
-  return tuple(tuple(r) for r in (config.get("sharding_rules", None) or ()))
+  return run_config.parse(config).sharding_rules
 
 
 def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -106,8 +95,9 @@ def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> di
   B = ``train.batch_size`` (global), T = ``data.max_len``, M = ``data.max_images``,
   S = the tower's image size.
   """
-  b = batch_size or config.train.batch_size
-  t, m, s = config.data.max_len, config.data.get("max_images", 1), cfg.vision.image_size
+  run = run_config.parse(config)
+  b = batch_size or run.train.batch_size
+  t, m, s = run.data.max_len, run.data.max_images, cfg.vision.image_size
   return {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
           "labels": jax.ShapeDtypeStruct((b, t), jnp.int32),
           "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
@@ -196,8 +186,10 @@ def build_setup(config, cfg: LlavaConfig, *, devices=None) -> TrainSetup:
 
   Raises ValueError (``train.validate``) before anything compiles when ``config.mesh``
   does not match the devices, a param dimension does not divide over its mesh axes, or
-  the global batch / microbatch does not divide over the batch axes.
+  the global batch / microbatch does not divide over the batch axes. ``config`` is a
+  ConfigDict or a ``run_config.RunConfig`` (read through ``run_config.parse``).
   """
+  config = run_config.parse(config)
   validate.check_mesh(config, devices if devices is not None else jax.devices())
   mesh = mesh_from_config(config, devices)
   rules = sharding_overrides(config)

@@ -24,15 +24,10 @@ class SetupError(ValueError):
 
 
 def _mesh_entries(config) -> tuple[dict[str, int], dict[str, int]]:
-  """(ICI, DCN) factors per mesh axis from ``config.mesh`` (missing axes are 1)."""
-  m = dict(config.get("mesh", None) or {"data": -1})
-  unknown = set(m) - set(sharding.MESH_AXES) - {f"dcn_{a}" for a in sharding.MESH_AXES}
-  if unknown:
-    raise SetupError(f"config.mesh has unknown keys {sorted(unknown)}; expected "
-                     f"{list(sharding.MESH_AXES)} and dcn_<axis>")
-  ici = {a: int(m.get(a, 1)) for a in sharding.MESH_AXES}
-  dcn = {a: int(m.get(f"dcn_{a}", 1)) for a in sharding.MESH_AXES}
-  return ici, dcn
+  """(ICI, DCN) factors per mesh axis from ``config.mesh`` (``run_config.MeshOptions``)."""
+  from llava_jax.train import run_config
+  m = run_config.parse(config).mesh
+  return m.ici(), m.dcn()
 
 
 def check_mesh(config, devices: Sequence[jax.Device], *, what: str = "the job") -> None:
@@ -127,8 +122,9 @@ def check_batch(config, setup) -> None:
   along B; each must divide over the mesh axes of the logical ``batch`` rule (default
   ``data`` x ``fsdp``).
   """
-  b = int(config.train.batch_size)
-  k = int(config.train.get("grad_accum", 1) or 1)
+  from llava_jax.train import run_config
+  t = run_config.parse(config).train
+  b, k = t.batch_size, t.grad_accum
   mesh, rules = setup.mesh, setup.rules
   axes = _axes_tuple(sharding.batch_axes(rules))
   shards = sharding.batch_shards(mesh, rules)
