@@ -43,14 +43,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from typing import Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
 from llava_jax.data.records import RecordError, image_list, sample_id_of
 from llava_jax.data.templates import (IMAGE_TAG, ConversationError, Segment, Template, get_template,
                                       normalize_conversation)
-from llava_jax.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # annotations only: the train step imports IGNORE from here, and must not
+  # need sentencepiece (a bare accelerator machine lacks it; benchmarks/accelerator.py)
+  from llava_jax.tokenizer import Tokenizer
 
 IGNORE = -100
 _IMAGE = -1  # internal placeholder for one whole image before expansion
