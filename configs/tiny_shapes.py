@@ -29,7 +29,10 @@ def get_config(arg: str = "stage1"):
                                   image_size=42, patch_size=14)
   c.model.llm_overrides = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
                                num_kv_heads=2, max_position_embeddings=512)
-  c.data.synthetic = dict(dir=data_dir, seed=0, n_train=4000, n_val=200, image_size=42)
+  # 8000 training scenes (24,000 VQA conversations; stage 2 sees each about 1.6 times): with
+  # 4000 the same 1200 steps reached 88.5% held-out greedy exact match on seed 1 (97.5% on
+  # seed 0); with 8000, 99.3 / 96.0 / 89.7% on seeds 0 / 1 / 2 (README, "Demo figures").
+  c.data.synthetic = dict(dir=data_dir, seed=0, n_train=8000, n_val=200, image_size=42)
   c.data.update(
       tokenizer=f"{data_dir}/tokenizer.model", image_root=f"{data_dir}/images",
       # Stage 2 trains on the VQA conversations alone. Stage 1's captions name shapes by
