@@ -8,8 +8,11 @@ A training workdir holds::
 
 ``params`` is its own item so inference restores only the weights; restoring takes an
 abstract tree with shardings, so a checkpoint written on one mesh loads onto another.
-Saves are async and atomic (orbax writes to a temporary directory and renames it on
-commit), so a run killed mid-save never loses the previous checkpoint.
+Saves are async and atomic, so a run killed mid-save never loses the previous
+checkpoint: locally orbax writes to a temporary directory and renames it on commit; on a
+bucket (``gs://``, where rename is a copy) it writes in place and marks the step
+committed with a last ``commit_success.txt``, and steps without one are not restored.
+The workdir's own files go through ``llava_jax.storage``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from llava_jax import storage
 from llava_jax.checkpoint.convert.common import write_json
 from llava_jax.data.images import ImageConfig
 from llava_jax.models.configs import LlavaConfig
@@ -33,11 +37,10 @@ CKPT_DIR = "checkpoints"
 
 def check_run_info(workdir: str, model: LlavaConfig) -> None:
   """Refuses a workdir whose checkpoints hold a different model config than ``model``."""
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, CKPT_DIR)):
+  path = storage.join(workdir, RUN_FILE)
+  if not storage.exists(path) or not storage.isdir(storage.join(workdir, CKPT_DIR)):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = storage.read_json(path)
   if old.get("model") != json.loads(json.dumps(model.to_dict(), default=_jsonable)):
     raise ValueError(f"{workdir} holds checkpoints of a different model config; use a new "
                      "--workdir (or delete it) to start over")
@@ -46,12 +49,12 @@ def check_run_info(workdir: str, model: LlavaConfig) -> None:
 def write_run_info(workdir: str, *, model: LlavaConfig, tokenizer: str, template: str,
                    image: ImageConfig, config: dict | None = None):
   """Writes ``run.json``; on resume, refuses a different model than the checkpoints hold."""
-  path = os.path.join(workdir, RUN_FILE)
-  info = {"model": model.to_dict(), "tokenizer": os.path.abspath(tokenizer),
+  path = storage.join(workdir, RUN_FILE)
+  info = {"model": model.to_dict(), "tokenizer": storage.absolute(tokenizer),
           "template": template, "image": dataclasses.asdict(image), "config": config or {}}
   info = json.loads(json.dumps(info, default=_jsonable))
   check_run_info(workdir, model)
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   write_json(info, path)
 
 
@@ -64,11 +67,10 @@ def _jsonable(o):
 
 
 def read_run_info(workdir: str) -> dict:
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, RUN_FILE)
+  if not storage.exists(path):
     raise FileNotFoundError(f"{workdir} is not a training run directory (no {RUN_FILE})")
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 class Checkpointer:
@@ -83,7 +85,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 2, every: int = 1000, async_save: bool = True):
     self.every = every
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, CKPT_DIR)),
+        storage.absolute(storage.join(workdir, CKPT_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save))
 
@@ -145,7 +147,7 @@ class Checkpointer:
         state, data = self.restore(step, abstract_state)
         return state, data, step
       except Exception as e:  # orbax / tensorstore / JSON errors of a damaged checkpoint
-        path = os.path.join(os.fspath(self.manager.directory), str(step))
+        path = storage.join(os.fspath(self.manager.directory), str(step))
         if on_corrupt == "raise":
           raise RuntimeError(f"checkpoint {step} ({path}) cannot be restored: "
                              f"{type(e).__name__}: {str(e)[:500]}. Remove it to resume from the "
@@ -157,12 +159,12 @@ class Checkpointer:
 
   def _move_aside(self, path: str):
     from llava_jax import distributed
-    if distributed.is_primary() and os.path.exists(path):
+    if distributed.is_primary() and storage.exists(path):
       target = path + ".corrupt"
       k = 1
-      while os.path.exists(target):
+      while storage.exists(target):
         target, k = f"{path}.corrupt{k}", k + 1
-      os.replace(path, target)
+      storage.rename(path, target)
     distributed.barrier(f"llava_jax:corrupt:{path}")
     self.manager.reload()
 
@@ -194,12 +196,12 @@ def abstract_like(tree, shardings):
 def restore_params(workdir: str, cfg: LlavaConfig, step: int | None = None, shardings=None):
   """Only the ``params`` item of a run's checkpoint (latest by default)."""
   from llava_jax.models.llava import init_params
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CKPT_DIR)),
+  manager = ocp.CheckpointManager(storage.absolute(storage.join(workdir, CKPT_DIR)),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   saved = sorted(manager.all_steps())
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoints under {os.path.join(workdir, CKPT_DIR)}")
+    raise FileNotFoundError(f"no checkpoints under {storage.join(workdir, CKPT_DIR)}")
   if step not in saved:
     raise FileNotFoundError(f"{workdir} has no checkpoint of step {step}; saved steps: {saved}")
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))

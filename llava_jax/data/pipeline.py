@@ -30,6 +30,13 @@ process's stream, so with rejections the batches of different P differ slightly;
 (evaluation) keep every slot: rejected samples and the end of the data become empty
 rows, so every process yields the same number of batches.
 
+Reading from a bucket. A record's images are fetched inside `PrepareExample`, so the
+`read_threads` threads of `ReadOptions` (and `worker_count` processes) bound how many
+requests are in flight: one image read costs a round trip (tens of ms on GCS) rather
+than a disk seek, so with sources or image roots on `gs://` the training loop defaults
+to `REMOTE_READ_THREADS` threads instead of 2 (`default_read_threads`; config key
+`data.read_threads`). `benchmarks/storage.py` measures images/s against threads.
+
 Rejections travel through the workers as `tokenize.Rejected` values and are
 counted in the main process, so `counts()` covers every worker, and the counts
 are part of `get_state()` (restored with it). Each is logged with its sample
@@ -71,6 +78,21 @@ from llava_jax.data.records import RecordError, image_list, sample_id_of
 from llava_jax.data.tokenize import (IGNORE, Rejected, RejectReason, TokenizedSample, apply_policy,
                                      tokenize_conversation)
 from llava_jax.tokenizer import Tokenizer
+
+REMOTE_READ_THREADS = 16  # grain read threads when data comes from a bucket (see the module docstring)
+LOCAL_READ_THREADS = 2
+
+
+def default_read_threads(*paths) -> int:
+  """`REMOTE_READ_THREADS` if any of `paths` (comma-separated strings allowed) is on a
+  bucket, else `LOCAL_READ_THREADS`."""
+  from llava_jax import storage
+  for p in paths:
+    for part in (p.split(",") if isinstance(p, str) else [p] if p else []):
+      if part and storage.is_remote(part):
+        return REMOTE_READ_THREADS
+  return LOCAL_READ_THREADS
+
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_values", "image_mask", "ids")
 # With policy "skip", this many rejections in a row mean the configuration is wrong

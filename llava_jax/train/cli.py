@@ -23,7 +23,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize()  # multi-process: flags, env, or auto-detection (see distributed.py)
-  from llava_jax.train.loop import train
+  from llava_jax.train.loop import check_paths, train
+  check_paths(_CONFIG.value, _WORKDIR.value)  # an unusable path scheme: refused before any work
   log_file = console.setup_logging(_WORKDIR.value)
   config = _CONFIG.value
   if distributed.is_primary():

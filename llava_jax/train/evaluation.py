@@ -99,7 +99,8 @@ def make_eval(config, cfg, tokenizer, image_config, params_shardings, mesh, rule
         source, tokenizer=tokenizer, template=d.template, image_config=image_config,
         image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,
         max_len=d.max_len, max_images=d.get("max_images", 1), batch_size=rows, seed=0,
-        shuffle=False, num_epochs=1, policy=d.get("policy", "skip"), drop_remainder=False)
+        shuffle=False, num_epochs=1, policy=d.get("policy", "skip"), drop_remainder=False,
+        read_threads=d.get("read_threads") or pipeline.default_read_threads(d.val, d.get("image_root")))
     try:
       yield from it
     finally:

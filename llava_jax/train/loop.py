@@ -34,6 +34,7 @@ from absl import logging
 from tqdm import tqdm
 
 from llava_jax import distributed
+from llava_jax import storage
 from llava_jax.checkpoint import orbax as ckpt
 from llava_jax.checkpoint.lock import WorkdirLock, WorkdirLockedError
 from llava_jax.data import images as images_lib
@@ -45,6 +46,28 @@ from llava_jax.train import preemption
 from llava_jax.train.setup import TrainSetup, build_setup, config_value, model_config  # noqa: F401 (re-export)
 
 
+# Config keys naming files the run reads, and (second set) directories it writes.
+INPUT_KEYS = ("data.train", "data.val", "data.tokenizer", "data.image_root", "data.eval_questions",
+              "data.eval_annotations", "init.hf_llava", "init.vision_hf", "init.llm_hf",
+              "init.from_run")
+OUTPUT_KEYS = ("data.synthetic.dir",)
+
+
+def check_paths(config, workdir: str) -> None:
+  """Refuses, before any work, a workdir, data or weights path whose scheme llava_jax
+  cannot use (``storage.check``: which, and why)."""
+  storage.check(workdir, "--workdir", write=True)
+  for key in OUTPUT_KEYS:
+    value = config_value(config, key)
+    if value:
+      storage.check(value, f"config.{key}", write=True)
+  for key in INPUT_KEYS:
+    value = config_value(config, key)
+    for part in (value.split(",") if isinstance(value, str) else ()):
+      if part:
+        storage.check(part, f"config.{key}")
+
+
 def prepare_synthetic(config) -> None:
   """Writes the embedded dataset if the config asks for it and it is not there yet.
 
@@ -54,10 +77,10 @@ def prepare_synthetic(config) -> None:
   syn = config_value(config, "data.synthetic")
   if not syn or not syn.get("dir"):
     return
-  marker = os.path.join(syn["dir"], "tokenizer.model")
+  marker = storage.join(syn["dir"], "tokenizer.model")
 
   def write():
-    if os.path.exists(marker):
+    if storage.exists(marker):
       return
     from llava_jax.data.synthetic import write_synthetic
     kwargs = {k: v for k, v in syn.items() if k != "dir"}
@@ -157,12 +180,14 @@ def make_train_iterator(config, run: Run, *, start_batch: int = 0):
   from llava_jax.data import pipeline, sources
   d = config.data
   source = sources.open_source(d.train, image_root=d.get("image_root"))
+  threads = d.get("read_threads") or pipeline.default_read_threads(d.train, d.get("image_root"))
   return pipeline.make_dataset(
       source, tokenizer=run.tokenizer, template=d.template, image_config=run.image_config,
       image_token_id=run.cfg.image_token_id, num_image_tokens=run.cfg.num_image_tokens,
       max_len=d.max_len, max_images=d.get("max_images", 1), batch_size=config.train.batch_size,
       seed=config.seed, policy=d.get("policy", "skip"), worker_count=d.get("workers", 0),
-      pack=d.get("pack", False), pack_bins=d.get("pack_bins", None), start_batch=start_batch)
+      pack=d.get("pack", False), pack_bins=d.get("pack_bins", None), start_batch=start_batch,
+      read_threads=threads)
 
 
 def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Checkpointer):
@@ -217,6 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   a non-zero exit; any other error first lets an in-flight checkpoint finish. A
   non-finite loss or gradient is never applied nor saved (``train.on_nonfinite``).
   """
+  check_paths(config, workdir)
   with _workdir_lock(workdir), preemption.StopSignal() as stop:
     return _train(config, workdir, stop)
 

@@ -2,11 +2,14 @@
 
 MFU = analytic model FLOPs per step (``train/flops.py``) / step time / peak FLOP/s of
 all devices (the configured peak, or this machine's measured float32 matmul rate).
+
+The workdir may be local or ``gs://`` (``llava_jax.storage``): each row of
+``metrics.jsonl`` is appended and published at once (on a bucket, one atomic compose
+per row, so the object only ever holds whole rows), and ``eval.json`` is replaced whole.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Mapping
 
@@ -14,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+
+from llava_jax import storage
 
 
 def measure_matmul_peak(n: int = 1024, reps: int = 5) -> float:
@@ -40,21 +45,22 @@ class MetricWriter:
     self._tb = None
     if not self._primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
+    storage.makedirs(workdir)
+    path = storage.join(workdir, "metrics.jsonl")
     repair_metrics(path, keep_through=resume_step)
-    self._jsonl = open(path, "a")
+    self._jsonl = storage.Appender(path)
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        # tensorboardX writes gs:// itself (google-cloud-storage, the whole event file per flush)
+        self._tb = SummaryWriter(storage.join(workdir, "tb"))
       except ImportError:
         logging.warning("tensorboardX not installed: no TensorBoard summaries")
 
   def write(self, step: int, metrics: Mapping[str, Any]):
     row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
     if self._primary:
-      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.append(json.dumps(row) + "\n")
       self._jsonl.flush()
       if self._tb is not None:
         for k, v in row.items():
@@ -64,10 +70,7 @@ class MetricWriter:
   def write_eval(self, step: int, results: Mapping[str, Any]):
     row = {"step": int(step), **{k: _scalar(v) for k, v in results.items()}}
     if self._primary:
-      path = os.path.join(self.workdir, "eval.json")
-      with open(path + ".tmp", "w") as f:
-        json.dump(row, f, indent=2)
-      os.replace(path + ".tmp", path)
+      storage.write_json(row, storage.join(self.workdir, "eval.json"), indent=2)
       self.write(step, {f"eval/{k}": v for k, v in results.items()})
 
   def close(self):
@@ -84,10 +87,9 @@ def repair_metrics(path: str, keep_through: int | None = None) -> None:
   from) the rows of steps after it, which the resumed run logs again, so no step is
   written twice. The file is rewritten atomically, and only if something changes.
   """
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return
-  with open(path, "rb") as f:
-    raw = f.read()
+  raw = storage.read_bytes(path)
   keep, dropped_tail, dropped_rows = [], False, 0
   lines = raw.split(b"\n")
   for i, line in enumerate(lines):
@@ -106,10 +108,7 @@ def repair_metrics(path: str, keep_through: int | None = None) -> None:
     keep.append(line)
   if not dropped_tail and not dropped_rows and raw.endswith(b"\n") or not raw:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(b"".join(line + b"\n" for line in keep))
-  os.replace(tmp, path)
+  storage.write_atomic(path, b"".join(line + b"\n" for line in keep))
   logging.warning("%s: %s%s", path, "dropped a partly written last line; " if dropped_tail else "",
                   f"dropped {dropped_rows} rows after step {keep_through} (logged again on resume)"
                   if dropped_rows else "")
