@@ -118,11 +118,17 @@ def main(argv):
   if jax.process_count() > 1:
     _native_stdout_to_stderr()
 
-  from llava_jax import sharding
+  from llava_jax import sharding, storage
   from llava_jax.data.images import load_image, preprocess
   from llava_jax.data.templates import IMAGE_TAG
   from llava_jax.infer.loading import load_model, parse_mesh_shape
 
+  try:  # an unusable path scheme (local and gs:// work): refused before loading anything
+    storage.check(_CHECKPOINT.value, "--checkpoint")
+    if _IMAGE.value:
+      storage.check(_IMAGE.value, "--image")
+  except storage.UnsupportedPathError as e:
+    raise app.UsageError(str(e)) from e
   if not _INTERACTIVE.value and not _PROMPT.value:
     raise app.UsageError("--prompt is required unless --interactive")
   if _PROMPT.value and IMAGE_TAG in _PROMPT.value and not _IMAGE.value:

@@ -54,6 +54,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
+from llava_jax import storage
+
 log = logging.getLogger(__name__)
 
 SPIECE_UNDERLINE = "\u2581"
@@ -193,13 +195,11 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def from_file(cls, path: str | os.PathLike, **kwargs) -> "SentencePieceTokenizer":
-    with open(path, "rb") as f:
-      return cls(f.read(), name=os.fspath(path), **kwargs)
+    return cls(storage.read_bytes(path), name=os.fspath(path), **kwargs)
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the `.model` file (loadable by `load_tokenizer` and by sentencepiece itself)."""
-    with open(path, "wb") as f:
-      f.write(self._proto)
+    storage.write_atomic(path, self._proto)
 
   def __getstate__(self):
     return {"model_proto": self._proto, "name": self.name, "legacy": self.legacy, "added_tokens": self._added,
@@ -347,13 +347,12 @@ def _token_content(value) -> str | None:
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from None
+  try:
+    return json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_tokenizer_config(directory: str) -> dict:
@@ -390,9 +389,8 @@ def read_tokenizer_config(directory: str) -> dict:
   if isinstance(template, list):
     named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
     template = named.get("default")
-  if os.path.exists(jinja):
-    with open(jinja, encoding="utf-8") as f:
-      template = f.read()
+  if storage.exists(jinja):
+    template = storage.read_text(jinja)
   if template is None:
     template = _read_json(os.path.join(directory, "chat_template.json")).get("chat_template")
   if isinstance(template, str):
@@ -424,12 +422,13 @@ def _json_prefixes_every_stretch(path: str) -> bool:
 def _find_files(directory: str) -> dict[str, str]:
   """{"tokenizer.json": path, "sentencepiece": path} for the files a checkpoint directory ships."""
   found = {}
-  if os.path.exists(os.path.join(directory, "tokenizer.json")):
+  names = set(storage.listdir(directory))
+  if "tokenizer.json" in names:
     found["tokenizer.json"] = os.path.join(directory, "tokenizer.json")
-  if os.path.exists(os.path.join(directory, "tokenizer.model")):
+  if "tokenizer.model" in names:
     found["sentencepiece"] = os.path.join(directory, "tokenizer.model")
   else:
-    models = sorted(f for f in os.listdir(directory) if f.endswith(".model"))
+    models = sorted(f for f in names if f.endswith(".model"))
     if len(models) == 1:
       found["sentencepiece"] = os.path.join(directory, models[0])
   return found
@@ -440,7 +439,7 @@ def _open(backend: str, path: str, cfg: Mapping, legacy: bool | None, special_to
   if backend == "tokenizer.json":
     import tokenizers  # local: only the tokenizer.json path needs it
     names = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in cfg}
-    return HFTokenizer(tokenizers.Tokenizer.from_file(path), name=path, chat_template=template,
+    return HFTokenizer(tokenizers.Tokenizer.from_str(storage.read_text(path)), name=path, chat_template=template,
                        **{**names, **special_tokens})
   if special_tokens:
     raise ValueError(f"special-token overrides {sorted(special_tokens)} only apply to tokenizer.json, not {path}")
@@ -483,8 +482,8 @@ def load_tokenizer(path: str | os.PathLike, *, backend: str = "auto", legacy: bo
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  path = os.fspath(path)
-  if not os.path.isdir(path):
+  path = storage.check(path, "tokenizer")
+  if not storage.isdir(path):
     cfg = read_tokenizer_config(os.path.dirname(path) or ".")
     kind = "tokenizer.json" if path.endswith(".json") else "sentencepiece"
     if backend not in ("auto", kind):
@@ -494,7 +493,7 @@ def load_tokenizer(path: str | os.PathLike, *, backend: str = "auto", legacy: bo
     return tok
   found = _find_files(path)
   if not found:
-    raise FileNotFoundError(f"no tokenizer.json or single *.model in {path}: found {sorted(os.listdir(path))}")
+    raise FileNotFoundError(f"no tokenizer.json or single *.model in {path}: found {storage.listdir(path)}")
   cfg = read_tokenizer_config(path)
   if backend != "auto":
     if backend not in found:

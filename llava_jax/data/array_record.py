@@ -28,8 +28,10 @@ import io
 import json
 import logging
 import os
+import re
 from typing import Iterable, Mapping, Sequence
 
+from llava_jax import storage
 from llava_jax.data.images import load_image
 from llava_jax.data.records import RecordError, image_list, sample_id_of
 from llava_jax.data.sources import record_features, resolve_image
@@ -64,8 +66,7 @@ def stored_image_bytes(image, *, jpeg_quality: int = 95) -> bytes:
   if isinstance(image, (bytes, bytearray, memoryview)):
     data = bytes(image)
   else:
-    with open(image, "rb") as f:
-      data = f.read()
+    data = storage.read_bytes(image)  # local or on a bucket
   if data.startswith(_JPEG_MAGIC) or data.startswith(_PNG_MAGIC):
     return data
   img = load_image(data)  # ValueError if undecodable
@@ -111,6 +112,24 @@ def _other_splits(out_dir: str, split: str) -> list:
           for s in info.get("splits", []) if s["name"] != split]
 
 
+def _write_array_record_remote(records, out_dir: str, **kwargs) -> ConversionReport:
+  """`write_array_record` into a local staging directory, then uploaded to `out_dir`."""
+  name, split = kwargs["name"], kwargs["split"]
+  stale = re.compile(rf"^{re.escape(name)}-{re.escape(split)}\.array_record-")
+  with storage.staged_dir(out_dir) as local:
+    info = storage.join(out_dir, "dataset_info.json")
+    if storage.exists(info):  # other splits already there are kept
+      with open(os.path.join(local, "dataset_info.json"), "wb") as f:
+        f.write(storage.read_bytes(info))
+    report = write_array_record(records, local, **kwargs)
+    if storage.isdir(out_dir):
+      for n in storage.listdir(out_dir):
+        if stale.match(n):
+          storage.remove(storage.join(out_dir, n))
+  report.files = [storage.join(out_dir, os.path.basename(f)) for f in report.files]
+  return report
+
+
 def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *,
                        image_root: str | os.PathLike | None = None, num_shards: int = 1, split: str = "train",
                        name: str = "llava", policy: str = "skip", jpeg_quality: int = 95) -> ConversionReport:
@@ -133,9 +152,17 @@ def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *
 
   Returns:
     ConversionReport (also logged).
+
+  An `out_dir` on a bucket (`gs://`): the shards are written to a local staging
+  directory and uploaded whole when complete (array_record's writer needs a local file).
   """
   from array_record.python import array_record_module  # local: only the converter needs the writer
   import tensorflow_datasets as tfds
+
+  if storage.is_remote(out_dir):
+    return _write_array_record_remote(records, os.fspath(out_dir), image_root=image_root,
+                                      num_shards=num_shards, split=split, name=name, policy=policy,
+                                      jpeg_quality=jpeg_quality)
 
   if policy not in ("skip", "raise"):
     raise ValueError(f"policy must be 'skip' or 'raise', got {policy!r}")

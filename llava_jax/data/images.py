@@ -166,13 +166,19 @@ def to_rgb(img: Image.Image, *, composite_alpha: bool = False) -> Image.Image:
 def load_image(source: ImageSource, *, composite_alpha: bool = False) -> Image.Image:
   """Decode an image file (path, encoded bytes or a binary file object) to an RGB PIL image.
 
+  A path may be local or on a bucket (`gs://…`, read whole through `llava_jax.storage`).
   Raises ValueError naming the source (a path, or the byte count) when it
-  cannot be decoded; callers turn that into a `bad_image` rejection.
+  cannot be decoded; callers turn that into a `bad_image` rejection; a missing file
+  raises FileNotFoundError (an OSError).
   """
+  from llava_jax import storage
   if isinstance(source, (bytes, bytearray, memoryview)):
     name, fp = f"<{len(source)} bytes>", io.BytesIO(bytes(source))
   elif isinstance(source, io.IOBase):
     name, fp = repr(source), source
+  elif storage.is_remote(source):
+    name = os.fspath(source)
+    fp = io.BytesIO(storage.read_bytes(name))  # one GET; FileNotFoundError if absent
   else:
     name, fp = os.fspath(source), os.fspath(source)
   try:

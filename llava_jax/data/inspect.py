@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from llava_jax import storage
 from llava_jax.data.tokenize import IGNORE, Rejected, RejectReason, TokenizedSample, tokenize_conversation
 from llava_jax.tokenizer import SPIECE_UNDERLINE, SentencePieceTokenizer
 
@@ -56,7 +57,7 @@ def open_data(config, split: str = "train") -> Data:
   from llava_jax.train.setup import model_config
   d = config.data
   syn = d.get("synthetic")
-  if syn and syn.get("dir") and not os.path.exists(os.path.join(syn["dir"], "tokenizer.model")):
+  if syn and syn.get("dir") and not storage.exists(storage.join(syn["dir"], "tokenizer.model")):
     from llava_jax.data.synthetic import write_synthetic  # as train.loop.prepare_synthetic, one process
     write_synthetic(syn["dir"], **{k: v for k, v in syn.items() if k != "dir"})
   path = d.get(split)

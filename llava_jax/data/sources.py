@@ -24,6 +24,12 @@ worker holds just the offsets (16 bytes per record). Reading images from a
 network file system one file at a time is slow; for real training, convert
 once with `array_record.write_array_record` and read the shards.
 
+On a bucket (`gs://`, `llava_jax.storage`): a JSON/JSONL file and array_record
+shards are copied once into the local cache (`storage.local_copy`; shards one after
+another), since they are read at random offsets by every worker (and array_record's
+reader is C++ on local files); images named by JSON records stay in the bucket and are
+read by the pipeline's threads (`pipeline.default_read_threads`).
+
 array_record shards (tfds layout, see `llava_jax.data.array_record`): each
 record is a serialized `tf.train.Example` with the features of
 `record_features` (`id`, `conversations` as JSON, `images` as encoded bytes,
@@ -34,7 +40,6 @@ The directory is also readable with `tfds.builder_from_directory`.
 from __future__ import annotations
 
 import functools
-import glob
 import json
 import mmap
 import os
@@ -43,6 +48,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from llava_jax import storage
 from llava_jax.data.records import RecordError, image_list, sample_id_of
 
 Record = dict[str, Any]
@@ -58,6 +64,8 @@ def resolve_image(image, image_root: str | None):
   """A path joined to `image_root` (an absolute path stays as is); bytes, or no root, unchanged."""
   if isinstance(image, (bytes, bytearray, memoryview)) or image_root is None:
     return image
+  if storage.is_remote(image):  # a URL stays as is
+    return os.fspath(image)
   return os.path.join(image_root, os.fspath(image))  # an absolute path stays as is
 
 
@@ -181,11 +189,12 @@ class LlavaJsonSource:
   """
 
   def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None):
-    self.path = os.fspath(path)
-    self.image_root = None if image_root is None else os.fspath(image_root)
+    self.path = storage.check(path, "data file")
+    self.image_root = None if image_root is None else storage.check(image_root, "image root")
+    self._local = storage.local_copy(self.path)  # the file itself when local
     index = index_jsonl if self.path.endswith(".jsonl") else index_json_array
-    self._starts, self._ends = index(self.path)
-    self._fd = os.open(self.path, os.O_RDONLY)
+    self._starts, self._ends = index(self._local)
+    self._fd = os.open(self._local, os.O_RDONLY)
 
   def __len__(self) -> int:
     return len(self._starts)
@@ -235,7 +244,7 @@ class LlavaJsonSource:
 
   def __setstate__(self, state):
     self.__dict__.update(state)
-    self._fd = os.open(self.path, os.O_RDONLY)
+    self._fd = os.open(self._local, os.O_RDONLY)
 
   def __del__(self):
     fd = self.__dict__.get("_fd")
@@ -278,15 +287,17 @@ def decode_record(raw: bytes) -> Record:
 
 
 def find_shards(path: str | os.PathLike, split: str = "train") -> list[str]:
-  """Shard files of `split` in a directory (sorted), or [path] for one file."""
-  path = os.fspath(path)
-  if os.path.isfile(path):
+  """Shard files of `split` in a directory (sorted), or [path] for one file (local or a bucket)."""
+  path = storage.check(path, "array_record path")
+  if storage.isfile(path):
     return [path]
-  files = sorted(glob.glob(os.path.join(glob.escape(path), f"*-{glob.escape(split)}.array_record-*-of-*")))
+  suffix = re.compile(rf"-{re.escape(split)}\.array_record-\d+-of-\d+$")
+  names = storage.listdir(path) if storage.isdir(path) else None
+  files = [storage.join(path, n) for n in names or () if suffix.search(n)]
   if not files:
     raise FileNotFoundError(f"no '*-{split}.array_record-*-of-*' shards in {path}: "
-                            f"found {sorted(os.listdir(path)) if os.path.isdir(path) else 'no such directory'}")
-  return files
+                            f"found {names if names is not None else 'no such directory'}")
+  return sorted(files)
 
 
 class ArrayRecordLlavaSource:
@@ -305,7 +316,9 @@ class ArrayRecordLlavaSource:
 
     self.files = list(path) if isinstance(path, (list, tuple)) else find_shards(path, split)
     self.split = split
-    self._source = ArrayRecordDataSource(self.files)  # picklable: reopens its readers in a worker
+    # Shards on a bucket: copied to the local cache one after another (array_record reads local files).
+    local = [storage.local_copy(f) for f in self.files]
+    self._source = ArrayRecordDataSource(local)  # picklable: reopens its readers in a worker
 
   def __len__(self) -> int:
     return len(self._source)
@@ -353,6 +366,6 @@ def open_source(paths: str | Sequence[str], image_root: str | None = None):
   comma-separated string) are concatenated."""
   if isinstance(paths, str):
     paths = [p for p in paths.split(",") if p]
-  opened = [ArrayRecordLlavaSource(p) if os.path.isdir(p) else LlavaJsonSource(p, image_root)
+  opened = [ArrayRecordLlavaSource(p) if storage.isdir(p) else LlavaJsonSource(p, image_root)
             for p in paths]
   return opened[0] if len(opened) == 1 else ConcatSource(opened)

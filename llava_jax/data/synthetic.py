@@ -51,6 +51,7 @@ import dataclasses
 import io
 import json
 import os
+import tempfile
 import zlib
 from typing import Iterable, Sequence
 
@@ -274,8 +275,25 @@ def write_synthetic(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int =
     {name: path} for "images", "stage1", "stage1_val", "stage2", "stage2_val",
     "eval_questions", "eval_annotations", "tokenizer" and, with array_record,
     "array_record_stage1", "array_record_stage2" (directories with train/val splits).
+
+  An `out_dir` on a bucket (`gs://`): written to a local staging directory, then
+  uploaded; the tokenizer (the file training waits for) is uploaded last.
   """
+  from llava_jax import storage
   out_dir = os.fspath(out_dir)
+  if storage.is_remote(out_dir):
+    storage.check(out_dir, "synthetic data directory", write=True)
+    with tempfile.TemporaryDirectory(prefix="llava_jax_synthetic_") as tmp:
+      local = os.path.join(tmp, "data")
+      paths = write_synthetic(local, seed=seed, n_train=n_train, n_val=n_val, image_size=image_size,
+                              questions_per_image=questions_per_image,
+                              eval_questions_per_image=eval_questions_per_image,
+                              vocab_size=vocab_size, array_record=array_record)
+      marker = os.path.join(tmp, "tokenizer.model")
+      os.replace(paths["tokenizer"], marker)  # uploaded last: a reader waits for this file
+      storage.upload_tree(local, out_dir)
+      storage.upload_file(marker, storage.join(out_dir, "tokenizer.model"))
+    return {k: storage.join(out_dir, os.path.relpath(v, local)) for k, v in paths.items()}
   image_dir = os.path.join(out_dir, "images")
   os.makedirs(image_dir, exist_ok=True)
   paths = {"images": image_dir}

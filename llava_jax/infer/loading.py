@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_jax import storage
 from llava_jax.checkpoint.convert.common import read_json
 from llava_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, image_config_for
 from llava_jax.data.templates import get_template, prompt_for_generation
@@ -166,9 +167,9 @@ def place_params(params, shardings):
 
 def _hf_image_config(path: str, cfg: LlavaConfig) -> ImageConfig:
   """From ``preprocessor_config.json`` when present, else the tower family's processor."""
-  pre = os.path.join(path, "preprocessor_config.json")
+  pre = storage.join(path, "preprocessor_config.json")
   base = image_config_for(cfg.vision.kind, cfg.vision.image_size)
-  if not os.path.exists(pre):
+  if not storage.exists(pre):
     return base
   d = read_json(pre)
   crop = bool(d.get("do_center_crop", base.mode == "square"))
@@ -195,13 +196,13 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
   Raises:
     FileNotFoundError / ValueError saying which files were expected and what was found.
   """
-  path = os.fspath(path)
+  path = storage.check(path, "checkpoint")  # local or a bucket (llava_jax.storage)
   if template is not None and template != "hf":  # "hf" needs the tokenizer: checked on use
     get_template(template)  # fail before loading gigabytes
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
   placed = dict(mesh=mesh, rules=rules)
-  if os.path.exists(os.path.join(path, "run.json")):
+  if storage.exists(storage.join(path, "run.json")):
     from llava_jax.checkpoint.orbax import load_run, read_run_info
     shardings = None
     if mesh is not None:
@@ -215,10 +216,10 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else run.tokenizer
     return LoadedModel(run.cfg, run.params, tok, template or run.template, run.image,
                        run.step, source="run", **placed)
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
+  config_path = storage.join(path, "config.json")
+  if not storage.exists(config_path):
     raise FileNotFoundError(f"{path}: neither run.json (training workdir) nor config.json "
-                            f"(HF / original LLaVA) found; contents: {sorted(os.listdir(path))[:20]}")
+                            f"(HF / original LLaVA) found; contents: {storage.listdir(path)[:20]}")
   d = read_json(config_path)
   tok = load_tokenizer(tokenizer_path or path)
   overrides = {"remat": "none", **(llm_overrides or {})}

@@ -55,7 +55,8 @@ def read_npz(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, n
   nested dict. A leading ``params/`` is stripped; bfloat16 stored as raw 2-byte void
   (numpy has no bfloat16) is viewed back as bfloat16."""
   if isinstance(path_or_dict, (str, os.PathLike)):
-    with np.load(path_or_dict, allow_pickle=False) as f:
+    from llava_jax import storage  # a gs:// .npz is copied to the local cache once
+    with np.load(storage.local_copy(path_or_dict), allow_pickle=False) as f:
       src = {k: f[k] for k in f.files}
   else:
     src = dict(path_or_dict)

@@ -4,6 +4,10 @@ A converter is a list of ``Spec(src_key, dst_path, to_flax, from_flax)``. Loadin
 every ``src_key`` from the checkpoint, so any key left over or missing is an error that
 lists the keys; shapes are checked against the model's own ``init`` shapes. Saving runs
 the same specs backwards. No pickle anywhere.
+
+Checkpoint directories may be local or on a bucket (``llava_jax.storage``): remote
+``.safetensors`` files are copied once into the local cache and memory-mapped from there;
+saving to a bucket writes each file locally and uploads it whole (published complete).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import ml_dtypes
 import numpy as np
+
+from llava_jax import storage
 
 Flat = dict[tuple[str, ...], np.ndarray]
 
@@ -28,6 +34,7 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Lazily memory-maps one ``.safetensors`` file: name -> numpy array (any dtype)."""
+  path = storage.local_copy(path)
   with open(path, "rb") as f:
     n = int(np.frombuffer(f.read(8), "<u8")[0])
     header = json.loads(f.read(n))
@@ -43,21 +50,21 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 def read_checkpoint_dir(path: str) -> dict[str, np.ndarray]:
   """All tensors of a HF-style directory: ``model.safetensors`` or a sharded index."""
-  if os.path.isfile(path) and path.endswith(".safetensors"):
+  path = os.fspath(path)
+  if path.endswith(".safetensors") and storage.isfile(path):
     return read_safetensors(path)
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+  index = storage.join(path, "model.safetensors.index.json")
+  if storage.exists(index):
+    files = sorted(set(storage.read_json(index)["weight_map"].values()))
   else:
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    files = sorted(f for f in storage.listdir(path) if f.endswith(".safetensors"))
   if not files:
-    found = sorted(os.listdir(path))
+    found = storage.listdir(path)
     raise FileNotFoundError(f"no .safetensors weights in {path} (found {found}); "
                             "convert .bin/pickle checkpoints to safetensors first")
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    tensors.update(read_safetensors(os.path.join(path, name)))
+    tensors.update(read_safetensors(storage.join(path, name)))
   return tensors
 
 
@@ -65,11 +72,13 @@ def write_safetensors_dir(tensors: Mapping[str, np.ndarray], path: str,
                           max_shard_bytes: int | None = None, metadata: dict | None = None):
   """Writes ``model.safetensors`` or, past ``max_shard_bytes``, shards plus an index.
 
-  Files are written under temporary names and renamed, so an interrupted save never
-  leaves a half-written checkpoint under the final name.
+  Files are written under temporary names and renamed (on a bucket: written locally and
+  uploaded whole), so an interrupted save never leaves a half-written file under the
+  final name.
   """
   from safetensors.numpy import save_file
-  os.makedirs(path, exist_ok=True)
+  storage.check(path, "output directory", write=True)
+  storage.makedirs(path)
   meta = {"format": "pt", **(metadata or {})}
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -83,25 +92,26 @@ def write_safetensors_dir(tensors: Mapping[str, np.ndarray], path: str,
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for name, shard in zip(names, shards):
+    if storage.is_remote(path):
+      with storage.staged_dir(path) as local:  # one file at a time: local disk holds one shard
+        save_file(shard, os.path.join(local, name), metadata=meta)
+      continue
     save_file(shard, os.path.join(path, name + ".tmp"), metadata=meta)
     os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
   if len(shards) > 1:
     total = sum(a.nbytes for a in tensors.values())
     index = {"metadata": {"total_size": int(total)},
              "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-    write_json(index, os.path.join(path, "model.safetensors.index.json"))
+    write_json(index, storage.join(path, "model.safetensors.index.json"))
 
 
 def write_json(obj: Any, path: str):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Pretty JSON, replaced atomically (``storage.write_atomic``)."""
+  storage.write_json(obj, path, indent=2, sort_keys=True)
 
 
 def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 # ----------------------------------------------------------------------------- specs

@@ -112,7 +112,7 @@ def _load_vision(d: dict, embedded: dict, vision_tower_path: str | None,
   select = dict(select_layer=d.get("mm_vision_select_layer", -2),
                 select_feature=d.get("mm_vision_select_feature", "patch"))
   tower = vision_tower_path or d.get("mm_vision_tower") or d.get("vision_tower")
-  local = tower if tower and os.path.isdir(tower) else None
+  local = tower if tower and _is_dir(tower) else None
   if vision_tower_path and local is None:
     raise FileNotFoundError(f"vision_tower_path {vision_tower_path!r} is not a directory")
   if embedded:
@@ -212,3 +212,12 @@ def load_llava_projector(path: str) -> tuple[ProjectorConfig, dict]:
   flat = common.apply_specs(hf.projector_specs(cfg, _PROJECTOR_NAMES[kind]), tensors,
                             f"projector checkpoint {path} (keys without 'model.')")
   return cfg, common.unflatten(flat)
+
+
+def _is_dir(path: str) -> bool:
+  """A directory, local or on a bucket (a hub id such as openai/clip-… is neither)."""
+  from llava_jax import storage
+  try:
+    return storage.isdir(path)
+  except storage.UnsupportedPathError:
+    return False
