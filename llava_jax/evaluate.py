@@ -51,8 +51,15 @@ _MESH = flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor mesh over all de
 def main(argv):
   del argv
   distributed.initialize()
-  from llava_jax import sharding
+  from llava_jax import sharding, storage
   from llava_jax.eval.run import run_eval
+  try:  # an unusable path scheme (local and gs:// work): refused before loading anything
+    storage.check(_WORKDIR.value, "--workdir", write=True)
+    for flag in (_CHECKPOINT, _QUESTIONS, _ANNOTATIONS, _IMAGE_ROOT):
+      if flag.value:
+        storage.check(flag.value, f"--{flag.name}")
+  except storage.UnsupportedPathError as e:
+    raise app.UsageError(str(e)) from e
   from llava_jax.infer.loading import load_model, parse_mesh_shape
   try:
     mesh = sharding.make_mesh(parse_mesh_shape(_MESH.value))

@@ -4,6 +4,11 @@ Answers are LLaVA's JSONL rows ``{question_id, prompt, text, answer_id, model_id
 (MMBench adds ``round_id, options, option_char``). ``AnswerWriter`` appends and flushes
 one line per answer, so a killed run keeps everything it finished; ``answered_ids`` lets
 the next run skip those, ignoring (with a warning) a last line the kill cut short.
+
+On a bucket (``gs://``) an object cannot be appended to in place: the writer publishes
+the answers of each ``flush()`` (``run_eval`` flushes after every batch) as one atomic
+compose (``storage.Appender``), so the file only ever holds whole lines and a killed
+run loses at most the batch in flight, which the next run answers again.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from llava_jax import storage
 
 Row = dict[str, Any]
 
@@ -26,11 +33,11 @@ class AnswerWriter:
   """
 
   def __init__(self, path: str | os.PathLike, model_id: str):
-    self.path = Path(path)
+    self.path = storage.as_path(path, "answer file")
     self.model_id = model_id
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(os.path.dirname(os.fspath(self.path)) or ".")
     _repair_tail(self.path)
-    self._file = open(self.path, "a", encoding="utf-8")
+    self._file = storage.Appender(self.path)
 
   def write(self, question_id: Any, prompt: str, text: str,
             metadata: Mapping[str, Any] | None = None, **extra: Any) -> Row:
@@ -39,9 +46,12 @@ class AnswerWriter:
     row = {"question_id": question_id, "prompt": prompt, "text": text,
            "answer_id": uuid.uuid4().hex, "model_id": self.model_id,
            "metadata": dict(metadata or {}), **extra}
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    self._file.append(json.dumps(row) + "\n")  # locally written and flushed at once
     return row
+
+  def flush(self) -> None:
+    """Publishes the answers written so far (on a bucket; locally each is already on disk)."""
+    self._file.flush()
 
   def close(self) -> None:
     self._file.close()
@@ -56,7 +66,7 @@ class AnswerWriter:
 def read_answers(path: str | os.PathLike) -> list[Row]:
   """Answer rows of a LLaVA answers JSONL; a missing file has none. A last line cut
   short by a kill is ignored with a warning; a bad line elsewhere raises."""
-  path = Path(path)
+  path = storage.as_path(path, "answer file")
   if not path.exists():
     return []
   return read_jsonl(path, tolerate_truncated_tail=True)
@@ -76,7 +86,7 @@ def read_jsonl(path: Path, tolerate_truncated_tail: bool) -> list[Row]:
   except, with ``tolerate_truncated_tail``, a last line cut short by a kill: ignored, with a
   RuntimeWarning."""
   # errors="replace": a kill can also cut a multi-byte character in the last line.
-  lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+  lines = storage.read_bytes(path).decode("utf-8", errors="replace").split("\n")
   rows = []
   last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
   for i, line in enumerate(lines):
@@ -96,10 +106,10 @@ def read_jsonl(path: Path, tolerate_truncated_tail: bool) -> list[Row]:
 def _repair_tail(path: Path) -> None:
   """Makes ``path`` end at a line boundary before appending: a complete last record just
   lacking its newline gets one; a partial last record is cut off (with a warning)."""
-  if not path.exists() or path.stat().st_size == 0:
+  if not path.exists():
     return
-  data = path.read_bytes()
-  if data.endswith(b"\n"):
+  data = storage.read_bytes(path)
+  if not data or data.endswith(b"\n"):
     return
   cut = data.rfind(b"\n") + 1
   tail = data[cut:]
@@ -108,8 +118,6 @@ def _repair_tail(path: Path) -> None:
   except (json.JSONDecodeError, UnicodeDecodeError):
     warnings.warn(f"{path}: dropping truncated last line ({len(tail)} bytes; a run killed "
                   "mid-write?)", RuntimeWarning, stacklevel=3)
-    with open(path, "r+b") as f:
-      f.truncate(cut)
+    storage.write_atomic(path, data[:cut])
     return
-  with open(path, "ab") as f:
-    f.write(b"\n")
+  storage.write_atomic(path, data + b"\n")

@@ -16,13 +16,13 @@ the fields ``tasks.TASKS[task].ground_truth`` names.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_jax import storage
 from llava_jax.eval import multiple_choice
 from llava_jax.eval.answers import Row, read_jsonl
 from llava_jax.eval.tasks import get_task, human_answers
@@ -30,13 +30,13 @@ from llava_jax.eval.tasks import get_task, human_answers
 
 def read_questions(path: str | os.PathLike) -> list[Row]:
   """Questions as LLaVA JSONL rows ``{question_id, image, text, …}``; see module doc."""
-  path = Path(path)
+  path = storage.as_path(path, "question file")
   if path.suffix == ".jsonl":
     rows = read_jsonl(path, tolerate_truncated_tail=False)
   elif path.suffix == ".tsv":
     rows = [_mmbench_question(r) for r in _read_tsv(path)]
   elif path.suffix == ".json":
-    rows = _json_questions(json.loads(path.read_text()), path)
+    rows = _json_questions(storage.read_json(path), path)
   else:
     raise ValueError(f"{path}: unknown question file type; expected .jsonl, .json or .tsv")
   for i, row in enumerate(rows):
@@ -73,7 +73,7 @@ def _json_questions(data: Any, path: Path) -> list[Row]:
 
 def _read_tsv(path: Path) -> list[Row]:
   csv.field_size_limit(sys.maxsize)  # MMBench rows carry base64 images
-  with open(path, newline="", encoding="utf-8") as f:
+  with storage.open_file(path, "r", newline="") as f:
     return list(csv.DictReader(f, delimiter="\t"))
 
 
@@ -123,7 +123,7 @@ def read_annotations(task: str, path: str | os.PathLike,
   * anything else (and any ``.jsonl``): rows with ``question_id`` plus the fields.
   """
   get_task(task)
-  path = Path(path)
+  path = storage.as_path(path, "annotation file")
   if task == "pope" and path.is_dir():
     return _pope_annotations(path, questions)
   if path.suffix == ".jsonl":
@@ -132,7 +132,7 @@ def read_annotations(task: str, path: str | os.PathLike,
     return {q["question_id"]: {"answer": r["answer"], "options": q["options"],
                                "category": q["category"]}
             for r in _read_tsv(path) for q in [_mmbench_question(r)]}
-  data = json.loads(path.read_text())
+  data = storage.read_json(path)
   if task == "vqav2" and isinstance(data, dict) and "annotations" in data:
     return {a["question_id"]: {"answers": human_answers(a), "answer_type": a.get("answer_type"),
                                "question_type": a.get("question_type")}
@@ -142,7 +142,7 @@ def read_annotations(task: str, path: str | os.PathLike,
                                "question": a["question"]} for a in data["data"]}
   if task == "scienceqa" and isinstance(data, dict):
     if split is not None:
-      keep = json.loads((path.parent / "pid_splits.json").read_text())[split]
+      keep = storage.read_json(path.parent / "pid_splits.json")[split]
       data = {pid: data[pid] for pid in keep}
     return data
   if isinstance(data, dict):  # GQA and other {qid: record} files

@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from llava_jax import distributed
+from llava_jax import storage
 from llava_jax.data.images import load_image, preprocess
 from llava_jax.data.templates import IMAGE_TAG
 from llava_jax.eval.answers import AnswerWriter, answered_ids, read_answers
@@ -61,7 +61,8 @@ class Prepared:
 
 
 def answers_path(workdir: str | os.PathLike, task: str) -> Path:
-  return Path(workdir) / f"{task}_answers.jsonl"
+  """``workdir/<task>_answers.jsonl`` (a pathlib.Path, or an epath.Path on a bucket)."""
+  return storage.as_path(storage.join(workdir, f"{task}_answers.jsonl"), "--workdir")
 
 
 def _image_source(question: dict, image_root: str | None):
@@ -70,7 +71,9 @@ def _image_source(question: dict, image_root: str | None):
   name = question.get("image")
   if not name:
     return None
-  return os.path.join(image_root, name) if image_root and not os.path.isabs(name) else name
+  if not image_root or os.path.isabs(name) or storage.is_remote(name):
+    return name
+  return storage.join(image_root, name)
 
 
 def prepare(model, question: dict, task: str, image_root: str | None) -> Prepared:
@@ -169,9 +172,10 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   mesh = mesh if mesh is not None else getattr(model, "mesh", None)
   primary = jax.process_index() == 0
-  workdir = Path(workdir)
+  storage.check(workdir, "--workdir", write=True)
+  workdir = storage.as_path(workdir, "--workdir")
   if primary:
-    workdir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(workdir)
   image_root = image_root if image_root is not None else os.path.dirname(os.fspath(questions))
   asked = read_questions(questions)
   if limit is not None:
@@ -213,6 +217,8 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
           writer.write(p.question["question_id"], p.question["text"],
                        model.decode_answer(tokens[r]), {"prompt": p.prompt}, **extra)
         bar.update(1)
+      if writer is not None:
+        writer.flush()  # on a bucket: this batch's answers, published as one append
   result = None
   if primary:
     result = write_eval_json(workdir, task, out, asked, annotations, model.step)
@@ -231,6 +237,5 @@ def write_eval_json(workdir: Path, task: str, answers: Path, asked: Sequence[dic
     result.update(score(task, rows, ann))
   result[f"{task}/answered"] = len({str(r["question_id"]) for r in rows})
   result[f"{task}/errors"] = sum(bool(r.get("metadata", {}).get("error")) for r in rows)
-  with open(workdir / "eval.json", "w") as f:
-    json.dump(result, f, indent=1)
+  storage.write_json(result, storage.join(workdir, "eval.json"), indent=1)
   return result
