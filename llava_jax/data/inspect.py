@@ -54,19 +54,21 @@ def open_data(config, split: str = "train") -> Data:
   """The config's data source (`data.train` or `data.val`), tokenizer, template and lengths, as training reads them."""
   from llava_jax.data import sources
   from llava_jax.tokenizer import load_tokenizer
+  from llava_jax.train import run_config
   from llava_jax.train.setup import model_config
+  config = run_config.parse(config)
   d = config.data
-  syn = d.get("synthetic")
-  if syn and syn.get("dir") and not storage.exists(storage.join(syn["dir"], "tokenizer.model")):
+  syn = d.synthetic
+  if syn and not storage.exists(storage.join(syn["dir"], "tokenizer.model")):
     from llava_jax.data.synthetic import write_synthetic  # as train.loop.prepare_synthetic, one process
     write_synthetic(syn["dir"], **{k: v for k, v in syn.items() if k != "dir"})
-  path = d.get(split)
+  path = getattr(d, split)
   if not path:
     raise ValueError(f"config has no data.{split}")
   tokenizer = load_tokenizer(d.tokenizer, template=d.template)
   cfg = model_config(config, tokenizer)
-  return Data(sources.open_source(path, image_root=d.get("image_root")), tokenizer, d.template,
-              cfg.image_token_id, cfg.num_image_tokens, int(d.max_len))
+  return Data(sources.open_source(path, image_root=d.image_root), tokenizer, d.template,
+              cfg.image_token_id, cfg.num_image_tokens, d.max_len)
 
 
 def _runs(flags: Sequence[Any]) -> list[tuple[int, int, Any]]:

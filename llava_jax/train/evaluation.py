@@ -86,21 +86,23 @@ def make_eval_fn(cfg, params_shardings, mesh, rules, batches: Callable[[], Itera
 
 def make_eval(config, cfg, tokenizer, image_config, params_shardings, mesh, rules) -> Callable | None:
   """The held-out evaluation named by ``config.data.val`` (None if absent or eval_every=0)."""
+  from llava_jax.train import run_config
+  config = run_config.parse(config)
   d = config.data
-  if not d.get("val") or not config.train.get("eval_every"):
+  if not d.val or not config.train.eval_every:
     return None
   from llava_jax.data import pipeline, sources
-  source = sources.open_source(d.val, image_root=d.get("image_root"))
-  rows = eval_batch_size(config.train.get("eval_batch_size", None) or config.train.batch_size,
+  source = sources.open_source(d.val, image_root=d.image_root)
+  rows = eval_batch_size(config.train.eval_batch_size or config.train.batch_size,
                          mesh, rules)
 
   def batches():
     it = pipeline.make_dataset(
         source, tokenizer=tokenizer, template=d.template, image_config=image_config,
         image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,
-        max_len=d.max_len, max_images=d.get("max_images", 1), batch_size=rows, seed=0,
-        shuffle=False, num_epochs=1, policy=d.get("policy", "skip"), drop_remainder=False,
-        read_threads=d.get("read_threads") or pipeline.default_read_threads(d.val, d.get("image_root")))
+        max_len=d.max_len, max_images=d.max_images, batch_size=rows, seed=0,
+        shuffle=False, num_epochs=1, policy=d.policy, drop_remainder=False,
+        read_threads=d.read_threads or pipeline.default_read_threads(d.val, d.image_root))
     try:
       yield from it
     finally:

@@ -43,7 +43,8 @@ from llava_jax.train import evaluation
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optim
 from llava_jax.train import preemption
-from llava_jax.train.setup import TrainSetup, build_setup, config_value, model_config  # noqa: F401 (re-export)
+from llava_jax.train import run_config
+from llava_jax.train.setup import TrainSetup, build_setup, model_config  # noqa: F401 (re-export)
 
 
 # Config keys naming files the run reads, and (second set) directories it writes.
@@ -58,14 +59,24 @@ def check_paths(config, workdir: str) -> None:
   cannot use (``storage.check``: which, and why)."""
   storage.check(workdir, "--workdir", write=True)
   for key in OUTPUT_KEYS:
-    value = config_value(config, key)
+    value = _dotted(config, key)
     if value:
       storage.check(value, f"config.{key}", write=True)
   for key in INPUT_KEYS:
-    value = config_value(config, key)
+    value = _dotted(config, key)
     for part in (value.split(",") if isinstance(value, str) else ()):
       if part:
         storage.check(part, f"config.{key}")
+
+
+def _dotted(run: run_config.RunConfig, key: str):
+  """``run.data.synthetic["dir"]`` for ``"data.synthetic.dir"`` (None where unset)."""
+  node = run
+  for name in key.split("."):
+    node = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
+    if node is None:
+      return None
+  return node
 
 
 def prepare_synthetic(config) -> None:
@@ -74,8 +85,8 @@ def prepare_synthetic(config) -> None:
   Process 0 writes first; the others then write their own copy only if they do not see
   it (pod hosts have disks of their own; a local pod shares one).
   """
-  syn = config_value(config, "data.synthetic")
-  if not syn or not syn.get("dir"):
+  syn = run_config.parse(config).data.synthetic
+  if not syn:
     return
   marker = storage.join(syn["dir"], "tokenizer.model")
 
@@ -94,7 +105,8 @@ def prepare_synthetic(config) -> None:
     write()
 
 
-def initial_params(config, cfg: LlavaConfig, params_sharding=None) -> dict[str, Any]:
+def initial_params(init: run_config.InitOptions, cfg: LlavaConfig,
+                   params_sharding=None) -> dict[str, Any]:
   """Weights to start from, by ``/``-joined param name: a HF LLaVA, converted HF towers,
   and/or a previous run's params matching ``init.from_run_params``. Empty: random init.
 
@@ -102,7 +114,6 @@ def initial_params(config, cfg: LlavaConfig, params_sharding=None) -> dict[str, 
   arrive as host arrays and are placed leaf by leaf (``place_params``), so no device
   ever holds a full unsharded model.
   """
-  init = config_value(config, "init", {}) or {}
   out: dict[str, Any] = {}
 
   def add(prefix: str, tree, pattern: str = ".*"):
@@ -110,25 +121,25 @@ def initial_params(config, cfg: LlavaConfig, params_sharding=None) -> dict[str, 
       if re.fullmatch(pattern, prefix + n):
         out[prefix + n] = a
 
-  if init.get("hf_llava"):
+  if init.hf_llava:
     from llava_jax.checkpoint.convert.hf import load_hf_llava
-    loaded_cfg, p = load_hf_llava(init["hf_llava"], vision_overrides={"scan": cfg.vision.scan},
+    loaded_cfg, p = load_hf_llava(init.hf_llava, vision_overrides={"scan": cfg.vision.scan},
                                   llm_overrides={"scan": cfg.llm.scan})
     if loaded_cfg.llm.vocab_size != cfg.llm.vocab_size:
-      raise ValueError(f"{init['hf_llava']}: vocab {loaded_cfg.llm.vocab_size} != config {cfg.llm.vocab_size}")
+      raise ValueError(f"{init.hf_llava}: vocab {loaded_cfg.llm.vocab_size} != config {cfg.llm.vocab_size}")
     add("", p)
-  if init.get("vision_hf"):
+  if init.vision_hf:
     from llava_jax.checkpoint.convert.hf import load_hf_vision
-    add("img/", load_hf_vision(init["vision_hf"], select_layer=cfg.vision.select_layer,
+    add("img/", load_hf_vision(init.vision_hf, select_layer=cfg.vision.select_layer,
                                select_feature=cfg.vision.select_feature, scan=cfg.vision.scan)[1])
-  if init.get("llm_hf"):
+  if init.llm_hf:
     from llava_jax.checkpoint.convert.hf import load_hf_llm
-    add("llm/", load_hf_llm(init["llm_hf"], scan=cfg.llm.scan, remat=cfg.llm.remat)[1])
-  if init.get("from_run"):
-    step, prev = ckpt.restore_params(init["from_run"], cfg, shardings=params_sharding)
-    pattern = init.get("from_run_params", r"projector/.*")
-    add("", prev, pattern)
-    logging.info("initialising params matching %r from %s (step %d)", pattern, init["from_run"], step)
+    add("llm/", load_hf_llm(init.llm_hf, scan=cfg.llm.scan, remat=cfg.llm.remat)[1])
+  if init.from_run:
+    step, prev = ckpt.restore_params(init.from_run, cfg, shardings=params_sharding)
+    add("", prev, init.from_run_params)
+    logging.info("initialising params matching %r from %s (step %d)", init.from_run_params,
+                 init.from_run, step)
   return out
 
 
@@ -166,12 +177,12 @@ def _prepare_run(config, workdir: str) -> Run:
   tokenizer = load_tokenizer(config.data.tokenizer, template=config.data.template)
   cfg = model_config(config, tokenizer)
   image_config = images_lib.image_config_for(cfg.vision.kind, cfg.vision.image_size,
-                                             config.data.get("image_mode"))
+                                             config.data.image_mode)
   ckpt.check_run_info(workdir, cfg)  # every process: refuse before any work
   if distributed.is_primary():
     ckpt.write_run_info(workdir, model=cfg, tokenizer=config.data.tokenizer,
                         template=config.data.template, image=image_config,
-                        config=config.to_dict())
+                        config=run_config.to_dict(config))
   return Run(tokenizer, cfg, image_config)
 
 
@@ -179,14 +190,14 @@ def make_train_iterator(config, run: Run, *, start_batch: int = 0):
   """This process's rows of each global training batch (``data.pipeline``)."""
   from llava_jax.data import pipeline, sources
   d = config.data
-  source = sources.open_source(d.train, image_root=d.get("image_root"))
-  threads = d.get("read_threads") or pipeline.default_read_threads(d.train, d.get("image_root"))
+  source = sources.open_source(d.train, image_root=d.image_root)
+  threads = d.read_threads or pipeline.default_read_threads(d.train, d.image_root)
   return pipeline.make_dataset(
       source, tokenizer=run.tokenizer, template=d.template, image_config=run.image_config,
       image_token_id=run.cfg.image_token_id, num_image_tokens=run.cfg.num_image_tokens,
-      max_len=d.max_len, max_images=d.get("max_images", 1), batch_size=config.train.batch_size,
-      seed=config.seed, policy=d.get("policy", "skip"), worker_count=d.get("workers", 0),
-      pack=d.get("pack", False), pack_bins=d.get("pack_bins", None), start_batch=start_batch,
+      max_len=d.max_len, max_images=d.max_images, batch_size=config.train.batch_size,
+      seed=config.seed, policy=d.policy, worker_count=d.workers, pack=d.pack,
+      pack_bins=d.pack_bins, start_batch=start_batch,
       read_threads=threads)
 
 
@@ -195,12 +206,12 @@ def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Che
   latest = checkpointer.latest_step()
   if latest is None:  # random init directly into its shards, then the configured weights on top
     state = setup.init_state(jax.random.key(config.seed))
-    overrides = initial_params(config, run.cfg, setup.shardings.params)
+    overrides = initial_params(config.init, run.cfg, setup.shardings.params)
     if overrides:
       state = state.replace(params=place_params(state.params, overrides))
     return state, make_train_iterator(config, run)
   state, saved, step = checkpointer.restore_intact(
-      setup.abstract_state(), on_corrupt=config.train.get("on_corrupt_checkpoint", "fallback"))
+      setup.abstract_state(), on_corrupt=config.train.on_corrupt_checkpoint)
   if step is None:  # every checkpoint was corrupt and moved aside: start over
     return _restore_or_init(config, run, setup, checkpointer)
   return state, _resume_data(config, run, saved, step)
@@ -234,14 +245,17 @@ def _compile(setup: TrainSetup, state, config):
   return compiled
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict | run_config.RunConfig, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics ({} if already done).
 
   Holds the workdir's lock for the whole run (``checkpoint/lock.py``). SIGTERM / Ctrl-C
   stop after the current step with a checkpoint of it (``train.checkpoint_on_stop``) and
   a non-zero exit; any other error first lets an in-flight checkpoint finish. A
   non-finite loss or gradient is never applied nor saved (``train.on_nonfinite``).
+  The config is read once, typed and validated (``run_config.parse``): an unknown or
+  misspelt key stops here, before any work.
   """
+  config = run_config.parse(config)
   check_paths(config, workdir)
   with _workdir_lock(workdir), preemption.StopSignal() as stop:
     return _train(config, workdir, stop)
@@ -273,25 +287,25 @@ def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
   logging.info("model: %s trainable of %s params; mesh %s over %d processes", f"{trainable:,}",
                f"{total:,}", dict(setup.mesh.shape), jax.process_count())
   t = config.train
-  checkpointer = ckpt.Checkpointer(workdir, keep=t.get("keep", 2), every=t.get("ckpt_every", 1000),
-                                   async_save=t.get("async_checkpoint", True))
+  checkpointer = ckpt.Checkpointer(workdir, keep=t.keep, every=t.ckpt_every,
+                                   async_save=t.async_checkpoint)
   state, data = _restore_or_init(config, run, setup, checkpointer)
   start = int(state.step)
   compiled = _compile(setup, state, config)
   eval_fn = evaluation.make_eval(config, run.cfg, run.tokenizer, run.image_config,
                                  setup.shardings.params, setup.mesh, setup.rules)
-  peak = (t.get("peak_tflops") or 0) * 1e12 or metrics_lib.measure_matmul_peak()
+  peak = (t.peak_tflops or 0) * 1e12 or metrics_lib.measure_matmul_peak()
   throughput = metrics_lib.Throughput(setup.step_flops(config), peak, jax.device_count())
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.get("tensorboard", True),
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard,
                                     resume_step=start)
-  guard = NonFiniteGuard(t.get("on_nonfinite", "stop"), t.get("max_nonfinite", 10))
-  log_every, eval_every = t.get("log_every", 10), t.get("eval_every", 0)
-  crash_after = t.get("crash_after_step", None)  # fault injection for resume tests
+  guard = NonFiniteGuard(t.on_nonfinite, t.max_nonfinite)
+  log_every, eval_every = t.log_every, t.eval_every
+  crash_after = t.crash_after_step  # fault injection for resume tests
   primary = distributed.is_primary()
   last: dict = {}
   # A live bar on a terminal; in log files (pods, CI) a plain line per logged step instead.
   bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
-             disable=None if t.get("progress", True) and primary else True)
+             disable=None if t.progress and primary else True)
   t_start = time.perf_counter()
   try:
     for step in range(start + 1, t.steps + 1):
@@ -314,7 +328,7 @@ def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
                        _hms(per_step * (t.steps - step)))
       bar.update(1)
       stopping = stop.should_stop(step)
-      save = stopping and t.get("checkpoint_on_stop", True)
+      save = stopping and t.checkpoint_on_stop
       if checkpointer.due(step, force=final or save):
         guard.check()  # never a checkpoint after an update that was not finite
         checkpointer.save(step, state, distributed.gather_json(data.get_state()),

@@ -33,16 +33,6 @@ from llava_jax.train import validate
 from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step
 
 
-def config_value(config, path: str, default=None):
-  """``config.a.b`` for ``path="a.b"``, or ``default`` where a key is missing."""
-  node = config
-  for key in path.split("."):
-    if node is None or key not in node:
-      return default
-    node = node[key]
-  return node
-
-
 def model_config(config, tokenizer=None) -> LlavaConfig:
   """LlavaConfig from ``config.model`` (variants + overrides); vocab/ids from the tokenizer.
 

@@ -1,6 +1,5 @@
 """Stage 2 starts from a stage-1 run's projector plus converted HF LLM/ViT weights."""
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -11,6 +10,7 @@ from llava_jax.checkpoint.convert.hf import (llm_config_from_hf, load_hf_llm, lo
 from llava_jax.models import init_params, llava_config
 from llava_jax import sharding
 from llava_jax.train import optim, state as state_lib
+from llava_jax.train import run_config
 from llava_jax.train.loop import initial_params, place_params
 
 
@@ -34,11 +34,10 @@ def test_initial_params_from_stage1_run_and_hf_towers(tmp_path):
   saver.save(1, state, force=True)
   saver.close()
 
-  config = ml_collections.ConfigDict({"seed": 0, "init": {
-      "vision_hf": str(vision_dir), "llm_hf": str(llm_dir), "from_run": run_dir,
-      "from_run_params": r"projector/.*"}})
+  init = run_config.InitOptions(vision_hf=str(vision_dir), llm_hf=str(llm_dir), from_run=run_dir,
+                                from_run_params=r"projector/.*")
   fresh, shardings = state_lib.create_state(cfg, opt, mesh, jax.random.key(3))
-  overrides = initial_params(config, cfg, shardings.params)
+  overrides = initial_params(init, cfg, shardings.params)
   assert all(n.startswith(("img/", "llm/", "projector/")) for n in overrides)
   params = place_params(fresh.params, overrides)
   jax.tree.map(np.testing.assert_array_equal, params["projector"], jax.tree.map(np.asarray, stage1["projector"]))
