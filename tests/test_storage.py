@@ -34,15 +34,22 @@ def test_unsupported_schemes_are_refused_with_the_reason():
 
 
 def test_train_refuses_an_unusable_workdir_before_any_work(tmp_path, monkeypatch):
-  import ml_collections
+  import importlib.util
   from llava_jax.train import loop
   monkeypatch.chdir(tmp_path)
-  config = ml_collections.ConfigDict({"data": {"train": "gs://b/train.jsonl,ftp://h/x.jsonl"}})
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("tiny_shapes", f"{root}/configs/tiny_shapes.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f"test,root={tmp_path}/shapes")
+  with config.unlocked():
+    config.data.train = "gs://b/train.jsonl,ftp://h/x.jsonl"
   with pytest.raises(storage.UnsupportedPathError, match=r"config.data.train 'ftp://h/x.jsonl'"):
     loop.train(config, str(tmp_path / "run"))
+  config.data.train = f"{tmp_path}/shapes/data/stage2.jsonl"
   with pytest.raises(storage.UnsupportedPathError, match=r"--workdir 'az://c/run': az:// is supported for inputs only"):
     loop.train(config, "az://c/run")
-  assert os.listdir(tmp_path) == []  # nothing written, not even a local 'az:' folder
+  assert os.listdir(tmp_path) == []  # nothing written: no dataset, no lock, no local 'az:' folder
 
 
 def test_whole_file_writes_and_conditional_operations(bucket):
