@@ -26,13 +26,13 @@ _CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
                        "tiny_shapes.py")
 
 
-def load_config(stage: str, root: str):
+def load_config(stage: str, root: str, seed: int = 0):
   import importlib.util
   spec = importlib.util.spec_from_file_location("tiny_shapes", _CONFIG)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config(f"{stage},root={root}")
-  config.seed = _SEED.value
+  config.seed = seed
   return config
 
 
@@ -57,7 +57,7 @@ def main(argv):
   print(f"== full log (library messages included): {console.setup_logging(root)}")
   t0 = time.time()
   for stage in ("stage1", "stage2"):
-    config = load_config(stage, root)
+    config = load_config(stage, root, _SEED.value)
     workdir = os.path.join(root, stage)
     print(f"== {stage}: {config.train.steps} steps, template {config.data.template!r}, "
           f"data {config.data.train}")
@@ -66,7 +66,7 @@ def main(argv):
       print(f"   held-out answer exact match (teacher forced) at step {step}: {acc:.1%}")
   train_s = time.time() - t0
 
-  config = load_config("stage2", root)
+  config = load_config("stage2", root, _SEED.value)
   model = load_model(os.path.join(root, "stage2"))
   metrics = run_eval(model, os.path.join(root, "eval"), task="synthetic",
                      questions=config.data.eval_questions,
