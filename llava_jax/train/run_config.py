@@ -138,10 +138,12 @@ class MeshOptions:
   dcn_tensor: int = 1
 
   def ici(self) -> dict[str, int]:
-    return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    from llava_jax.sharding import MESH_AXES
+    return {a: getattr(self, a) for a in MESH_AXES}
 
   def dcn(self) -> dict[str, int]:
-    return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
+    from llava_jax.sharding import MESH_AXES
+    return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
 
 
 @dataclasses.dataclass(frozen=True)
