@@ -42,6 +42,7 @@ with its error and the run goes on. A time budget (``--budget_s``, shared out be
 sections in order, unused time carried forward) stops starting new measurements, so a run
 ends near the budget whatever the chip's compile times are.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,23 +63,50 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accelerator_report import (SECTIONS, Budget, Report, device_memory, environment, error_text,  # noqa: E402
-                                matmul_tflops, max_rel_err, measure, program_memory, time_call)
+from accelerator_report import (
+    SECTIONS,
+    Budget,
+    Report,
+    device_memory,
+    environment,
+    error_text,  # noqa: E402
+    matmul_tflops,
+    max_rel_err,
+    measure,
+    program_memory,
+    time_call,
+)
 
 from llava_jax import sharding  # noqa: E402
 from llava_jax.infer import sampler  # noqa: E402
 from llava_jax.kernels.reference import attention_mask, mha_reference  # noqa: E402
-from llava_jax.models import (LLM_VARIANTS, VISION_VARIANTS, LLMConfig, Llava, LlavaConfig,  # noqa: E402
-                              VisionConfig, llava_config)
+from llava_jax.models import (
+    LLM_VARIANTS,
+    VISION_VARIANTS,
+    LLMConfig,
+    Llava,
+    LlavaConfig,  # noqa: E402
+    VisionConfig,
+    llava_config,
+)
 from llava_jax.models.llava import init_params  # noqa: E402
 from llava_jax.train import flops as flops_lib, optim, state as state_lib  # noqa: E402
 from llava_jax.train.step import StepConfig, make_train_step  # noqa: E402
 
 # The ~1B decoder: Llama-3.2-1B's shape (32 query / 8 kv heads of 64) with LLaVA-1.5's 32k
 # vocabulary (Llama-3's 128k would make the float32 logits a quarter of the activations).
-LLM_1B = LLMConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                   num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
-                   rms_norm_eps=1e-5, max_position_embeddings=4096)
+LLM_1B = LLMConfig(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=4096,
+)
 STAGE2_RULES = ((r"projector/.*", 1.0), (r"llm/.*", 1.0))  # the ViT stays frozen
 
 
@@ -87,9 +115,10 @@ class Sizes:
   """What one mode measures. ``train_cells``: (attention impl, remat) in run order: XLA
   first (the reference of the others' check), remat "full" before "none" (the device's
   peak memory only grows, so the smaller programs are measured first)."""
+
   attn_seq_lens: tuple[int, ...]
-  attn_tokens: int                 # B * T per call: B = max(1, attn_tokens // T)
-  attn_heads: tuple[int, int]      # (query heads, kv heads)
+  attn_tokens: int  # B * T per call: B = max(1, attn_tokens // T)
+  attn_heads: tuple[int, int]  # (query heads, kv heads)
   attn_head_dim: int
   attn_impls: tuple[str, ...]
   attn_masks: tuple[str, ...]
@@ -101,46 +130,95 @@ class Sizes:
   train_seq: int
   train_steps: int
   decode_batches: tuple[int, ...]
-  decode_prompt_text: int          # text tokens after the image's placeholders
+  decode_prompt_text: int  # text tokens after the image's placeholders
   decode_new_tokens: int
   decode_repeats: int
   budget_s: float
-  min_call_s: float                # back-to-back calls per repeat until this long
+  min_call_s: float  # back-to-back calls per repeat until this long
 
 
 _IMPLS = ("pallas", "cudnn", "xla")
-_FULL_MATRIX = (("xla", "full"), ("pallas", "full"), ("cudnn", "full"),
-                ("pallas", "none"), ("cudnn", "none"), ("xla", "none"))
+_FULL_MATRIX = (
+    ("xla", "full"),
+    ("pallas", "full"),
+    ("cudnn", "full"),
+    ("pallas", "none"),
+    ("cudnn", "none"),
+    ("xla", "none"),
+)
 
 MODES = {
     "default": Sizes(
-        attn_seq_lens=(1024, 2048, 4096, 8192, 16384), attn_tokens=16384, attn_heads=(32, 8),
-        attn_head_dim=128, attn_impls=_IMPLS, attn_masks=("causal", "segments"), attn_repeats=10,
-        vision=VISION_VARIANTS["siglip-B/16-224"], llm=LLM_1B, train_cells=_FULL_MATRIX, train_batch=4,
-        train_seq=2048, train_steps=5, decode_batches=(1, 8, 64), decode_prompt_text=60,
-        decode_new_tokens=128, decode_repeats=3, budget_s=400.0, min_call_s=0.02),
+        attn_seq_lens=(1024, 2048, 4096, 8192, 16384),
+        attn_tokens=16384,
+        attn_heads=(32, 8),
+        attn_head_dim=128,
+        attn_impls=_IMPLS,
+        attn_masks=("causal", "segments"),
+        attn_repeats=10,
+        vision=VISION_VARIANTS["siglip-B/16-224"],
+        llm=LLM_1B,
+        train_cells=_FULL_MATRIX,
+        train_batch=4,
+        train_seq=2048,
+        train_steps=5,
+        decode_batches=(1, 8, 64),
+        decode_prompt_text=60,
+        decode_new_tokens=128,
+        decode_repeats=3,
+        budget_s=400.0,
+        min_call_s=0.02,
+    ),
     "quick": Sizes(
-        attn_seq_lens=(2048, 8192), attn_tokens=16384, attn_heads=(32, 8), attn_head_dim=128,
-        attn_impls=_IMPLS, attn_masks=("causal",), attn_repeats=5,
-        vision=VISION_VARIANTS["siglip-B/16-224"], llm=LLM_1B, train_cells=_FULL_MATRIX[:3], train_batch=4,
-        train_seq=2048, train_steps=3, decode_batches=(1, 64), decode_prompt_text=60,
-        decode_new_tokens=64, decode_repeats=2, budget_s=130.0, min_call_s=0.02),
+        attn_seq_lens=(2048, 8192),
+        attn_tokens=16384,
+        attn_heads=(32, 8),
+        attn_head_dim=128,
+        attn_impls=_IMPLS,
+        attn_masks=("causal",),
+        attn_repeats=5,
+        vision=VISION_VARIANTS["siglip-B/16-224"],
+        llm=LLM_1B,
+        train_cells=_FULL_MATRIX[:3],
+        train_batch=4,
+        train_seq=2048,
+        train_steps=3,
+        decode_batches=(1, 64),
+        decode_prompt_text=60,
+        decode_new_tokens=64,
+        decode_repeats=2,
+        budget_s=130.0,
+        min_call_s=0.02,
+    ),
     # CPU: tiny shapes, interpret-mode Pallas; cuDNN fails here and is recorded as an error.
     "smoke": Sizes(
-        attn_seq_lens=(64,), attn_tokens=64, attn_heads=(2, 1), attn_head_dim=32,
-        attn_impls=_IMPLS, attn_masks=("causal", "segments"), attn_repeats=1,
+        attn_seq_lens=(64,),
+        attn_tokens=64,
+        attn_heads=(2, 1),
+        attn_head_dim=32,
+        attn_impls=_IMPLS,
+        attn_masks=("causal", "segments"),
+        attn_repeats=1,
         vision=dataclasses.replace(VISION_VARIANTS["siglip-tiny"], depth=1),
         llm=dataclasses.replace(LLM_VARIANTS["tiny"], num_layers=1),
-        train_cells=(("xla", "full"), ("pallas", "none"), ("cudnn", "none")), train_batch=2,
-        train_seq=32, train_steps=1, decode_batches=(2,), decode_prompt_text=4,
-        decode_new_tokens=3, decode_repeats=1, budget_s=600.0, min_call_s=0.0),
+        train_cells=(("xla", "full"), ("pallas", "none"), ("cudnn", "none")),
+        train_batch=2,
+        train_seq=32,
+        train_steps=1,
+        decode_batches=(2,),
+        decode_prompt_text=4,
+        decode_new_tokens=3,
+        decode_repeats=1,
+        budget_s=600.0,
+        min_call_s=0.0,
+    ),
 }
 SHARES = {"attention": 0.35, "train": 0.45, "decode": 0.20}  # of the budget, in this order
 
-ATTN_TOL = 2e-2      # max |err| / max |reference|, bf16 kernels vs the float32 reference
-LOSS_TOL = 1e-2      # relative, first-step loss vs the XLA-attention run
+ATTN_TOL = 2e-2  # max |err| / max |reference|, bf16 kernels vs the float32 reference
+LOSS_TOL = 1e-2  # relative, first-step loss vs the XLA-attention run
 GRAD_NORM_TOL = 5e-2
-LOGIT_TOL = 5e-2     # max |err| / max |logit|, bf16 cached decode vs the uncached forward
+LOGIT_TOL = 5e-2  # max |err| / max |logit|, bf16 cached decode vs the uncached forward
 
 
 # ------------------------------------------------------------------ attention
@@ -174,8 +252,7 @@ def cudnn_attention(q, k, v, *, segment_ids=None):
   params = inspect.signature(jax.nn.dot_product_attention).parameters
   missing = {"implementation", "is_causal", "mask"} - set(params)
   if missing:
-    raise NotImplementedError(f"jax {jax.__version__}: jax.nn.dot_product_attention has no "
-                              f"{sorted(missing)} argument")
+    raise NotImplementedError(f"jax {jax.__version__}: jax.nn.dot_product_attention has no {sorted(missing)} argument")
   if segment_ids is None:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   mask = attention_mask(q.shape[1], k.shape[1], causal=True, segment_ids=segment_ids)[:, None]
@@ -192,16 +269,17 @@ def attention_fn(impl: str, interpret: bool) -> Callable:
     from llava_jax.kernels.flash_attention import flash_attention
     # GPU: the Triton lowering; CPU (smoke): the same kernel in interpret mode; TPU: Mosaic.
     backend = "tpu" if jax.default_backend() == "tpu" else "gpu"
-    return lambda q, k, v, s: flash_attention(q, k, v, causal=True, segment_ids=s,
-                                              backend=backend, interpret=interpret)
+    return lambda q, k, v, s: flash_attention(q, k, v, causal=True, segment_ids=s, backend=backend, interpret=interpret)
   raise ValueError(f"unknown attention impl {impl!r}")
 
 
 def with_grads(f: Callable) -> Callable:
   """``(q, k, v, s, do) -> (out, dq, dk, dv)``: forward and backward, as training runs them."""
+
   def run(q, k, v, s, do):
     out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, s), q, k, v)
     return (out,) + vjp(do)
+
   return run
 
 
@@ -225,19 +303,23 @@ def attention_cells(report: Report, sizes: Sizes, interpret: bool, mask: str, t:
   def inputs():
     if not data:
       keys = jax.random.split(jax.random.key(t), 4)
-      data["args"] = (jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16),
-                      jax.random.normal(keys[1], (b, t, kh, d), jnp.bfloat16),
-                      jax.random.normal(keys[2], (b, t, kh, d), jnp.bfloat16),
-                      None if seg_host is None else jnp.asarray(seg_host))
+      data["args"] = (
+          jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16),
+          jax.random.normal(keys[1], (b, t, kh, d), jnp.bfloat16),
+          jax.random.normal(keys[2], (b, t, kh, d), jnp.bfloat16),
+          None if seg_host is None else jnp.asarray(seg_host),
+      )
       data["do"] = jax.random.normal(keys[3], (b, t, h, d), jnp.bfloat16)
       q, k, v, seg = data["args"]
       sl = lambda x, n: x[:1, :, :n].astype(jnp.float32)  # noqa: E731
       ref = jax.jit(with_grads(attention_fn("xla", interpret)))(
-          sl(q, g), sl(k, kc), sl(v, kc), None if seg is None else seg[:1], sl(data["do"], g))
+          sl(q, g), sl(k, kc), sl(v, kc), None if seg is None else seg[:1], sl(data["do"], g)
+      )
       data["reference"] = jax.device_get(ref)  # float32 out, dq, dk, dv of the slice
     return data["args"], data["do"], data["reference"]
 
   for impl in sizes.attn_impls:
+
     def run(impl=impl):
       args, do, reference = inputs()
       f = attention_fn(impl, interpret)
@@ -248,15 +330,27 @@ def attention_cells(report: Report, sizes: Sizes, interpret: bool, mask: str, t:
       jax.block_until_ready(fwd(*args))
       t_fwd = time_call(fwd, *args, repeats=sizes.attn_repeats, min_call_s=sizes.min_call_s)
       t_both = time_call(both, *args, do, repeats=sizes.attn_repeats, min_call_s=sizes.min_call_s)
-      return {"err_out": errs[0], "err_grad": max(errs[1:]),
-              "check_ok": max(errs) <= ATTN_TOL, "fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_both * 1e3,
-              "fwd_tflops": fwd_flops / t_fwd / 1e12,
-              "fwd_bwd_tflops": 3.5 * fwd_flops / t_both / 1e12}
+      return {
+          "err_out": errs[0],
+          "err_grad": max(errs[1:]),
+          "check_ok": max(errs) <= ATTN_TOL,
+          "fwd_ms": t_fwd * 1e3,
+          "fwd_bwd_ms": t_both * 1e3,
+          "fwd_tflops": fwd_flops / t_fwd / 1e12,
+          "fwd_bwd_tflops": 3.5 * fwd_flops / t_both / 1e12,
+      }
 
-    measure(report, "attention", {"mask": mask, "T": t, "B": b, "impl": impl}, run,
-            lambda r: (f"fwd {r['fwd_tflops']:.1f} / fwd+bwd {r['fwd_bwd_tflops']:.1f} TFLOP/s, "
-                       f"err {r['err_out']:.1e}/{r['err_grad']:.1e} "
-                       f"{'ok' if r['check_ok'] else 'CHECK FAILED'}"))
+    measure(
+        report,
+        "attention",
+        {"mask": mask, "T": t, "B": b, "impl": impl},
+        run,
+        lambda r: (
+            f"fwd {r['fwd_tflops']:.1f} / fwd+bwd {r['fwd_bwd_tflops']:.1f} TFLOP/s, "
+            f"err {r['err_out']:.1e}/{r['err_grad']:.1e} "
+            f"{'ok' if r['check_ok'] else 'CHECK FAILED'}"
+        ),
+    )
 
 
 # ------------------------------------------------------------------ train step
@@ -290,9 +384,10 @@ def synthetic_params(cfg: LlavaConfig, seed: int, dtype=jnp.float32):
         continue
       width = cfg.vision.width if name.startswith("img/") else cfg.llm.hidden_size
       size = math.prod(x.shape)
-      out.append((flat[offset:offset + size] / math.sqrt(width)).reshape(x.shape).astype(dtype))
+      out.append((flat[offset : offset + size] / math.sqrt(width)).reshape(x.shape).astype(dtype))
       offset += size
     return jax.tree.unflatten(treedef, out)
+
   return jax.jit(make)(jax.random.key(seed))
 
 
@@ -304,13 +399,17 @@ def synthetic_batch(cfg: LlavaConfig, b: int, t: int, seed: int = 0) -> dict[str
   if t < n + 2:
     raise ValueError(f"sequence length {t} too short for {n} image tokens")
   ids = rng.integers(3, cfg.llm.vocab_size - 1, size=(b, t)).astype(np.int32)
-  ids[:, 1:1 + n] = cfg.image_token_id
+  ids[:, 1 : 1 + n] = cfg.image_token_id
   labels = ids.copy()
-  labels[:, :min(1 + n + 4, t - 1)] = -100
+  labels[:, : min(1 + n + 4, t - 1)] = -100
   size = cfg.vision.image_size
-  return {"input_ids": ids, "labels": labels, "attention_mask": np.ones_like(ids),
-          "pixel_values": rng.normal(size=(b, 1, size, size, 3)).astype(np.float32),
-          "image_mask": np.ones((b, 1), bool)}
+  return {
+      "input_ids": ids,
+      "labels": labels,
+      "attention_mask": np.ones_like(ids),
+      "pixel_values": rng.normal(size=(b, 1, size, size, 3)).astype(np.float32),
+      "image_mask": np.ones((b, 1), bool),
+  }
 
 
 def train_section(report: Report, sizes: Sizes):
@@ -319,14 +418,14 @@ def train_section(report: Report, sizes: Sizes):
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh((1, 1, 1), devices)
   abstract = jax.eval_shape(lambda: init_params(base, jax.random.key(0)))
-  ocfg = optim.OptimConfig(learning_rate=1e-5, warmup_ratio=0.0, total_steps=1000,
-                           lr_rules=STAGE2_RULES)
+  ocfg = optim.OptimConfig(learning_rate=1e-5, warmup_ratio=0.0, total_steps=1000, lr_rules=STAGE2_RULES)
   opt = optim.make_optimizer(ocfg, abstract)
   trainable = optim.trainable_mask(abstract, ocfg)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
   host_batch = synthetic_batch(base, b, t)
-  flops = flops_lib.train_step_flops(base, tokens=b * t, seq_len=t, images=b, train_img=False,
-                                     train_projector=True, train_llm=True)
+  flops = flops_lib.train_step_flops(
+      base, tokens=b * t, seq_len=t, images=b, train_img=False, train_projector=True, train_llm=True
+  )
   peak = report.env["peak_bf16_flops"]
   shared: dict[str, Any] = {}
   reference: dict[str, float] = {}
@@ -335,28 +434,27 @@ def train_section(report: Report, sizes: Sizes):
     """The initial state (same for every cell) and a jitted copier: each cell trains a
     fresh copy, since the step donates its input state."""
     if not shared:
-      state, shardings = state_lib.create_state(base, opt, mesh, jax.random.key(0),
-                                                params=synthetic_params(base, 0))
+      state, shardings = state_lib.create_state(base, opt, mesh, jax.random.key(0), params=synthetic_params(base, 0))
       copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)
       batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}
-      shared.update(state=state, shardings=shardings, copy=copy,
-                    batch=jax.device_put(host_batch, batch_sh))
+      shared.update(state=state, shardings=shardings, copy=copy, batch=jax.device_put(host_batch, batch_sh))
     return shared
 
   for impl, remat in sizes.train_cells:
+
     def run(impl=impl, remat=remat):
       m = master()
       cfg = model_config(sizes, impl, remat)
-      step = state_lib.jit_train_step(make_train_step(cfg, opt, trainable, StepConfig()),
-                                      m["shardings"], mesh, m["batch"])
+      step = state_lib.jit_train_step(
+          make_train_step(cfg, opt, trainable, StepConfig()), m["shardings"], mesh, m["batch"]
+      )
       state = m["copy"](m["state"])
       t0 = time.perf_counter()
       compiled = step.lower(state, m["batch"]).compile()
       compile_s = time.perf_counter() - t0
       state, metrics = compiled(state, m["batch"])  # the check step, from the initial state
       first = {k: float(metrics[k]) for k in ("loss", "grad_norm")}
-      row = {"compile_s": compile_s, "loss": first["loss"], "grad_norm": first["grad_norm"],
-             **program_memory(compiled)}
+      row = {"compile_s": compile_s, "loss": first["loss"], "grad_norm": first["grad_norm"], **program_memory(compiled)}
       if not all(math.isfinite(x) for x in first.values()):
         raise FloatingPointError(f"first step not finite: {first}")
       if impl == "xla" and not reference:
@@ -374,18 +472,28 @@ def train_section(report: Report, sizes: Sizes):
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t1)
       step_s = statistics.median(times)
-      row.update(step_ms=step_s * 1e3, tokens_per_s=b * t / step_s,
-                 model_tflops_per_step=flops / 1e12,
-                 mfu=None if peak is None else flops / step_s / peak, **device_memory())
+      row.update(
+          step_ms=step_s * 1e3,
+          tokens_per_s=b * t / step_s,
+          model_tflops_per_step=flops / 1e12,
+          mfu=None if peak is None else flops / step_s / peak,
+          **device_memory(),
+      )
       del state, metrics, compiled
       return row
 
-    measure(report, "train", {"impl": impl, "remat": remat, "B": b, "T": t,
-                              "params_M": round(n_params / 1e6, 1)}, run,
-            lambda r: (f"{r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, MFU "
-                       f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}, loss err "
-                       f"{r.get('err_loss', float('nan')):.1e} "
-                       f"{ {True: 'ok', False: 'CHECK FAILED', None: 'no reference'}[r['check_ok']] }"))
+    measure(
+        report,
+        "train",
+        {"impl": impl, "remat": remat, "B": b, "T": t, "params_M": round(n_params / 1e6, 1)},
+        run,
+        lambda r: (
+            f"{r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, MFU "
+            f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}, loss err "
+            f"{r.get('err_loss', float('nan')):.1e} "
+            f"{ {True: 'ok', False: 'CHECK FAILED', None: 'no reference'}[r['check_ok']] }"
+        ),
+    )
   shared.clear()
 
 
@@ -420,21 +528,27 @@ def decode_section(report: Report, sizes: Sizes, impl: str = "xla"):
       logits, cache = sampler.decode_step(cfg, p, tokens[:, i - 1], cache, prompt + i - 1, positions)
       positions = positions + 1
       cached.append(np.asarray(logits))
-    full_ids = np.concatenate([ids, tokens[:, :steps - 1]], axis=1)
-    full = jax.jit(lambda p, i, x: Llava(cfg).apply({"params": p}, i, x, jnp.ones_like(i)))(
-        p, full_ids, px)
-    want = np.asarray(full)[:, prompt - 1:]
+    full_ids = np.concatenate([ids, tokens[:, : steps - 1]], axis=1)
+    full = jax.jit(lambda p, i, x: Llava(cfg).apply({"params": p}, i, x, jnp.ones_like(i)))(p, full_ids, px)
+    want = np.asarray(full)[:, prompt - 1 :]
     got = np.stack(cached, axis=1)
     err = max_rel_err(got, want)
     agree = float(np.mean(np.argmax(want, -1) == tokens[:, :steps]))
-    return {"B": b, "steps": steps, "err_logits": err, "greedy_agreement": agree,
-            "check_ok": err <= LOGIT_TOL}
+    return {"B": b, "steps": steps, "err_logits": err, "greedy_agreement": agree, "check_ok": err <= LOGIT_TOL}
 
-  measure(report, "decode", {"what": "check", "impl": impl}, check,
-          lambda r: (f"cached vs uncached logits err {r['err_logits']:.1e}, greedy agreement "
-                     f"{r['greedy_agreement']:.0%} {'ok' if r['check_ok'] else 'CHECK FAILED'}"))
+  measure(
+      report,
+      "decode",
+      {"what": "check", "impl": impl},
+      check,
+      lambda r: (
+          f"cached vs uncached logits err {r['err_logits']:.1e}, greedy agreement "
+          f"{r['greedy_agreement']:.0%} {'ok' if r['check_ok'] else 'CHECK FAILED'}"
+      ),
+  )
 
   for b in sizes.decode_batches:
+
     def run(b=b):
       p = params()
       ids, px, mask = inputs(b)
@@ -447,15 +561,26 @@ def decode_section(report: Report, sizes: Sizes, impl: str = "xla"):
       t_pre = time_call(pre, repeats=sizes.decode_repeats, min_call_s=sizes.min_call_s)
       t_gen = time_call(gen, repeats=sizes.decode_repeats, min_call_s=0.0)
       t_dec = max(t_gen - t_pre, 1e-9)
-      return {"compile_s": compile_s, "prefill_ms": t_pre * 1e3, "generate_ms": t_gen * 1e3,
-              "prefill_tokens_per_s": b * prompt / t_pre,
-              "decode_tokens_per_s": b * (n - 1) / t_dec,
-              "decode_ms_per_step": t_dec / (n - 1) * 1e3, **device_memory()}
+      return {
+          "compile_s": compile_s,
+          "prefill_ms": t_pre * 1e3,
+          "generate_ms": t_gen * 1e3,
+          "prefill_tokens_per_s": b * prompt / t_pre,
+          "decode_tokens_per_s": b * (n - 1) / t_dec,
+          "decode_ms_per_step": t_dec / (n - 1) * 1e3,
+          **device_memory(),
+      }
 
-    measure(report, "decode", {"what": "speed", "impl": impl, "B": b, "prompt": prompt,
-                               "new_tokens": n}, run,
-            lambda r: (f"prefill {r['prefill_tokens_per_s']:,.0f} tok/s, decode "
-                       f"{r['decode_tokens_per_s']:,.0f} tok/s ({r['decode_ms_per_step']:.2f} ms/step)"))
+    measure(
+        report,
+        "decode",
+        {"what": "speed", "impl": impl, "B": b, "prompt": prompt, "new_tokens": n},
+        run,
+        lambda r: (
+            f"prefill {r['prefill_tokens_per_s']:,.0f} tok/s, decode "
+            f"{r['decode_tokens_per_s']:,.0f} tok/s ({r['decode_ms_per_step']:.2f} ms/step)"
+        ),
+    )
   shared.clear()
 
 
@@ -510,8 +635,7 @@ def main(argv=None) -> int:
     # compiles ~2x faster (read when the backend starts, i.e. before the first jax call).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   elif jax.default_backend() == "cpu":
-    print("warning: no accelerator (default backend cpu); use --smoke for the CPU check",
-          flush=True)
+    print("warning: no accelerator (default backend cpu); use --smoke for the CPU check", flush=True)
   interpret = jax.default_backend() == "cpu"
 
   budget = Budget(sizes.budget_s)
@@ -519,13 +643,18 @@ def main(argv=None) -> int:
   env = report.env
   env["matmul_n"] = 256 if a.smoke else 8192
   env["matmul_bf16_tflops"] = matmul_tflops(env["matmul_n"])
-  print(f"accelerator checks ({mode}): {env['device_kind']} x{env['device_count']}, jax {env['jax']}, "
-        f"driver {env.get('driver') or '-'}, {env['matmul_n']}^3 bf16 matmul "
-        f"{env['matmul_bf16_tflops'] or 0:.1f} TFLOP/s, budget {sizes.budget_s:.0f} s -> {a.out}", flush=True)
+  print(
+      f"accelerator checks ({mode}): {env['device_kind']} x{env['device_count']}, jax {env['jax']}, "
+      f"driver {env.get('driver') or '-'}, {env['matmul_n']}^3 bf16 matmul "
+      f"{env['matmul_bf16_tflops'] or 0:.1f} TFLOP/s, budget {sizes.budget_s:.0f} s -> {a.out}",
+      flush=True,
+  )
   report.write()
-  runners = {"attention": functools.partial(attention_section, report, sizes, interpret),
-             "train": functools.partial(train_section, report, sizes),
-             "decode": functools.partial(decode_section, report, sizes)}
+  runners = {
+      "attention": functools.partial(attention_section, report, sizes, interpret),
+      "train": functools.partial(train_section, report, sizes),
+      "decode": functools.partial(decode_section, report, sizes),
+  }
   for section in SECTIONS:
     if section not in sections:
       continue

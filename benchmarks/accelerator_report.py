@@ -1,6 +1,7 @@
 """Bookkeeping of benchmarks/accelerator.py: the machine's description, the time budget,
 measurements that record their error instead of ending the run, timing, and the
 results.json / results.md rewritten after every measurement."""
+
 from __future__ import annotations
 
 import gc
@@ -20,18 +21,34 @@ import numpy as np
 SECTIONS = ("attention", "train", "decode")
 
 GOALS = "Pallas attention >= 0.9x cuDNN fwd+bwd; train step >= 50% MFU on H100/H200"
-GiB = 2 ** 30
+GiB = 2**30
 
 # Dense bf16 peak FLOP/s by device kind (first substring match wins; the more specific
 # names first). NVIDIA: tensor-core dense bf16 (no sparsity). TPU: per chip.
 PEAK_BF16 = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-    ("GH200", 989e12), ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("B100", 1750e12),
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("V100", 125e12),
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H800", 989e12),
+    ("H20", 148e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("V100", 125e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 197e12),
+    ("TPU v4", 275e12),
 )
-
 
 
 # ------------------------------------------------------------------ environment
@@ -48,6 +65,7 @@ def chip_peak_flops(device_kind: str) -> float | None:
 def _package_version(name: str) -> str | None:
   try:
     from importlib import metadata
+
     return metadata.version(name)
   except Exception:
     return None
@@ -74,16 +92,26 @@ def pallas_lowerings() -> dict[str, bool]:
 
 def environment(mode: str, argv: list[str]) -> dict[str, Any]:
   dev = jax.devices()[0]
-  plugins = {p: _package_version(p) for p in ("jax-cuda13-plugin", "jax-cuda12-plugin",
-                                               "jax-cuda13-pjrt", "jax-cuda12-pjrt", "libtpu")}
+  plugins = {
+      p: _package_version(p)
+      for p in ("jax-cuda13-plugin", "jax-cuda12-plugin", "jax-cuda13-pjrt", "jax-cuda12-pjrt", "libtpu")
+  }
   return {
-      "mode": mode, "command": "bash benchmarks/accelerator.sh OUT " + " ".join(argv),
-      "platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
-      "driver": _driver_version(), "jax": jax.__version__, "jaxlib": _package_version("jaxlib"),
+      "mode": mode,
+      "command": "bash benchmarks/accelerator.sh OUT " + " ".join(argv),
+      "platform": dev.platform,
+      "device_kind": dev.device_kind,
+      "device_count": jax.device_count(),
+      "driver": _driver_version(),
+      "jax": jax.__version__,
+      "jaxlib": _package_version("jaxlib"),
       "plugins": {k: v for k, v in plugins.items() if v},
-      "flax": _package_version("flax"), "optax": _package_version("optax"),
-      "python": platform.python_version(), "peak_bf16_flops": chip_peak_flops(dev.device_kind),
-      "pallas_gpu_lowerings": pallas_lowerings(), "project_gpu_lowering": "triton (kernels/flash_gpu.py)",
+      "flax": _package_version("flax"),
+      "optax": _package_version("optax"),
+      "python": platform.python_version(),
+      "peak_bf16_flops": chip_peak_flops(dev.device_kind),
+      "pallas_gpu_lowerings": pallas_lowerings(),
+      "project_gpu_lowering": "triton (kernels/flash_gpu.py)",
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
   }
@@ -94,11 +122,12 @@ def matmul_tflops(n: int, repeats: int = 5) -> float | None:
   attains, next to the spec peak that MFU divides by (None if it fails)."""
   try:
     import jax.numpy as jnp
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(f(a, b))
-    return 2 * n ** 3 / time_call(f, a, b, repeats=repeats, min_call_s=0.05) / 1e12
+    return 2 * n**3 / time_call(f, a, b, repeats=repeats, min_call_s=0.05) / 1e12
   except Exception:
     return None
 
@@ -111,8 +140,11 @@ def device_memory() -> dict[str, float | None]:
   except Exception:
     stats = {}
   get = lambda k: stats.get(k)  # noqa: E731
-  return {"device_peak_bytes": get("peak_bytes_in_use"), "device_bytes_in_use": get("bytes_in_use"),
-          "device_bytes_limit": get("bytes_limit")}
+  return {
+      "device_peak_bytes": get("peak_bytes_in_use"),
+      "device_bytes_in_use": get("bytes_in_use"),
+      "device_bytes_limit": get("bytes_limit"),
+  }
 
 
 def program_memory(compiled) -> dict[str, float | None]:
@@ -167,10 +199,14 @@ class Report:
     self.write()
 
   def write(self):
-    data = {"env": self.env, "goals": GOALS, "complete": self.complete,
-            "elapsed_s": round(self.budget.elapsed(), 1), "results": self.rows}
-    _atomic_write(os.path.join(self.out_dir, "results.json"),
-                  json.dumps(data, indent=1, default=_json_default))
+    data = {
+        "env": self.env,
+        "goals": GOALS,
+        "complete": self.complete,
+        "elapsed_s": round(self.budget.elapsed(), 1),
+        "results": self.rows,
+    }
+    _atomic_write(os.path.join(self.out_dir, "results.json"), json.dumps(data, indent=1, default=_json_default))
     try:
       text = markdown(data)
     except Exception as e:  # the JSON is written; a rendering bug must not end the run
@@ -269,16 +305,19 @@ def summary_row(data: dict) -> str:
       ratios.append(f"{t // 1024}k {r['fwd_bwd_tflops'] / c['fwd_bwd_tflops']:.2f}x")
   mfus = [f"{r['impl']}/{r['remat']} {r['mfu']:.0%}" for r in res["train"] if r.get("mfu") is not None]
   dec = [f"{r['B']}: {r['decode_tokens_per_s']:,.0f}" for r in res["decode"] if "decode_tokens_per_s" in r]
-  return (f"| {env['device_kind']} | {env.get('driver') or '-'} | jax {env['jax']} | "
-          f"{', '.join(ratios) or '-'} | {', '.join(mfus) or '-'} | {', '.join(dec) or '-'} | "
-          f"`{env['command']}` |")
+  return (
+      f"| {env['device_kind']} | {env.get('driver') or '-'} | jax {env['jax']} | "
+      f"{', '.join(ratios) or '-'} | {', '.join(mfus) or '-'} | {', '.join(dec) or '-'} | "
+      f"`{env['command']}` |"
+  )
 
 
 def markdown(data: dict) -> str:
   env, res = data["env"], data["results"]
   plugins = ", ".join(f"{k} {v}" for k, v in env["plugins"].items()) or "none"
   lines = [
-      f"# Accelerator checks ({env['mode']}{'' if data['complete'] else ', INCOMPLETE'})", "",
+      f"# Accelerator checks ({env['mode']}{'' if data['complete'] else ', INCOMPLETE'})",
+      "",
       f"Chip: {env['device_kind']} ({env['platform']}, {env['device_count']} device(s)); driver: "
       f"{env.get('driver') or '-'}; jax {env['jax']}, jaxlib {env['jaxlib']}, plugins: {plugins}; "
       f"flax {env['flax']}, optax {env['optax']}; python {env['python']}.",
@@ -287,28 +326,36 @@ def markdown(data: dict) -> str:
       f"{_f(env.get('matmul_bf16_tflops'), '.0f')} TFLOP/s. Pallas GPU lowerings in this jax: "
       f"{env['pallas_gpu_lowerings']}; the "
       f"project's: {env['project_gpu_lowering']}.",
-      f"Command: `{env['command']}`; {data['elapsed_s']:.0f} s. Goals: {GOALS}.", "",
+      f"Command: `{env['command']}`; {data['elapsed_s']:.0f} s. Goals: {GOALS}.",
+      "",
   ]
   cells = lambda s: [r for r in res[s] if r.get("what") != "section"]  # noqa: E731
   att = cells("attention")
   if att:
-    lines += ["## Attention (bf16, causal; TFLOP/s of visible pairs, fwd+bwd = 3.5x fwd)", "",
-              "| mask | T | B | impl | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | fwd+bwd ms "
-              "| err out / grads | check |",
-              "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
+    lines += [
+        "## Attention (bf16, causal; TFLOP/s of visible pairs, fwd+bwd = 3.5x fwd)",
+        "",
+        "| mask | T | B | impl | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | fwd+bwd ms | err out / grads | check |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|---|",
+    ]
     for r in att:
-      lines.append(f"| {r['mask']} | {r['T']} | {r['B']} | {r['impl']} | {_f(r.get('fwd_tflops'))} "
-                   f"| {_f(r.get('fwd_bwd_tflops'))} | {_f(r.get('fwd_ms'), '.2f')} "
-                   f"| {_f(r.get('fwd_bwd_ms'), '.2f')} | {_f(r.get('err_out'), '.1e')} / "
-                   f"{_f(r.get('err_grad'), '.1e')} | {_status(r)} |")
+      lines.append(
+          f"| {r['mask']} | {r['T']} | {r['B']} | {r['impl']} | {_f(r.get('fwd_tflops'))} "
+          f"| {_f(r.get('fwd_bwd_tflops'))} | {_f(r.get('fwd_ms'), '.2f')} "
+          f"| {_f(r.get('fwd_bwd_ms'), '.2f')} | {_f(r.get('err_out'), '.1e')} / "
+          f"{_f(r.get('err_grad'), '.1e')} | {_status(r)} |"
+      )
     lines.append("")
   tr = cells("train")
   if tr:
-    lines += ["## Train step (LLaVA stage 2: projector + LLM trained, ViT frozen; bf16 compute, "
-              "AdamW; attention impl in both towers)", "",
-              "| impl | remat | B x T | params | step ms | tokens/s | MFU | program GiB "
-              "| device peak GiB (so far) | compile s | loss / grad-norm err vs XLA | check |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines += [
+        "## Train step (LLaVA stage 2: projector + LLM trained, ViT frozen; bf16 compute, "
+        "AdamW; attention impl in both towers)",
+        "",
+        "| impl | remat | B x T | params | step ms | tokens/s | MFU | program GiB "
+        "| device peak GiB (so far) | compile s | loss / grad-norm err vs XLA | check |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in tr:
       gib = lambda x: None if x is None else x / GiB  # noqa: E731
       lines.append(
@@ -316,26 +363,35 @@ def markdown(data: dict) -> str:
           f"| {_f(r.get('step_ms'))} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('mfu'), '.1%')} "
           f"| {_f(gib(r.get('program_bytes')))} | {_f(gib(r.get('device_peak_bytes')))} "
           f"| {_f(r.get('compile_s'), '.0f')} | {_f(r.get('err_loss'), '.1e')} / "
-          f"{_f(r.get('err_grad_norm'), '.1e')} | {_status(r)} |")
+          f"{_f(r.get('err_grad_norm'), '.1e')} | {_status(r)} |"
+      )
     lines.append("")
   dec = cells("decode")
   if dec:
-    lines += ["## Greedy decode (infer.sampler, bf16 weights, KV cache)", "",
-              "| B | prompt (image + text) | new tokens | prefill tok/s | decode tok/s "
-              "| ms / decode step | generate ms | status |",
-              "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "## Greedy decode (infer.sampler, bf16 weights, KV cache)",
+        "",
+        "| B | prompt (image + text) | new tokens | prefill tok/s | decode tok/s "
+        "| ms / decode step | generate ms | status |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in dec:
       if r.get("what") != "speed":
         continue
-      lines.append(f"| {r['B']} | {r['prompt']} | {r['new_tokens']} "
-                   f"| {_f(r.get('prefill_tokens_per_s'), ',.0f')} | {_f(r.get('decode_tokens_per_s'), ',.0f')} "
-                   f"| {_f(r.get('decode_ms_per_step'), '.2f')} | {_f(r.get('generate_ms'), '.0f')} "
-                   f"| {_status(r) if 'error' in r or 'skipped' in r else 'ok'} |")
+      lines.append(
+          f"| {r['B']} | {r['prompt']} | {r['new_tokens']} "
+          f"| {_f(r.get('prefill_tokens_per_s'), ',.0f')} | {_f(r.get('decode_tokens_per_s'), ',.0f')} "
+          f"| {_f(r.get('decode_ms_per_step'), '.2f')} | {_f(r.get('generate_ms'), '.0f')} "
+          f"| {_status(r) if 'error' in r or 'skipped' in r else 'ok'} |"
+      )
     for r in dec:
       if r.get("what") == "check":
-        lines += ["", f"Check (batch {r.get('B', '-')}, {r.get('steps', '-')} steps): cached vs "
-                  f"uncached logits max err / max |logit| {_f(r.get('err_logits'), '.1e')}, greedy "
-                  f"agreement {_f(r.get('greedy_agreement'), '.0%')}: {_status(r)}."]
+        lines += [
+            "",
+            f"Check (batch {r.get('B', '-')}, {r.get('steps', '-')} steps): cached vs "
+            f"uncached logits max err / max |logit| {_f(r.get('err_logits'), '.1e')}, greedy "
+            f"agreement {_f(r.get('greedy_agreement'), '.0%')}: {_status(r)}.",
+        ]
     lines.append("")
   errors = [(s, r) for s in SECTIONS for r in res[s] if "error" in r]
   if errors:
@@ -346,5 +402,3 @@ def markdown(data: dict) -> str:
     lines.append("")
   lines += ["## Row for benchmarks/RESULTS.md", "", summary_row(data), ""]
   return "\n".join(lines)
-
-

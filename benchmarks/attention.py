@@ -15,6 +15,7 @@ Speed (only on GPU/TPU): forward and forward+backward TFLOP/s of the XLA referen
 (GPU, ``jax.nn.dot_product_attention(implementation="cudnn")``), the official Pallas TPU
 kernel (``jax.experimental.pallas.ops.tpu.flash_attention``) and ours.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,12 +36,15 @@ from llava_jax.kernels import flash_tpu
 from llava_jax.kernels.flash_attention import BlockSizes, flash_attention
 from llava_jax.kernels.reference import mha_reference
 
-_RESULTS = flags.DEFINE_string("results", None, "Markdown file whose memory section to "
-                               "add or replace (e.g. benchmarks/RESULTS.md).")
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["512", "1024", "2048", "4096", "8192"],
-                              "Sequence lengths T (= S) of the memory table.")
-_SPEED_SEQ_LENS = flags.DEFINE_list("speed_seq_lens", ["1024", "2048", "4096", "8192"],
-                                    "Sequence lengths of the GPU/TPU speed table.")
+_RESULTS = flags.DEFINE_string(
+    "results", None, "Markdown file whose memory section to add or replace (e.g. benchmarks/RESULTS.md)."
+)
+_SEQ_LENS = flags.DEFINE_list(
+    "seq_lens", ["512", "1024", "2048", "4096", "8192"], "Sequence lengths T (= S) of the memory table."
+)
+_SPEED_SEQ_LENS = flags.DEFINE_list(
+    "speed_seq_lens", ["1024", "2048", "4096", "8192"], "Sequence lengths of the GPU/TPU speed table."
+)
 
 SECTION = "## Attention memory (benchmarks/attention.py)"
 MEM_B, MEM_H, MEM_D, MEM_DTYPE = 1, 8, 64, jnp.float32
@@ -71,15 +75,32 @@ def tpu_vmem_bytes(t: int, d: int, itemsize: int, blocks: BlockSizes) -> dict[st
     return 2 * (in_tiles + out_tiles) + scratch + live_tiles * bq * bk * f32
 
   bq, bk = blocks.block_q, blocks.block_k
-  fwd = step(bq, bk, in_tiles=(bq + 2 * bk) * d * itemsize,
-             out_tiles=bq * d * itemsize + sub * bq * f32,
-             scratch=2 * bq * lanes * f32 + bq * d * f32, live_tiles=4)
+  fwd = step(
+      bq,
+      bk,
+      in_tiles=(bq + 2 * bk) * d * itemsize,
+      out_tiles=bq * d * itemsize + sub * bq * f32,
+      scratch=2 * bq * lanes * f32 + bq * d * f32,
+      live_tiles=4,
+  )
   bq, bk = blocks.block_q_dq, blocks.block_k_dq
-  dq = step(bq, bk, in_tiles=(2 * bq + 2 * bk) * d * itemsize + 2 * sub * bq * f32,
-            out_tiles=bq * d * itemsize, scratch=bq * d * f32, live_tiles=6)
+  dq = step(
+      bq,
+      bk,
+      in_tiles=(2 * bq + 2 * bk) * d * itemsize + 2 * sub * bq * f32,
+      out_tiles=bq * d * itemsize,
+      scratch=bq * d * f32,
+      live_tiles=6,
+  )
   bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
-  dkv = step(bq, bk, in_tiles=(2 * bq + 2 * bk) * d * itemsize + 2 * sub * bq * f32,
-             out_tiles=2 * bk * d * itemsize, scratch=2 * bk * d * f32, live_tiles=6)
+  dkv = step(
+      bq,
+      bk,
+      in_tiles=(2 * bq + 2 * bk) * d * itemsize + 2 * sub * bq * f32,
+      out_tiles=2 * bk * d * itemsize,
+      scratch=2 * bk * d * f32,
+      live_tiles=6,
+  )
   return {"fwd": fwd, "bwd": max(dq, dkv)}
 
 
@@ -88,7 +109,8 @@ def memory_table(seq_lens) -> str:
   blocks = BlockSizes.default("tpu")
   reference = lambda q, k, v: mha_reference(q, k, v, causal=True)  # noqa: E731
   kernel = lambda q, k, v: flash_attention(  # noqa: E731
-      q, k, v, causal=True, backend="tpu", interpret=True, block_sizes=blocks)
+      q, k, v, causal=True, backend="tpu", interpret=True, block_sizes=blocks
+  )
   rows = [
       f"B={MEM_B}, H={MEM_H}, D={MEM_D}, {jnp.dtype(MEM_DTYPE).name}, causal, T = S; "
       f"TPU default blocks {blocks}; jax {jax.__version__}, backend "
@@ -103,9 +125,14 @@ def memory_table(seq_lens) -> str:
   for t in seq_lens:
     specs = _specs(MEM_B, t, MEM_H, MEM_D, MEM_DTYPE)
     vmem = tpu_vmem_bytes(t, MEM_D, itemsize, blocks)
-    cells = [_temp_bytes(reference, specs), _temp_bytes(_grad_of_sum(reference), specs),
-             vmem["fwd"], vmem["bwd"], _temp_bytes(kernel, specs),
-             _temp_bytes(_grad_of_sum(kernel), specs)]
+    cells = [
+        _temp_bytes(reference, specs),
+        _temp_bytes(_grad_of_sum(reference), specs),
+        vmem["fwd"],
+        vmem["bwd"],
+        _temp_bytes(kernel, specs),
+        _temp_bytes(_grad_of_sum(kernel), specs),
+    ]
     rows.append(f"| {t} | " + " | ".join(f"{c / MiB:,.1f} MiB" for c in cells) + " |")
     print(rows[-1], flush=True)
   return "\n".join(rows)
@@ -128,22 +155,24 @@ def speed_table(seq_lens, b: int = 4, h: int = 16, k: int = 16, d: int = 128) ->
   backend = jax.default_backend()
   impls = {
       "xla": lambda q, kk, v: mha_reference(q, kk, v, causal=True),
-      "pallas (ours)": lambda q, kk, v: flash_attention(q, kk, v, causal=True,
-                                                        interpret=False),
+      "pallas (ours)": lambda q, kk, v: flash_attention(q, kk, v, causal=True, interpret=False),
   }
   if backend == "gpu":
-    impls["cudnn"] = lambda q, kk, v: jax.nn.dot_product_attention(
-        q, kk, v, is_causal=True, implementation="cudnn")
+    impls["cudnn"] = lambda q, kk, v: jax.nn.dot_product_attention(q, kk, v, is_causal=True, implementation="cudnn")
   if backend == "tpu":
     from jax.experimental.pallas.ops.tpu import flash_attention as official
 
     def official_tpu(q, kk, v):  # takes [B, H, T, D]; transposes are part of the cost
-      out = official.flash_attention(*(x.swapaxes(1, 2) for x in (q, kk, v)), causal=True,
-                                     sm_scale=1.0 / math.sqrt(d))
+      out = official.flash_attention(*(x.swapaxes(1, 2) for x in (q, kk, v)), causal=True, sm_scale=1.0 / math.sqrt(d))
       return out.swapaxes(1, 2)
+
     impls["pallas (jax official TPU)"] = official_tpu
-  rows = [f"B={b}, H={h}, K={k}, D={d}, bfloat16, causal; {jax.devices()[0].device_kind}",
-          "", "| T | impl | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---:|---|---:|---:|"]
+  rows = [
+      f"B={b}, H={h}, K={k}, D={d}, bfloat16, causal; {jax.devices()[0].device_kind}",
+      "",
+      "| T | impl | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+      "|---:|---|---:|---:|",
+  ]
   for t in seq_lens:
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16)
@@ -169,7 +198,7 @@ def main(argv):
   if jax.default_backend() in ("gpu", "tpu"):
     parts += ["", "### Speed", "", speed_table([int(t) for t in _SPEED_SEQ_LENS.value])]
   if _RESULTS.value:
-    replace_section(_RESULTS.value, SECTION[len("## "):], "\n".join(parts))
+    replace_section(_RESULTS.value, SECTION[len("## ") :], "\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Conversation lengths follow a LLaVA-665k-like mix, scaled to a 64-token image: 9
 an image; 1-6 turns; questions of 8-32 tokens; answers half short (1-8 tokens, VQA-style)
 and half long (log-normal, median 55 tokens, at most 200).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,9 @@ from train_step import build_models, jax_stepper, torch_stepper  # noqa: E402  (
 IGNORE = -100
 
 
-def conversations(n: int, *, image_token: int, image_tokens: int, image_size: int, max_len: int,
-                  seed: int = 0) -> list[dict]:
+def conversations(
+    n: int, *, image_token: int, image_tokens: int, image_size: int, max_len: int, seed: int = 0
+) -> list[dict]:
   """n unpadded examples ({"input_ids", "labels", "pixel_values", "ids"}), <= max_len tokens."""
   rng = np.random.default_rng(seed)
   out = []
@@ -62,23 +64,33 @@ def conversations(n: int, *, image_token: int, image_tokens: int, image_size: in
     if len(ids) == 21:
       raise ValueError(f"max_len {max_len} too small for one turn")
     px = rng.normal(size=(int(has_image), image_size, image_size, 3)).astype(np.float32)
-    out.append({"input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32),
-                "pixel_values": px, "ids": f"conv{i}"})
+    out.append(
+        {
+            "input_ids": np.asarray(ids, np.int32),
+            "labels": np.asarray(labels, np.int32),
+            "pixel_values": px,
+            "ids": f"conv{i}",
+        }
+    )
   return out
 
 
 def batches_of(rows: list[dict], steps: int) -> list[list[dict]]:
   per = math.ceil(len(rows) / steps)
-  return [rows[k * per:(k + 1) * per] for k in range(steps)]
+  return [rows[k * per : (k + 1) * per] for k in range(steps)]
 
 
 def jax_packed(examples, *, max_len, max_images, steps):
   """Packed rows (the pipeline's packer), grouped into `steps` fixed-shape batches."""
   import grain
   from llava_jax.data import packing
+
   ds = grain.MapDataset.source(examples).to_iter_dataset()
-  rows = list(packing.pack(ds, max_len=max_len, max_images=max_images, pad_id=0,
-                           num_bins=len(examples), seed=0, shuffle_bins=False))
+  rows = list(
+      packing.pack(
+          ds, max_len=max_len, max_images=max_images, pad_id=0, num_bins=len(examples), seed=0, shuffle_bins=False
+      )
+  )
   per = math.ceil(len(rows) / steps)
   empty = {k: np.zeros_like(v) for k, v in rows[0].items() if k != "ids"}
   empty["labels"] = np.full_like(rows[0]["labels"], IGNORE)
@@ -94,6 +106,7 @@ def padded(group: list[dict], *, max_len: int, batch_size: int) -> dict:
   `collate`; rows beyond the group are empty)."""
   from llava_jax.data.pipeline import collate, pad_example
   from llava_jax.data.tokenize import TokenizedSample
+
   rows = []
   for e in group:
     n_img = len(e["pixel_values"])
@@ -115,28 +128,37 @@ def jax_padded(examples, *, max_len, steps):
 def hf_padded(examples, *, steps):
   """LLaVA's length grouping: sorted by length, each batch padded to its longest."""
   import torch
+
   order = sorted(examples, key=lambda e: len(e["input_ids"]))
   out = []
   for group in batches_of(order, steps):
     b = padded(group, max_len=max(len(e["input_ids"]) for e in group), batch_size=len(group))
-    out.append({k: torch.from_numpy(b[k]).long() for k in ("input_ids", "labels", "attention_mask")}
-               | _torch_pixels([e["pixel_values"] for e in group]))
+    out.append(
+        {k: torch.from_numpy(b[k]).long() for k in ("input_ids", "labels", "attention_mask")}
+        | _torch_pixels([e["pixel_values"] for e in group])
+    )
   return out
 
 
 def hf_packed(jax_batches):
   import torch
+
   out = []
   for b in jax_batches:
-    out.append({"input_ids": torch.from_numpy(b["input_ids"]).long(),
-                "labels": torch.from_numpy(b["labels"]).long(),
-                "position_ids": torch.from_numpy(b["positions"]).long(),
-                **_torch_pixels([px[m] for px, m in zip(b["pixel_values"], b["image_mask"])])})
+    out.append(
+        {
+            "input_ids": torch.from_numpy(b["input_ids"]).long(),
+            "labels": torch.from_numpy(b["labels"]).long(),
+            "position_ids": torch.from_numpy(b["positions"]).long(),
+            **_torch_pixels([px[m] for px, m in zip(b["pixel_values"], b["image_mask"])]),
+        }
+    )
   return out
 
 
 def _torch_pixels(per_row) -> dict:
   import torch
+
   px = np.concatenate(per_row)
   return {"pixel_values": torch.from_numpy(px.transpose(0, 3, 1, 2).copy())} if len(px) else {}
 
@@ -148,8 +170,9 @@ def main():
   p.add_argument("--max_images", type=int, default=4, help="image slots per packed row")
   p.add_argument("--steps", type=int, default=3, help="optimizer steps per epoch (every variant)")
   p.add_argument("--repeats", type=int, default=1, help="timed epochs per variant (median)")
-  p.add_argument("--target_fraction", type=float, default=0.5,
-                 help="StepConfig.target_fraction of the head-at-targets variant")
+  p.add_argument(
+      "--target_fraction", type=float, default=0.5, help="StepConfig.target_fraction of the head-at-targets variant"
+  )
   p.add_argument("--results", default=None)
   a = p.parse_args()
 
@@ -158,14 +181,20 @@ def main():
   from llava_jax.train.step import StepConfig, loss_fn
 
   hf, cfg, params = build_models()
-  examples = conversations(a.conversations, image_token=cfg.image_token_id,
-                           image_tokens=cfg.num_image_tokens, image_size=cfg.vision.image_size,
-                           max_len=a.max_len)
+  examples = conversations(
+      a.conversations,
+      image_token=cfg.image_token_id,
+      image_tokens=cfg.num_image_tokens,
+      image_size=cfg.vision.image_size,
+      max_len=a.max_len,
+  )
   real = sum(len(e["input_ids"]) for e in examples)
   targets = sum(int(np.sum(e["labels"] != IGNORE)) for e in examples)
-  data = {"jax packed": jax_packed(examples, max_len=a.max_len, max_images=a.max_images, steps=a.steps),
-          "jax padded": jax_padded(examples, max_len=a.max_len, steps=a.steps),
-          "hf padded": hf_padded(examples, steps=a.steps)}
+  data = {
+      "jax packed": jax_packed(examples, max_len=a.max_len, max_images=a.max_images, steps=a.steps),
+      "jax padded": jax_padded(examples, max_len=a.max_len, steps=a.steps),
+      "hf padded": hf_padded(examples, steps=a.steps),
+  }
   data["hf padding-free"] = hf_packed(data["jax packed"])
   for name, bs in data.items():  # every variant trains on exactly the same tokens
     got = sum(int(np.sum(np.asarray(b["labels"])[:, 1:] != IGNORE)) for b in bs)
@@ -196,6 +225,7 @@ def main():
       for b in bs:
         m = run(b)
       jax.block_until_ready(m["loss"])
+
     epochs[name] = epoch
 
   torch_step = torch_stepper(hf)
@@ -213,20 +243,27 @@ def main():
       "|---|---|---|---|---|",
   ]
   for name in epochs:
-    lines.append(f"| {name} | {slots[name]:,} | {1 - real / slots[name]:.0%} | {t[name]:.1f} s | "
-                 f"{real / t[name]:,.0f} |")
-  lines += ["", f"llava_jax packed vs HF padded (length-grouped): **{t['hf padded'] / t['jax packed']:.2f}x**; "
-            f"vs HF padding-free (equal work): **{t['hf padding-free'] / t['jax packed']:.2f}x**; "
-            f"packing within llava_jax: {t['jax padded'] / t['jax packed']:.2f}x; "
-            f"head at targets: {t['jax packed'] / t[head_at_targets]:.2f}x over packed "
-            f"({t['hf padded'] / t[head_at_targets]:.2f}x HF padded)."]
+    lines.append(
+        f"| {name} | {slots[name]:,} | {1 - real / slots[name]:.0%} | {t[name]:.1f} s | {real / t[name]:,.0f} |"
+    )
+  lines += [
+      "",
+      f"llava_jax packed vs HF padded (length-grouped): **{t['hf padded'] / t['jax packed']:.2f}x**; "
+      f"vs HF padding-free (equal work): **{t['hf padding-free'] / t['jax packed']:.2f}x**; "
+      f"packing within llava_jax: {t['jax padded'] / t['jax packed']:.2f}x; "
+      f"head at targets: {t['jax packed'] / t[head_at_targets]:.2f}x over packed "
+      f"({t['hf padded'] / t[head_at_targets]:.2f}x HF padded).",
+  ]
   print("\n".join(lines))
   if a.results:
     from results import replace_section
-    replace_section(a.results, "Packed training on LLaVA-shaped data (benchmarks/packing.py)",
-                    "Command: `JAX_PLATFORMS=cpu .venv/bin/python benchmarks/packing.py "
-                    f"--conversations={a.conversations} --repeats={a.repeats} --results={a.results}`\n\n"
-                    + "\n".join(lines))
+
+    replace_section(
+        a.results,
+        "Packed training on LLaVA-shaped data (benchmarks/packing.py)",
+        "Command: `JAX_PLATFORMS=cpu .venv/bin/python benchmarks/packing.py "
+        f"--conversations={a.conversations} --repeats={a.repeats} --results={a.results}`\n\n" + "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ dispatch, so such dots are listed apart and not given a rate. Op time summed ove
 threads exceeds the wall time when ops overlap. The numbers behind RESULTS.md's "Train
 step: profile and the limit of this CPU" came from this analysis.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,10 @@ def dot_info(instrs: dict, name: str) -> tuple[float, str]:
     n *= d
   op = re.search(r'op_name="[^"]*?([^"/]*/[^"/]*)/(?:dot_general|transpose)"', attrs)
   pass_ = "T" if "transpose(" in attrs else "F"
-  label = (f"{instrs[operands[0]][0].split('{')[0]} x {instrs[operands[1]][0].split('{')[0]} "
-           f"{pass_} {op.group(1) if op else ''}")
+  label = (
+      f"{instrs[operands[0]][0].split('{')[0]} x {instrs[operands[1]][0].split('{')[0]} "
+      f"{pass_} {op.group(1) if op else ''}"
+  )
   return 2.0 * n * k, label
 
 
@@ -79,11 +82,16 @@ def op_events(trace_dir: str) -> list[dict]:
   """The XLA op events of the trace (executor threads, without the executor's own spans)."""
   path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
   events = json.load(gzip.open(path))["traceEvents"]
-  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  return [e for e in events if e.get("ph") == "X"
-          and threads.get((e["pid"], e["tid"]), "").startswith("tf_XLAEigen")
-          and not e["name"].startswith(("ThunkExecutor", "SlinkyThreadPool"))]
+  threads = {
+      (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+  }
+  return [
+      e
+      for e in events
+      if e.get("ph") == "X"
+      and threads.get((e["pid"], e["tid"]), "").startswith("tf_XLAEigen")
+      and not e["name"].startswith(("ThunkExecutor", "SlinkyThreadPool"))
+  ]
 
 
 def occupancy(events: list[dict]) -> tuple[float, dict[int, float]]:
@@ -107,10 +115,14 @@ def report(events: list[dict], hlo_text: str, top: int) -> list[str]:
     counts[kind] += 1
   total = sum(kinds.values())
   wall, levels = occupancy(events)
-  lines = [f"op time {total / 1e3:.0f} ms summed over threads; step wall {wall / 1e3:.0f} ms, "
-           f"some op running {(wall - levels[0]) / 1e3:.0f} ms; "
-           + ", ".join(f"{n} at once {t / 1e3:.0f} ms" for n, t in sorted(levels.items()) if n and t >= 500),
-           "", "| op kind | ms | share | count |", "|---|---:|---:|---:|"]
+  lines = [
+      f"op time {total / 1e3:.0f} ms summed over threads; step wall {wall / 1e3:.0f} ms, "
+      f"some op running {(wall - levels[0]) / 1e3:.0f} ms; "
+      + ", ".join(f"{n} at once {t / 1e3:.0f} ms" for n, t in sorted(levels.items()) if n and t >= 500),
+      "",
+      "| op kind | ms | share | count |",
+      "|---|---:|---:|---:|",
+  ]
   lines += [f"| {k} | {t / 1e3:.1f} | {t / total:.1%} | {counts[k]} |" for k, t in kinds.most_common(top)]
 
   groups = collections.defaultdict(lambda: [0.0, 0.0, 0])  # label -> [us, flops, count]
@@ -131,9 +143,14 @@ def report(events: list[dict], hlo_text: str, top: int) -> list[str]:
         g[2] += 1
   flops = sum(g[1] for g in groups.values())
   us = sum(g[0] for g in groups.values())
-  lines += ["", f"dots in fusions: {flops / 1e9:.1f} GFLOP in {us / 1e3:.0f} ms of op time, "
-            f"{flops / us / 1e3:.1f} GFLOP/s (overlapping dots share the cores)",
-            "", "| dot (operands, F fwd / T bwd, model op) | count | ms | GFLOP/s |", "|---|---:|---:|---:|"]
+  lines += [
+      "",
+      f"dots in fusions: {flops / 1e9:.1f} GFLOP in {us / 1e3:.0f} ms of op time, "
+      f"{flops / us / 1e3:.1f} GFLOP/s (overlapping dots share the cores)",
+      "",
+      "| dot (operands, F fwd / T bwd, model op) | count | ms | GFLOP/s |",
+      "|---|---:|---:|---:|",
+  ]
   for label, (t, f, c) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
     lines.append(f"| {label} | {c} | {t / 1e3:.1f} | {f / t / 1e3:.1f} |")
   if eigen:

@@ -1,4 +1,5 @@
 """Adds or replaces one ``## <heading>`` section of benchmarks/RESULTS.md (shared by all benchmarks)."""
+
 from __future__ import annotations
 
 import os

@@ -13,6 +13,7 @@ once as it is (no network: its figures include the emulator's own CPU time) and 
 with ``--latency_ms`` added to every request, standing in for a real bucket's round
 trip; that column shows what the read threads buy, not GCS's throughput.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
   """n distinct 640x480 JPEGs (smooth gradients + noise: ~60-90 kB each, like COCO photos)."""
   from PIL import Image
+
   rng = np.random.default_rng(seed)
   y, x = np.mgrid[0:480, 0:640]
   out = []
@@ -49,6 +51,7 @@ def images_per_s(paths: list[str], threads: int, repeats: int = 2) -> float:
   """Best of ``repeats`` passes of load + preprocess over ``paths`` with ``threads`` grain threads."""
   import grain
   from llava_jax.data.images import image_config_for, load_image, preprocess
+
   cfg = image_config_for("clip", 336, "pad")
   best = 0.0
   for _ in range(repeats):
@@ -109,29 +112,39 @@ def main():
         for n in threads:
           rows[n].append(images_per_s(remote, n))
     for n in threads:
-      print(f"threads {n:3d}: local {rows[n][0]:6.1f}  emulator {rows[n][1]:6.1f}  "
-            f"+{args.latency_ms:.0f} ms {rows[n][2]:6.1f} images/s", flush=True)
+      print(
+          f"threads {n:3d}: local {rows[n][0]:6.1f}  emulator {rows[n][1]:6.1f}  "
+          f"+{args.latency_ms:.0f} ms {rows[n][2]:6.1f} images/s",
+          flush=True,
+      )
 
   cmd = "python benchmarks/storage.py " + " ".join(sys.argv[1:])
   lat = f"{args.latency_ms:.0f}"
-  lines = [f"`{cmd.strip()}` on {host()}; {args.images} JPEGs of 640x480 (mean {kb:.0f} kB), "
-           f"read + decode + preprocess to 336 px (CLIP, pad) under grain `ReadOptions(num_threads=T)`, "
-           f"best of 2 passes. One sequential GET of an image takes {get_ms[0]:.1f} ms from the emulator "
-           f"and {get_ms[1]:.1f} ms with {lat} ms added per request.", "",
-           f"| read threads T | local disk | GCS emulator | emulator + {lat} ms per request |",
-           "|---|---|---|---|"]
+  lines = [
+      f"`{cmd.strip()}` on {host()}; {args.images} JPEGs of 640x480 (mean {kb:.0f} kB), "
+      f"read + decode + preprocess to 336 px (CLIP, pad) under grain `ReadOptions(num_threads=T)`, "
+      f"best of 2 passes. One sequential GET of an image takes {get_ms[0]:.1f} ms from the emulator "
+      f"and {get_ms[1]:.1f} ms with {lat} ms added per request.",
+      "",
+      f"| read threads T | local disk | GCS emulator | emulator + {lat} ms per request |",
+      "|---|---|---|---|",
+  ]
   for n in threads:
     lo, em, slow = rows[n]
     lines.append(f"| {n} | {lo:.1f} images/s | {em:.1f} ({em / lo:.2f}x local) | {slow:.1f} ({slow / lo:.2f}x) |")
-  lines += ["", "The emulator is a Python HTTP server on the same CPUs, so its column includes its CPU "
-            "time and no network. With a round trip per request one thread waits for every image; T "
-            "threads keep T requests in flight, so reads stop being the limit once T / latency exceeds "
-            "the decode rate. The training loop reads with T = 16 when data is on a bucket "
-            "(`pipeline.REMOTE_READ_THREADS`) and 2 locally."]
+  lines += [
+      "",
+      "The emulator is a Python HTTP server on the same CPUs, so its column includes its CPU "
+      "time and no network. With a round trip per request one thread waits for every image; T "
+      "threads keep T requests in flight, so reads stop being the limit once T / latency exceeds "
+      "the decode rate. The training loop reads with T = 16 when data is on a bucket "
+      "(`pipeline.REMOTE_READ_THREADS`) and 2 locally.",
+  ]
   body = "\n".join(lines)
   print(body)
   if args.results:
     from results import replace_section
+
     replace_section(args.results, "Image reads: local disk vs bucket (benchmarks/storage.py)", body)
 
 

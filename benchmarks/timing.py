@@ -1,4 +1,5 @@
 """Timing on a shared, noisy machine (shared by the benchmarks)."""
+
 from __future__ import annotations
 
 import os
@@ -7,9 +8,12 @@ import time
 from typing import Callable
 
 
-def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int,
-                      reduce: Callable[[list[float]], float] = statistics.median,
-                      warmup: bool = True) -> dict[str, float]:
+def timed_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    reduce: Callable[[list[float]], float] = statistics.median,
+    warmup: bool = True,
+) -> dict[str, float]:
   """Seconds per callable, ``reduce`` (median, or min for best-of) over ``repeats``.
 
   One warm-up call each (unless ``warmup=False``: the caller warmed up, e.g. with one
@@ -41,8 +45,11 @@ def host_description() -> str:
         info[key.strip()] = value.strip()
   except OSError:
     import platform
+
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
   flags = set(info.get("flags", "").split())
   ext = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
-  return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model "
-          f"{info.get('model', '?')}), {os.cpu_count()} CPUs, {' '.join(ext) or 'no AVX2'}")
+  return (
+      f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model "
+      f"{info.get('model', '?')}), {os.cpu_count()} CPUs, {' '.join(ext) or 'no AVX2'}"
+  )

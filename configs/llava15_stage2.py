@@ -8,6 +8,7 @@ Hyper-parameters as ``scripts/v1_5/finetune.sh``: lr 2e-5, global batch 128, 1 e
 (``image_aspect_ratio=pad``). Starts from the stage-1 run's projector plus the converted
 CLIP and Vicuna weights.
 """
+
 from llava_jax.train.recipes import llava_recipe
 from llava_jax.train.run_config import parse_arg
 
@@ -18,13 +19,23 @@ def get_config(arg: str = ""):
   a = parse_arg(arg, size="7b", data="/data/llava_v1_5_mix665k", stage1="", clip="", llm="")
   batch = 128
   return llava_recipe(
-      vision="clip-L/14-336", llm=f"vicuna-{a['size']}",
-      data=dict(train=f"{a['data']}/llava_v1_5_mix665k.json", image_root=f"{a['data']}/images",
-                tokenizer=a["llm"]),
-      template="vicuna_v1", lr=2e-5, batch_size=batch, steps=-(-SAMPLES // batch), max_len=2048,
-      init=dict(vision_hf=a["clip"] or None, llm_hf=a["llm"] or None,
-                from_run=a["stage1"] or None, from_run_params=r"projector/.*"),
-      lr_rules=[(r"projector/.*", 1.0), (r"llm/.*", 1.0)], image_mode="pad")
+      vision="clip-L/14-336",
+      llm=f"vicuna-{a['size']}",
+      data=dict(train=f"{a['data']}/llava_v1_5_mix665k.json", image_root=f"{a['data']}/images", tokenizer=a["llm"]),
+      template="vicuna_v1",
+      lr=2e-5,
+      batch_size=batch,
+      steps=-(-SAMPLES // batch),
+      max_len=2048,
+      init=dict(
+          vision_hf=a["clip"] or None,
+          llm_hf=a["llm"] or None,
+          from_run=a["stage1"] or None,
+          from_run_params=r"projector/.*",
+      ),
+      lr_rules=[(r"projector/.*", 1.0), (r"llm/.*", 1.0)],
+      image_mode="pad",
+  )
 
 
 def sweep():

@@ -7,6 +7,7 @@ SigLIP has no class token: all 729 patch tokens of the last layer (``select_laye
 go to the projector; conversations use Qwen2's ``chatml``; the image placeholder is a
 token the Qwen2 tokenizer must contain (set ``model.image_token``).
 """
+
 from llava_jax.train.recipes import llava_recipe
 from llava_jax.train.run_config import parse_arg
 
@@ -15,20 +16,27 @@ def get_config(arg: str = "stage=1"):
   a = parse_arg(arg, stage="1", data="", stage1="", siglip="", llm="")
   stage = int(a["stage"])
   if stage == 1:
-    data = dict(train=f"{a['data']}/blip_laion_cc_sbu_558k.json", image_root=f"{a['data']}/images",
-                tokenizer=a["llm"])
+    data = dict(train=f"{a['data']}/blip_laion_cc_sbu_558k.json", image_root=f"{a['data']}/images", tokenizer=a["llm"])
   else:
-    data = dict(train=f"{a['data']}/llava_v1_5_mix665k.json", image_root=f"{a['data']}/images",
-                tokenizer=a["llm"])
+    data = dict(train=f"{a['data']}/llava_v1_5_mix665k.json", image_root=f"{a['data']}/images", tokenizer=a["llm"])
   c = llava_recipe(
-      vision="siglip-So400m/14-384", llm="qwen2-7b", data=data,
-      template="plain" if stage == 1 else "chatml", lr=1e-3 if stage == 1 else 1e-5,
-      batch_size=256 if stage == 1 else 128, steps=2181 if stage == 1 else 5198, max_len=2048,
-      init=dict(vision_hf=a["siglip"] or None, llm_hf=a["llm"] or None,
-                from_run=(a["stage1"] or None) if stage == 2 else None,
-                from_run_params=r"projector/.*"),
+      vision="siglip-So400m/14-384",
+      llm="qwen2-7b",
+      data=data,
+      template="plain" if stage == 1 else "chatml",
+      lr=1e-3 if stage == 1 else 1e-5,
+      batch_size=256 if stage == 1 else 128,
+      steps=2181 if stage == 1 else 5198,
+      max_len=2048,
+      init=dict(
+          vision_hf=a["siglip"] or None,
+          llm_hf=a["llm"] or None,
+          from_run=(a["stage1"] or None) if stage == 2 else None,
+          from_run_params=r"projector/.*",
+      ),
       lr_rules=[(r"projector/.*", 1.0)] + ([(r"llm/.*", 1.0)] if stage == 2 else []),
-      image_mode="resize")
+      image_mode="resize",
+  )
   if stage == 1:
     # Two microbatches of 128 (same loss and update as one batch of 256). In one batch
     # of 256 on a v5e-32 the float32 logits over Qwen2's 152K vocabulary alone are

@@ -9,6 +9,7 @@ template) teaches the ViT, projector and LLM to describe images; stage 2 starts 
 stage 1 and learns the VQA conversations (``vicuna_v1``). With real weights the stage-1
 rule would be ``projector/.*`` only (see ``llava15_stage1.py``).
 """
+
 from llava_jax.train.run_config import parse_arg, skeleton
 
 STAGES = ("stage1", "stage2", "test")
@@ -25,16 +26,19 @@ def get_config(arg: str = "stage1"):
   # 42 px images in 14 px patches: one patch per cell of the scenes' 3x3 grid, so each
   # shape is one image token (with 28 px / 7 px patches shapes straddle patches and
   # stage 2 learns the colour/shape binding far more slowly).
-  c.model.vision_overrides = dict(width=96, depth=3, mlp_dim=192, num_heads=4, select_layer=-1,
-                                  image_size=42, patch_size=14)
-  c.model.llm_overrides = dict(hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
-                               num_kv_heads=2, max_position_embeddings=512)
+  c.model.vision_overrides = dict(
+      width=96, depth=3, mlp_dim=192, num_heads=4, select_layer=-1, image_size=42, patch_size=14
+  )
+  c.model.llm_overrides = dict(
+      hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2, max_position_embeddings=512
+  )
   # 8000 training scenes (24,000 VQA conversations; stage 2 sees each about 1.6 times): with
   # 4000 the same 1200 steps reached 88.5% held-out greedy exact match on seed 1 (97.5% on
   # seed 0); with 8000, 99.3 / 96.0 / 89.7% on seeds 0 / 1 / 2 (README, "Demo figures").
   c.data.synthetic = dict(dir=data_dir, seed=0, n_train=8000, n_val=200, image_size=42)
   c.data.update(
-      tokenizer=f"{data_dir}/tokenizer.model", image_root=f"{data_dir}/images",
+      tokenizer=f"{data_dir}/tokenizer.model",
+      image_root=f"{data_dir}/images",
       # Stage 2 trains on the VQA conversations alone. Stage 1's captions name shapes by
       # kind (see `synthetic.caption`), which already teaches the lookup of a shape among
       # the image tokens; mixing the captions back into stage 2 only halved the VQA
@@ -45,17 +49,22 @@ def get_config(arg: str = "stage1"):
       eval_annotations=f"{data_dir}/eval_annotations.jsonl",
       template="plain" if stage == "stage1" else "vicuna_v1",
       # Packing (llava_jax/data/packing.py): with pack=True, max_images is slots per row.
-      max_len=64 if stage == "stage1" else 128)
+      max_len=64 if stage == "stage1" else 128,
+  )
   # There are no pretrained weights to keep: every parameter trains in both stages.
-  c.optim.update(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05, final_lr_ratio=0.05,
-                 lr_rules=[[".*", 1.0]])
+  c.optim.update(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05, final_lr_ratio=0.05, lr_rules=[[".*", 1.0]])
   # Reliability (llava_jax/train/loop.py, defaults in llava_jax/train/run_config.py): a
   # non-finite loss/gradient stops the run (train.on_nonfinite="skip": drop such updates,
   # at most max_nonfinite); SIGTERM/Ctrl-C write a checkpoint of the current step; a
   # damaged checkpoint is moved aside and the one before restored.
-  c.train.update(steps=600 if stage == "stage1" else 1200, batch_size=32, log_every=25,
-                 ckpt_every=200 if stage == "stage1" else 300,
-                 eval_every=200 if stage == "stage1" else 300, eval_batch_size=50)
+  c.train.update(
+      steps=600 if stage == "stage1" else 1200,
+      batch_size=32,
+      log_every=25,
+      ckpt_every=200 if stage == "stage1" else 300,
+      eval_every=200 if stage == "stage1" else 300,
+      eval_batch_size=50,
+  )
   if stage == "stage2":
     c.init.update(from_run=f"{root}/stage1", from_run_params=".*")
   else:
@@ -67,8 +76,16 @@ def get_config(arg: str = "stage1"):
     c.data.synthetic.update(n_train=64, n_val=8)
     c.model.vision_overrides.update(width=32, mlp_dim=64, depth=2)
     c.model.llm_overrides.update(hidden_size=32, intermediate_size=64, num_layers=2)
-    c.train.update(steps=6, batch_size=8, log_every=1, ckpt_every=2, eval_every=0,
-                   tensorboard=False, progress=False, peak_tflops=1.0)
+    c.train.update(
+        steps=6,
+        batch_size=8,
+        log_every=1,
+        ckpt_every=2,
+        eval_every=0,
+        tensorboard=False,
+        progress=False,
+        peak_tflops=1.0,
+    )
     c.optim.lr = 1e-3
   return c
 

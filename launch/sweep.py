@@ -6,6 +6,7 @@ Each job gets ``WORKDIR/<i>-<key=value,...>`` and the overrides as ``--config.ke
 flags of ``python -m llava_jax.train``; on a cluster, submit these command lines instead
 (``--dry_run`` prints them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ def jobs(config_arg: str, workdir: str) -> list[list[str]]:
   out = []
   for i, overrides in enumerate(mod.sweep()):
     name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
-    cmd = [sys.executable, "-m", "llava_jax.train", f"--config={config_arg}",
-           f"--workdir={os.path.join(workdir, f'{i:02d}-{name}')}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llava_jax.train",
+        f"--config={config_arg}",
+        f"--workdir={os.path.join(workdir, f'{i:02d}-{name}')}",
+    ]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     out.append(cmd)
   return out

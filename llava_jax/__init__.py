@@ -1,2 +1,3 @@
 """llava_jax: LLaVA-style vision-language models in JAX/Flax."""
+
 __version__ = "0.1.0"

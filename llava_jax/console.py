@@ -7,6 +7,7 @@ of a multi-process job). With a ``gs://`` workdir the log is an object: records 
 buffered and appended every ``REMOTE_FLUSH_S`` seconds and at exit (each append whole
 lines, ``storage.Appender``), so a killed process loses at most that many seconds of it.
 """
+
 from __future__ import annotations
 
 import logging as std_logging
@@ -84,6 +85,7 @@ class RemoteLogHandler(std_logging.Handler):
 def setup_logging(workdir: str) -> str:
   """Filters the console (absl's handler) and adds the full log file; returns its path."""
   import jax
+
   path = storage.join(workdir, "logs", f"process_{jax.process_index()}.log")
   absl_handler = logging.get_absl_handler()
   if not any(isinstance(f, QuietLibraries) for f in absl_handler.filters):
@@ -98,7 +100,6 @@ def setup_logging(workdir: str) -> str:
     if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
       return path
     handler = std_logging.FileHandler(path)
-  handler.setFormatter(std_logging.Formatter(
-      "%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s"))
+  handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(filename)s:%(lineno)d] %(message)s"))
   root.addHandler(handler)
   return path

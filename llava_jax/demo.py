@@ -11,6 +11,7 @@
 
 Re-running resumes: finished stages are not trained again.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,17 @@ import time
 from absl import app, flags, logging
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "where data, runs and answers go")
-_SEED = flags.DEFINE_integer("seed", 0, "training seed (parameter init and data order) of both "
-                             "stages; the dataset itself is the same for every seed")
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                       "tiny_shapes.py")
+_SEED = flags.DEFINE_integer(
+    "seed",
+    0,
+    "training seed (parameter init and data order) of both stages; the dataset itself is the same for every seed",
+)
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_shapes.py")
 
 
 def load_config(stage: str, root: str, seed: int = 0):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("tiny_shapes", _CONFIG)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -54,13 +58,13 @@ def main(argv):
 
   root = _ROOT.value
   from llava_jax import console
+
   print(f"== full log (library messages included): {console.setup_logging(root)}")
   t0 = time.time()
   for stage in ("stage1", "stage2"):
     config = load_config(stage, root, _SEED.value)
     workdir = os.path.join(root, stage)
-    print(f"== {stage}: {config.train.steps} steps, template {config.data.template!r}, "
-          f"data {config.data.train}")
+    print(f"== {stage}: {config.train.steps} steps, template {config.data.template!r}, data {config.data.train}")
     train(config, workdir)
     for step, acc in eval_curve(workdir):
       print(f"   held-out answer exact match (teacher forced) at step {step}: {acc:.1%}")
@@ -68,25 +72,32 @@ def main(argv):
 
   config = load_config("stage2", root, _SEED.value)
   model = load_model(os.path.join(root, "stage2"))
-  metrics = run_eval(model, os.path.join(root, "eval"), task="synthetic",
-                     questions=config.data.eval_questions,
-                     annotations=config.data.eval_annotations,
-                     image_root=config.data.image_root)
+  metrics = run_eval(
+      model,
+      os.path.join(root, "eval"),
+      task="synthetic",
+      questions=config.data.eval_questions,
+      annotations=config.data.eval_annotations,
+      image_root=config.data.image_root,
+  )
   acc = metrics.get("synthetic/accuracy")
   n = metrics.get("synthetic/n")
-  print(f"== held-out VQA by greedy generation: {acc:.1%} exact match on {n} questions "
-        f"(train {train_s / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min)")
+  print(
+      f"== held-out VQA by greedy generation: {acc:.1%} exact match on {n} questions "
+      f"(train {train_s / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min)"
+  )
 
   with open(config.data.eval_questions) as f:
     question = json.loads(f.readline())
   with open(config.data.eval_annotations) as f:
     truth = {r["question_id"]: r["answer"] for r in map(json.loads, f)}[question["question_id"]]
   from llava_jax.data.images import load_image
+
   image_path = os.path.join(config.data.image_root, question["image"])
-  answer = model.answer([{"from": "human", "value": "<image>\n" + question["text"]}],
-                        load_image(image_path), max_new_tokens=8)
-  print(f"== image {image_path}\n   Q: {question['text'].splitlines()[0]}\n"
-        f"   A: {answer}   (ground truth: {truth})")
+  answer = model.answer(
+      [{"from": "human", "value": "<image>\n" + question["text"]}], load_image(image_path), max_new_tokens=8
+  )
+  print(f"== image {image_path}\n   Q: {question['text'].splitlines()[0]}\n   A: {answer}   (ground truth: {truth})")
   logging.info("demo finished")
 
 

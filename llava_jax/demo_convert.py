@@ -6,6 +6,7 @@ the logits agree, and greedily generate a few tokens.
 If ``transformers`` + ``torch`` are installed (the ``test`` extra), the HF directory is
 also run through ``transformers.LlavaForConditionalGeneration`` and compared.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,9 +28,11 @@ def main(argv):
   cfg = llava_config("clip-tiny", "tiny")
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(0)))
   n_params = sum(a.size for a in jax.tree.leaves(params))
-  print(f"tiny LLaVA: CLIP {cfg.vision.depth}x{cfg.vision.width} -> {cfg.projector.kind} -> "
-        f"Llama {cfg.llm.num_layers}x{cfg.llm.hidden_size}, {n_params:,} params, "
-        f"{cfg.num_image_tokens} image tokens per image")
+  print(
+      f"tiny LLaVA: CLIP {cfg.vision.depth}x{cfg.vision.width} -> {cfg.projector.kind} -> "
+      f"Llama {cfg.llm.num_layers}x{cfg.llm.hidden_size}, {n_params:,} params, "
+      f"{cfg.num_image_tokens} image tokens per image"
+  )
   path = _WORKDIR.value or os.path.join(tempfile.mkdtemp(), "tiny_llava_hf")
   save_hf_llava(cfg, params, path)
   print(f"saved HF LlavaForConditionalGeneration directory: {path} ({sorted(os.listdir(path))})")
@@ -46,13 +49,13 @@ def main(argv):
     import torch
     import transformers
   except ImportError:
-    print("transformers/torch not installed: skipping the PyTorch comparison "
-          "(launch/test.sh installs them)")
+    print("transformers/torch not installed: skipping the PyTorch comparison (launch/test.sh installs them)")
   else:
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
     with torch.no_grad():
-      ref = hf(input_ids=torch.from_numpy(ids).long(),
-               pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2).copy())).logits.numpy()
+      ref = hf(
+          input_ids=torch.from_numpy(ids).long(), pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2).copy())
+      ).logits.numpy()
     print(f"logits vs transformers PyTorch: max |diff| = {np.abs(a - ref).max():.2e}")
   tokens = generate(cfg, params2, ids, px, max_new_tokens=8)
   print(f"greedy continuation (random weights, so arbitrary ids): {np.asarray(tokens)[0].tolist()}")

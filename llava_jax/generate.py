@@ -14,6 +14,7 @@ devices (``--mesh``, default ``-1,1,1``) and every process runs the same generat
 only process 0 prints, and with ``--interactive`` only process 0 reads stdin and
 broadcasts each line to the others. One process: no mesh unless ``--mesh`` is given.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,11 @@ _TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling mass (with temperat
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _TEMPLATE = flags.DEFINE_string("template", None, "override the conversation template")
 _STEP = flags.DEFINE_integer("step", None, "training workdirs: checkpoint step")
-_MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor mesh over all devices (-1: the "
-                            "rest); default: none for one process, -1,1,1 for several")
+_MESH = flags.DEFINE_string(
+    "mesh",
+    None,
+    "data,fsdp,tensor mesh over all devices (-1: the rest); default: none for one process, -1,1,1 for several",
+)
 
 
 def _held_back(text: str, stop: str) -> int:
@@ -47,9 +51,17 @@ def _held_back(text: str, stop: str) -> int:
   return 0
 
 
-def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_tokens: int = 256,
-                  temperature: float = 0.0, top_p: float | None = None, seed: int = 0,
-                  out: TextIO = sys.stdout) -> str:
+def stream_answer(
+    model,
+    conversation: Sequence[dict],
+    pixels=None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    out: TextIO = sys.stdout,
+) -> str:
   """Generates the next assistant turn, writing its text to ``out`` as it grows.
 
   Args:
@@ -65,10 +77,19 @@ def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_t
   stops = model.stop_token_ids()
   stop_text = model.stop_text()
   tokens, printed = [], ""
-  steps = generate_stream(model.cfg, model.params, ids[None], None if pixels is None else pixels[None],
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          rng=jax.random.key(seed), stop_token_ids=stops, mesh=model.mesh,
-                          rules=model.rules)
+  steps = generate_stream(
+      model.cfg,
+      model.params,
+      ids[None],
+      None if pixels is None else pixels[None],
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      rng=jax.random.key(seed),
+      stop_token_ids=stops,
+      mesh=model.mesh,
+      rules=model.rules,
+  )
   for step in steps:
     token = int(step[0])
     if token in stops:
@@ -77,11 +98,11 @@ def stream_answer(model, conversation: Sequence[dict], pixels=None, *, max_new_t
     text = model.decode(tokens)
     finished = bool(stop_text) and stop_text in text
     if finished:
-      safe = text[:text.index(stop_text)]
+      safe = text[: text.index(stop_text)]
     else:  # hold back a possible partial stop string (e.g. "</" of "</s>")
-      safe = text[:len(text) - _held_back(text, stop_text)] if stop_text else text
+      safe = text[: len(text) - _held_back(text, stop_text)] if stop_text else text
     if safe.startswith(printed):
-      out.write(safe[len(printed):])
+      out.write(safe[len(printed) :])
       out.flush()
       printed = safe
     if finished:
@@ -115,6 +136,7 @@ def main(argv):
   del argv
   distributed.initialize()
   import jax
+
   if jax.process_count() > 1:
     _native_stdout_to_stderr()
 
@@ -132,8 +154,10 @@ def main(argv):
   if not _INTERACTIVE.value and not _PROMPT.value:
     raise app.UsageError("--prompt is required unless --interactive")
   if _PROMPT.value and IMAGE_TAG in _PROMPT.value and not _IMAGE.value:
-    raise app.UsageError(f"--prompt contains {IMAGE_TAG} but no --image was given; pass "
-                         f"--image=PATH or drop the tag (the image goes first by itself)")
+    raise app.UsageError(
+        f"--prompt contains {IMAGE_TAG} but no --image was given; pass "
+        f"--image=PATH or drop the tag (the image goes first by itself)"
+    )
   mesh_shape = _MESH.value or ("-1,1,1" if jax.process_count() > 1 else None)
   try:
     mesh = sharding.make_mesh(parse_mesh_shape(mesh_shape)) if mesh_shape else None
@@ -143,8 +167,7 @@ def main(argv):
   pixels = None
   if _IMAGE.value:
     pixels = preprocess(load_image(_IMAGE.value), model.image_config)
-  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                top_p=_TOP_P.value, seed=_SEED.value)
+  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value)
   out = sys.stdout if distributed.is_primary() else io.StringIO()
   conversation: list[dict] = []
 
@@ -153,8 +176,7 @@ def main(argv):
       message = f"{IMAGE_TAG}\n{message.replace(IMAGE_TAG, '').strip()}"
     elif IMAGE_TAG in message:  # the one image, if any, belongs to the first turn
       if distributed.is_primary():
-        print(f"({IMAGE_TAG} ignored: only the first message can show the --image)",
-              file=sys.stderr)
+        print(f"({IMAGE_TAG} ignored: only the first message can show the --image)", file=sys.stderr)
       message = message.replace(IMAGE_TAG, "").strip()
     conversation.append({"from": "human", "value": message})
     answer = stream_answer(model, conversation, pixels, out=out, **kwargs)

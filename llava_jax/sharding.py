@@ -11,6 +11,7 @@ values; and, for code traced under ``use_mesh`` (the Pallas kernels' ``shard_map
 enclosing mesh (``context_mesh``), its platform, and the mesh axes a logical axis may be
 split over (``dividing_mesh_axes``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,9 +53,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1),
-              devices: Sequence[jax.Device] | None = None,
-              dcn: Sequence[int] | Mapping[str, int] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1),
+    devices: Sequence[jax.Device] | None = None,
+    dcn: Sequence[int] | Mapping[str, int] | None = None,
+) -> Mesh:
   """Builds a ``("data", "fsdp", "tensor")`` mesh; one ``-1`` entry takes the remaining devices.
 
   ``dcn`` (multi-slice): how many slices each axis spans. ``shape`` is then the mesh of
@@ -75,15 +78,19 @@ def make_mesh(shape: Sequence[int] | Mapping[str, int] = (-1, 1, 1),
       raise ValueError(f"{len(devices)} devices cannot form {n_slices} slices (dcn {dcn_shape})")
     ici = _resolve(_axis_list(shape, default=1), len(devices) // n_slices, what="per-slice mesh")
     from jax.experimental import mesh_utils
+
     slices = {getattr(d, "slice_index", 0) for d in devices}
     if len(slices) != n_slices:
-      raise ValueError(f"mesh dcn factors {dcn_shape} ask for {n_slices} slices; the devices "
-                       f"form {len(slices)} (slice_index values {sorted(slices)})")
+      raise ValueError(
+          f"mesh dcn factors {dcn_shape} ask for {n_slices} slices; the devices "
+          f"form {len(slices)} (slice_index values {sorted(slices)})"
+      )
     dev_array = mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices=devices)
     return Mesh(dev_array, MESH_AXES)
   shape = _resolve(_axis_list(shape, default=1), len(devices), what="mesh")
   try:
     from jax.experimental import mesh_utils
+
     dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # pragma: no cover - CPU/unknown topologies
     dev_array = np.asarray(devices).reshape(shape)
@@ -113,8 +120,9 @@ def _resolve(shape: list[int], n_devices: int, *, what: str) -> list[int]:
       raise ValueError(f"{what} shape {dict(zip(MESH_AXES, shape))} does not divide {n_devices} devices")
     shape[shape.index(-1)] = n_devices // rest
   if int(np.prod(shape)) != n_devices:
-    raise ValueError(f"{what} shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} "
-                     f"devices, have {n_devices}")
+    raise ValueError(
+        f"{what} shape {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {n_devices}"
+    )
   return shape
 
 
@@ -136,14 +144,12 @@ def use_mesh(mesh: Mesh, overrides: Iterable[tuple[str, Any]] | None = None):
     yield
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh,
-                        overrides: Iterable[tuple[str, Any]] | None = None) -> Any:
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, overrides: Iterable[tuple[str, Any]] | None = None) -> Any:
   """Maps a pytree of logical ``PartitionSpec``s to ``NamedSharding``s on ``mesh``."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules(overrides))
 
 
-def param_shardings(boxed_params: Any, mesh: Mesh,
-                    overrides: Iterable[tuple[str, Any]] | None = None) -> Any:
+def param_shardings(boxed_params: Any, mesh: Mesh, overrides: Iterable[tuple[str, Any]] | None = None) -> Any:
   """Shardings for a (boxed, e.g. from ``jax.eval_shape(model.init, ...)``) param tree."""
   return logical_to_sharding(nn.get_partition_spec(boxed_params), mesh, overrides)
 
@@ -156,8 +162,7 @@ def batch_axes(overrides: Iterable[tuple[str, Any]] | None = None):
   return None
 
 
-def batch_sharding(mesh: Mesh, ndim: int,
-                   overrides: Iterable[tuple[str, Any]] | None = None) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, overrides: Iterable[tuple[str, Any]] | None = None) -> NamedSharding:
   """Leading (batch) axis split as the ``batch`` rule says (default ``data`` x ``fsdp``)."""
   return NamedSharding(mesh, P(batch_axes(overrides), *([None] * (ndim - 1))))
 
@@ -187,8 +192,10 @@ def mirror_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
     tree: abstract state (e.g. ``jax.eval_shape(optimizer.init, params)``).
     params: the abstract param tree; ``shardings``: its NamedShardings, same structure.
   """
-  by_path = {_dict_path(path): (s, leaf.shape) for (path, s), leaf in zip(
-      jax.tree_util.tree_flatten_with_path(shardings)[0], jax.tree.leaves(params))}
+  by_path = {
+      _dict_path(path): (s, leaf.shape)
+      for (path, s), leaf in zip(jax.tree_util.tree_flatten_with_path(shardings)[0], jax.tree.leaves(params))
+  }
   rep = replicated(mesh)
 
   def for_leaf(path, leaf):
@@ -208,6 +215,7 @@ def _dict_path(path) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- inside a trace
 
+
 def context_mesh() -> Mesh | None:
   """The concrete mesh of the enclosing ``use_mesh`` (``with mesh:``), else of
   ``jax.set_mesh``; None outside both.
@@ -219,6 +227,7 @@ def context_mesh() -> Mesh | None:
   assignment to lower ``sdy.GlobalToLocalShape`` against).
   """
   from jax._src import mesh as mesh_lib  # see the docstring: no public getter
+
   physical = mesh_lib.thread_resources.env.physical_mesh
   if not physical.empty:
     return physical
@@ -250,7 +259,6 @@ def dividing_mesh_axes(mesh: Mesh, logical: Sequence[str], sizes: Sequence[Seque
   """
   out = []
   for axes, dims in zip(nn.logical_to_mesh_axes(tuple(logical)), sizes):
-    n = 1 if axes is None else (mesh.shape[axes] if isinstance(axes, str)
-                                else math.prod(mesh.shape[a] for a in axes))
+    n = 1 if axes is None else (mesh.shape[axes] if isinstance(axes, str) else math.prod(mesh.shape[a] for a in axes))
     out.append(None if axes is None or any(d % n for d in dims) else axes)
   return tuple(out)

@@ -48,6 +48,7 @@ Remote files that are read at random offsets by C/C++ code or by every grain wor
 local cache (``local_copy``; ``$LLAVA_JAX_CACHE``, default ``~/.cache/llava_jax``), keyed
 by path, size and generation; images, tokenizers and question files are read directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,6 +95,7 @@ class ConcurrentWriteError(RuntimeError):
 
 # ----------------------------------------------------------------------------- schemes
 
+
 def scheme(path) -> str | None:
   """``"gs"`` for ``gs://b/x``; None for a local path."""
   m = _SCHEME.match(os.fspath(path))
@@ -115,23 +117,24 @@ def check(path, what: str = "path", *, write: bool = False) -> str:
   sch = scheme(s)
   if sch is None:
     return s
-  supported = ("local paths and gs:// (everything); s3://, az://, hf:// for inputs only"
-               " (with s3fs, adlfs or huggingface_hub installed)")
+  supported = (
+      "local paths and gs:// (everything); s3://, az://, hf:// for inputs only"
+      " (with s3fs, adlfs or huggingface_hub installed)"
+  )
   if sch not in READ_SCHEMES:
     hint = " (write a plain local path instead of file://)" if sch == "file" else ""
-    raise UnsupportedPathError(f"{what} {s!r}: the scheme {sch}:// is not supported{hint}; "
-                               f"supported: {supported}")
+    raise UnsupportedPathError(f"{what} {s!r}: the scheme {sch}:// is not supported{hint}; supported: {supported}")
   if write and sch not in WRITE_SCHEMES:
     raise UnsupportedPathError(
         f"{what} {s!r}: {sch}:// is supported for inputs only. Outputs (workdirs, checkpoints, "
         "answers, converted weights) need conditional writes for the run lock and the "
         "append-only files, implemented for GCS generation preconditions only, and orbax "
         "commits non-GCS checkpoints by a rename that is not atomic there. Use a local "
-        "path or gs://.")
+        "path or gs://."
+    )
   package = READ_SCHEMES[sch]
   if importlib.util.find_spec(package) is None:
-    raise UnsupportedPathError(f"{what} {s!r}: {sch}:// needs the {package} package "
-                               f"(pip install {package})")
+    raise UnsupportedPathError(f"{what} {s!r}: {sch}:// needs the {package} package (pip install {package})")
   return s
 
 
@@ -141,6 +144,7 @@ def as_path(path, what: str = "path"):
   s = check(path, what)
   if not is_remote(s):
     import pathlib
+
     return pathlib.Path(s)
   return _epath().Path(s)
 
@@ -158,6 +162,7 @@ def absolute(path) -> str:
 
 
 # ----------------------------------------------------------------------------- plain file operations
+
 
 def exists(path) -> bool:
   return as_path(path).exists()
@@ -186,6 +191,7 @@ def glob(pattern) -> list[str]:
   s = os.fspath(pattern)
   if not is_remote(s):
     import glob as glob_lib
+
     return sorted(glob_lib.glob(s))
   base, rest = _split_glob(s)
   return sorted(os.fspath(p) for p in as_path(base).glob(rest))
@@ -235,8 +241,10 @@ def open_file(path, mode: str = "r", encoding: str | None = None, newline: str |
   if not is_remote(path):
     return open(path, mode, encoding=None if "b" in mode else encoding or "utf-8", newline=newline)
   if "r" not in mode or "+" in mode:
-    raise ValueError(f"open_file({os.fspath(path)!r}, {mode!r}): remote files are written whole "
-                     "(write_atomic) or appended (Appender)")
+    raise ValueError(
+        f"open_file({os.fspath(path)!r}, {mode!r}): remote files are written whole "
+        "(write_atomic) or appended (Appender)"
+    )
   data = io.BytesIO(read_bytes(path))
   return data if "b" in mode else io.TextIOWrapper(data, encoding=encoding or "utf-8", newline=newline)
 
@@ -309,8 +317,7 @@ def staged_dir(out_dir) -> Iterator[str]:
 
 
 def cache_dir() -> str:
-  return os.environ.get("LLAVA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "llava_jax")
+  return os.environ.get("LLAVA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llava_jax")
 
 
 def local_copy(path) -> str:
@@ -336,10 +343,12 @@ def local_copy(path) -> str:
 
 # ----------------------------------------------------------------------------- GCS conditional writes
 
+
 def _fs(path):
   """The fsspec file system epath uses for ``path`` (gcsfs for gs://)."""
   _epath()
   from etils.epath import backend
+
   return backend.fsspec_backend.fs(os.fspath(path))
 
 
@@ -354,8 +363,7 @@ def _bucket_key(path) -> tuple[str, str]:
 
 def _require_gcs(path, what: str):
   if scheme(path) != "gs":
-    raise UnsupportedPathError(f"{what} {os.fspath(path)!r}: conditional writes are implemented "
-                               "for gs:// only")
+    raise UnsupportedPathError(f"{what} {os.fspath(path)!r}: conditional writes are implemented for gs:// only")
 
 
 def _call(path, method: str, url: str, *args, **kwargs):
@@ -367,12 +375,20 @@ def _upload_if(path, data: bytes, generation: str) -> str | None:
   """Uploads ``data`` if the object's generation is ``generation`` ("0": absent).
   Returns the new generation, or None when the precondition failed (HTTP 412)."""
   from urllib.parse import quote
+
   bucket, key = _bucket_key(path)
   fs = _fs(path)
   try:
-    out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
-                  uploadType="media", name=key, ifGenerationMatch=str(generation), data=data,
-                  headers={"Content-Type": "application/octet-stream"}, json_out=True)
+    out = fs.call(
+        "POST",
+        f"{fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
+        uploadType="media",
+        name=key,
+        ifGenerationMatch=str(generation),
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+        json_out=True,
+    )
   except FileExistsError:  # gcsfs maps 412 Precondition Failed to FileExistsError
     return None
   return str(out["generation"])
@@ -386,8 +402,11 @@ def stat_object(path) -> dict | None:
     meta = _call(path, "GET", "b/{}/o/{}", bucket, key, json_out=True)
   except FileNotFoundError:
     return None
-  return {"generation": str(meta["generation"]), "size": int(meta.get("size", 0)),
-          "mtime": _parse_time(meta.get("updated") or meta.get("timeCreated"))}
+  return {
+      "generation": str(meta["generation"]),
+      "size": int(meta.get("size", 0)),
+      "mtime": _parse_time(meta.get("updated") or meta.get("timeCreated")),
+  }
 
 
 def read_object(path) -> tuple[bytes, dict] | None:
@@ -432,11 +451,14 @@ def delete_if(path, generation: str) -> bool:
 
 def _compose(path, parts: list[str], generation: str) -> str | None:
   bucket, key = _bucket_key(path)
-  body = {"sourceObjects": [{"name": _bucket_key(p)[1]} for p in parts],
-          "destination": {"contentType": "application/octet-stream"}}
+  body = {
+      "sourceObjects": [{"name": _bucket_key(p)[1]} for p in parts],
+      "destination": {"contentType": "application/octet-stream"},
+  }
   try:
-    out = _call(path, "POST", "b/{}/o/{}/compose", bucket, key, ifGenerationMatch=str(generation),
-                json=body, json_out=True)
+    out = _call(
+        path, "POST", "b/{}/o/{}/compose", bucket, key, ifGenerationMatch=str(generation), json=body, json_out=True
+    )
   except FileExistsError:
     return None
   return str(out["generation"])
@@ -446,6 +468,7 @@ def _parse_time(value) -> float:
   if not value:
     return 0.0
   import datetime
+
   return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 
@@ -492,8 +515,11 @@ class Appender:
       new = create_only(self.path, chunk)
     elif self._publishes % self.REUPLOAD_EVERY == 0:
       current = read_object(self.path)
-      new = None if current is None or current[1]["generation"] != self._generation else \
-          replace_if(self.path, current[0] + chunk, self._generation)
+      new = (
+          None
+          if current is None or current[1]["generation"] != self._generation
+          else replace_if(self.path, current[0] + chunk, self._generation)
+      )
     else:
       part = f"{self.path}.append-{uuid.uuid4().hex}"
       part_generation = create_only(part, chunk)
@@ -506,7 +532,8 @@ class Appender:
     if new is None:
       raise ConcurrentWriteError(
           f"{self.path} changed since this process last wrote it (generation "
-          f"{self._generation}): another writer on the same file? Nothing was appended.")
+          f"{self._generation}): another writer on the same file? Nothing was appended."
+      )
     self._generation, self._size = new, self._size + len(chunk)
 
   def close(self) -> None:

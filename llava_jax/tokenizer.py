@@ -106,8 +106,12 @@ class Tokenizer:
   def special_token_strings(self) -> dict[str, str | None]:
     """{"bos_token", "eos_token", "pad_token", "unk_token"} as strings (None if absent), for chat templates."""
     name = lambda i: None if i is None else self.id_to_token(i)
-    return {"bos_token": name(self.bos_id), "eos_token": name(self.eos_id), "pad_token": name(self.pad_id),
-            "unk_token": name(self.unk_id)}
+    return {
+        "bos_token": name(self.bos_id),
+        "eos_token": name(self.eos_id),
+        "pad_token": name(self.pad_id),
+        "unk_token": name(self.unk_id),
+    }
 
 
 def _split_pattern(tokens: Iterable[str]) -> re.Pattern | None:
@@ -135,19 +139,29 @@ class SentencePieceTokenizer(Tokenizer):
 
   backend = "sentencepiece"
 
-  def __init__(self, model_proto: bytes, *, name: str = "<sentencepiece>", legacy: bool = True,
-               added_tokens: Sequence[Mapping[str, Any]] = (), chat_template: str | None = None):
+  def __init__(
+      self,
+      model_proto: bytes,
+      *,
+      name: str = "<sentencepiece>",
+      legacy: bool = True,
+      added_tokens: Sequence[Mapping[str, Any]] = (),
+      chat_template: str | None = None,
+  ):
     self.name = name
     self._proto = bytes(model_proto)
     if not self._proto:
-      raise ValueError(f"sentencepiece model {name} is empty (0 bytes): a failed copy or "
-                       "download? Point data.tokenizer at the checkpoint's tokenizer.model")
+      raise ValueError(
+          f"sentencepiece model {name} is empty (0 bytes): a failed copy or "
+          "download? Point data.tokenizer at the checkpoint's tokenizer.model"
+      )
     self.legacy = bool(legacy)
     self._added = [dict(t) for t in added_tokens]
     self.chat_template = chat_template
     proto = None
     if not self.legacy:  # local: only legacy=False edits the model (needs protobuf)
       from sentencepiece import sentencepiece_model_pb2
+
       proto = sentencepiece_model_pb2.ModelProto.FromString(self._proto)
     # legacy=False: the prefix once at the start of the text (HF drops sentencepiece's own, adds "▁" itself).
     self._prefix_once = proto is not None and proto.normalizer_spec.add_dummy_prefix
@@ -167,8 +181,9 @@ class SentencePieceTokenizer(Tokenizer):
       if i >= n:
         self._extra[i] = content
       elif sp.id_to_piece(i) != content:
-        raise ValueError(f"{name}: added token {content!r} has id {i}, which is the model's piece "
-                         f"{sp.id_to_piece(i)!r}")
+        raise ValueError(
+            f"{name}: added token {content!r} has id {i}, which is the model's piece {sp.id_to_piece(i)!r}"
+        )
       self._split_ids[content] = i
       if t.get("special", True):
         special.add(content)
@@ -202,8 +217,13 @@ class SentencePieceTokenizer(Tokenizer):
     storage.write_atomic(path, self._proto)
 
   def __getstate__(self):
-    return {"model_proto": self._proto, "name": self.name, "legacy": self.legacy, "added_tokens": self._added,
-            "chat_template": self.chat_template}
+    return {
+        "model_proto": self._proto,
+        "name": self.name,
+        "legacy": self.legacy,
+        "added_tokens": self._added,
+        "chat_template": self.chat_template,
+    }
 
   def __setstate__(self, state):
     state = dict(state)
@@ -212,7 +232,7 @@ class SentencePieceTokenizer(Tokenizer):
   def _encode_stretch(self, text: str) -> list[int]:
     """HF `LlamaTokenizer._tokenize`: without the model's prefix a leading space must survive, hence "<unk>" + text."""
     if self._prefix_once and text.startswith((SPIECE_UNDERLINE, " ")):
-      return self._sp.encode(self._unk_text + text)[self._unk_len:]
+      return self._sp.encode(self._unk_text + text)[self._unk_len :]
     return self._sp.encode(text)
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -236,8 +256,12 @@ class SentencePieceTokenizer(Tokenizer):
         out.append(self._split_ids[chunk])
       else:
         out.extend(self._encode_stretch(chunk))
-    if (self._prefix_once and len(out) > 1 and self._sp.id_to_piece(out[0]) == SPIECE_UNDERLINE
-        and out[1] in self._special_ids):
+    if (
+        self._prefix_once
+        and len(out) > 1
+        and self._sp.id_to_piece(out[0]) == SPIECE_UNDERLINE
+        and out[1] in self._special_ids
+    ):
       out = out[1:]  # "▁" + a text that starts with a special token
     return ids + out
 
@@ -291,8 +315,17 @@ class HFTokenizer(Tokenizer):
   _UNSET = object()
   backend = "tokenizer.json"
 
-  def __init__(self, tokenizer, *, bos_token=_UNSET, eos_token=_UNSET, pad_token=_UNSET,
-               unk_token=_UNSET, name: str = "<tokenizer.json>", chat_template: str | None = None):
+  def __init__(
+      self,
+      tokenizer,
+      *,
+      bos_token=_UNSET,
+      eos_token=_UNSET,
+      pad_token=_UNSET,
+      unk_token=_UNSET,
+      name: str = "<tokenizer.json>",
+      chat_template: str | None = None,
+  ):
     self.name = name
     self._tok = tokenizer
     self.chat_template = chat_template
@@ -339,6 +372,7 @@ class HFTokenizer(Tokenizer):
 
 # ----------------------------------------------------------------------------- checkpoint files
 
+
 def _token_content(value) -> str | None:
   """tokenizer_config.json stores a token as a string or as {"content": ...}."""
   if isinstance(value, dict):
@@ -378,8 +412,13 @@ def read_tokenizer_config(directory: str) -> dict:
     out["legacy"] = cfg["legacy"]
   added = {}
   for i, t in (cfg.get("added_tokens_decoder") or {}).items():
-    added[int(i)] = {"id": int(i), "content": t["content"], "special": bool(t.get("special", True)),
-                     "lstrip": bool(t.get("lstrip", False)), "rstrip": bool(t.get("rstrip", False))}
+    added[int(i)] = {
+        "id": int(i),
+        "content": t["content"],
+        "special": bool(t.get("special", True)),
+        "lstrip": bool(t.get("lstrip", False)),
+        "rstrip": bool(t.get("rstrip", False)),
+    }
   for content, i in _read_json(os.path.join(directory, "added_tokens.json")).items():
     added.setdefault(int(i), {"id": int(i), "content": content, "special": True, "lstrip": False, "rstrip": False})
   if added:
@@ -438,14 +477,20 @@ def _open(backend: str, path: str, cfg: Mapping, legacy: bool | None, special_to
   template = cfg.get("chat_template")
   if backend == "tokenizer.json":
     import tokenizers  # local: only the tokenizer.json path needs it
+
     names = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in cfg}
-    return HFTokenizer(tokenizers.Tokenizer.from_str(storage.read_text(path)), name=path, chat_template=template,
-                       **{**names, **special_tokens})
+    return HFTokenizer(
+        tokenizers.Tokenizer.from_str(storage.read_text(path)),
+        name=path,
+        chat_template=template,
+        **{**names, **special_tokens},
+    )
   if special_tokens:
     raise ValueError(f"special-token overrides {sorted(special_tokens)} only apply to tokenizer.json, not {path}")
   legacy = cfg.get("legacy", True) if legacy is None else legacy
-  return SentencePieceTokenizer.from_file(path, legacy=legacy, added_tokens=cfg.get("added_tokens", ()),
-                                          chat_template=template)
+  return SentencePieceTokenizer.from_file(
+      path, legacy=legacy, added_tokens=cfg.get("added_tokens", ()), chat_template=template
+  )
 
 
 def compare_backends(a: Tokenizer, b: Tokenizer, texts: Iterable[str]) -> str | None:
@@ -457,15 +502,20 @@ def compare_backends(a: Tokenizer, b: Tokenizer, texts: Iterable[str]) -> str | 
       if x == y:
         continue
       k = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-      show = lambda tok, ids: [tok.id_to_token(i) for i in ids[max(0, k - 2):k + 3]]
+      show = lambda tok, ids: [tok.id_to_token(i) for i in ids[max(0, k - 2) : k + 3]]
       cut = part[:160] + ("..." if len(part) > 160 else "")
-      return (f"on {cut!r}: {a.backend} gives ...{show(a, x)}, {b.backend} ...{show(b, y)} "
-              f"(token {k})")
+      return f"on {cut!r}: {a.backend} gives ...{show(a, x)}, {b.backend} ...{show(b, y)} (token {k})"
   return None
 
 
-def load_tokenizer(path: str | os.PathLike, *, backend: str = "auto", legacy: bool | None = None,
-                   template: str | None = None, **special_tokens) -> Tokenizer:
+def load_tokenizer(
+    path: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    legacy: bool | None = None,
+    template: str | None = None,
+    **special_tokens,
+) -> Tokenizer:
   """Opens a tokenizer from a file or a checkpoint directory (see the module docstring).
 
   Args:
@@ -502,8 +552,10 @@ def load_tokenizer(path: str | os.PathLike, *, backend: str = "auto", legacy: bo
   elif len(found) == 1:
     chosen, why = next(iter(found)), "the only tokenizer file"
   elif cfg.get("legacy") is False and legacy is not True and _json_prefixes_every_stretch(found["tokenizer.json"]):
-    chosen, why = "sentencepiece", ('tokenizer_config.json says "legacy": false, which its tokenizer.json does '
-                                    'not implement (it prefixes "▁" after every special token)')
+    chosen, why = "sentencepiece", (
+        'tokenizer_config.json says "legacy": false, which its tokenizer.json does '
+        'not implement (it prefixes "▁" after every special token)'
+    )
   else:
     chosen, why = "tokenizer.json", "as AutoTokenizer loads it"
   tok = _open(chosen, found[chosen], cfg, legacy, special_tokens if chosen == "tokenizer.json" else {})
@@ -512,13 +564,19 @@ def load_tokenizer(path: str | os.PathLike, *, backend: str = "auto", legacy: bo
     other_kind = "sentencepiece" if chosen == "tokenizer.json" else "tokenizer.json"
     other = _open(other_kind, found[other_kind], cfg, legacy, special_tokens if other_kind == "tokenizer.json" else {})
     from llava_jax.data.templates import probe_texts  # local: templates import nothing from here at module level
+
     diff = compare_backends(tok, other, probe_texts(template, tokenizer=tok))
     if diff:
-      log.warning("tokenizer %s ships tokenizer.json and %s, which disagree on the %s text %s. Using %s; "
-                  "training and serving must use the same one (load_tokenizer(..., backend=...)). LLaVA trained "
-                  "Llama-family checkpoints with the sentencepiece one (use_fast=False).", path,
-                  os.path.basename(found["sentencepiece"]), f"template {template!r}" if template else "templates'",
-                  diff, chosen)
+      log.warning(
+          "tokenizer %s ships tokenizer.json and %s, which disagree on the %s text %s. Using %s; "
+          "training and serving must use the same one (load_tokenizer(..., backend=...)). LLaVA trained "
+          "Llama-family checkpoints with the sentencepiece one (use_fast=False).",
+          path,
+          os.path.basename(found["sentencepiece"]),
+          f"template {template!r}" if template else "templates'",
+          diff,
+          chosen,
+      )
   return tok
 
 
@@ -528,8 +586,9 @@ def _legacy_note(tok: Tokenizer) -> str:
   return ""
 
 
-def train_sentencepiece(sentences: Sequence[str], vocab_size: int, *, user_defined_symbols: Sequence[str] = (),
-                        model_type: str = "bpe") -> SentencePieceTokenizer:
+def train_sentencepiece(
+    sentences: Sequence[str], vocab_size: int, *, user_defined_symbols: Sequence[str] = (), model_type: str = "bpe"
+) -> SentencePieceTokenizer:
   """Trains a small Llama-style sentencepiece model in memory (for tests and the embedded demo).
 
   Llama-like settings: BPE, identity normalization, whitespace kept as is,
@@ -545,10 +604,24 @@ def train_sentencepiece(sentences: Sequence[str], vocab_size: int, *, user_defin
   """
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(list(sentences)), model_writer=buf, vocab_size=vocab_size,
-      model_type=model_type, character_coverage=1.0, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
-      user_defined_symbols=list(user_defined_symbols), unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-      num_threads=1, shuffle_input_sentence=False, hard_vocab_limit=False, minloglevel=2,
-      max_sentence_length=1 << 16)
+      sentence_iterator=iter(list(sentences)),
+      model_writer=buf,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=1.0,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=True,
+      split_digits=True,
+      user_defined_symbols=list(user_defined_symbols),
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=3,
+      num_threads=1,
+      shuffle_input_sentence=False,
+      hard_vocab_limit=False,
+      minloglevel=2,
+      max_sentence_length=1 << 16,
+  )
   return SentencePieceTokenizer(buf.getvalue(), name="<trained sentencepiece>")

@@ -1,4 +1,5 @@
 """Test set-up: 8 fake CPU devices so real meshes are exercised, float32 matmuls at full precision."""
+
 import os
 import sys
 
@@ -24,6 +25,7 @@ def gcs(tmp_path_factory):
   """A local GCS emulator (``tests/gcs_emulator.py``) for the whole session; this process
   and the subprocesses it starts talk to it (``gs://`` paths), never to the network."""
   from gcs_emulator import GcsEmulator
+
   saved = dict(os.environ)
   emulator = GcsEmulator()
   emulator.env["LLAVA_JAX_CACHE"] = str(tmp_path_factory.mktemp("llava_jax_cache"))
@@ -38,6 +40,7 @@ def gcs(tmp_path_factory):
 def bucket(gcs):
   """A fresh, empty bucket: ``gs://<name>``."""
   import uuid
+
   name = f"test-{uuid.uuid4().hex[:12]}"
   gcs.create_bucket(name)
   return f"gs://{name}"

@@ -34,6 +34,7 @@ request thread on the logging lock (seen as a hung orbax save). For debugging, w
 ``FILE.recent``. ``GcsEmulator(latency_ms=…)`` adds a round trip to every request
 (``benchmarks/storage.py``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -112,8 +113,15 @@ def _patch_emulator():
 
   def precondition_failed(response):
     response.status = HTTPStatus.PRECONDITION_FAILED
-    response.json({"error": {"code": 412, "message": "Precondition Failed",
-                             "errors": [{"reason": "conditionNotMet", "message": "Precondition Failed"}]}})
+    response.json(
+        {
+            "error": {
+                "code": 412,
+                "message": "Precondition Failed",
+                "errors": [{"reason": "conditionNotMet", "message": "Precondition Failed"}],
+            }
+        }
+    )
 
   def target(request, st):
     """(bucket, object) a mutating request writes or deletes."""
@@ -139,8 +147,15 @@ def _patch_emulator():
       try:
         return _run(request, response, st, *args, **kwargs)
       finally:
-        RECENT.append((time.time(), request.method, request.full_url.split("127.0.0.1")[-1][:200],
-                       getattr(response, "status", None), dict(request.query)))
+        RECENT.append(
+            (
+                time.time(),
+                request.method,
+                request.full_url.split("127.0.0.1")[-1][:200],
+                getattr(response, "status", None),
+                dict(request.query),
+            )
+        )
 
     def _run(request, response, st, *args, **kwargs):
       if LATENCY_S:
@@ -153,6 +168,7 @@ def _patch_emulator():
         if failed(request, st, bucket, name):
           return precondition_failed(response)
         return handler(request, response, st, *args, **kwargs)
+
     return run
 
   def with_generation_header(handler):
@@ -164,6 +180,7 @@ def _patch_emulator():
       except Exception:
         pass
       return handler(request, response, st, *args, **kwargs)
+
     return run
 
   handlers = []
@@ -180,11 +197,14 @@ def _patch_emulator():
   from http.server import ThreadingHTTPServer
 
   class ThreadedAPI(server.APIThread):
+
     def run(self):
       import functools
+
       ThreadingHTTPServer.daemon_threads = True
-      self._httpd = ThreadingHTTPServer((self._host, self._port),
-                                        functools.partial(server.RequestHandler, self._storage))
+      self._httpd = ThreadingHTTPServer(
+          (self._host, self._port), functools.partial(server.RequestHandler, self._storage)
+      )
       self.is_running.set()
       self._httpd.serve_forever()
 
@@ -195,6 +215,7 @@ def _patch_emulator():
 def serve(port: int):
   """Runs the patched emulator on 127.0.0.1:port in memory until killed."""
   import logging
+
   log_file = os.environ.get("GCS_EMULATOR_LOG")  # every request, for debugging a test
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # an error line per 404
@@ -207,6 +228,7 @@ def serve(port: int):
     def dump(*_):
       with open(log_file + ".recent", "w") as f:
         f.writelines(f"{t:.3f} {m} {u} {st} {q}\n" for t, m, u, st, q in list(RECENT))
+
     signal.signal(signal.SIGUSR1, dump)
   srv = server.create_server("127.0.0.1", port, in_memory=True)
   srv.run()
@@ -217,13 +239,19 @@ class GcsEmulator:
 
   def __init__(self, port: int | None = None, latency_ms: float = 0.0):
     import portpicker
+
     self.latency_ms = latency_ms
     self.port = port or portpicker.pick_unused_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GOOGLE_CLOUD_PROJECT": "test",
-                "FSSPEC_GCS_TOKEN": "anon", "NO_GCE_CHECK": "true",
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    self.env = {
+        "STORAGE_EMULATOR_HOST": self.url,
+        "TENSORSTORE_GCS_HTTP_URL": self.url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        "GOOGLE_CLOUD_PROJECT": "test",
+        "FSSPEC_GCS_TOKEN": "anon",
+        "NO_GCE_CHECK": "true",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
     self._proc: subprocess.Popen | None = None
 
   def start(self) -> "GcsEmulator":
@@ -231,8 +259,9 @@ class GcsEmulator:
     # and then blocks every request thread on the logging lock.
     self._log = tempfile.TemporaryFile()
     env = {**os.environ, "GCS_EMULATOR_LATENCY_MS": str(self.latency_ms)}
-    self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(self.port)],
-                                  stdout=self._log, stderr=self._log, env=env)
+    self._proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), str(self.port)], stdout=self._log, stderr=self._log, env=env
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
       if self._proc.poll() is not None:
@@ -251,17 +280,22 @@ class GcsEmulator:
     fsspec's defaults, which fsspec read from the environment when it was imported."""
     os.environ.update(self.env)
     import fsspec
+
     fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
     try:
       import gcsfs
+
       gcsfs.GCSFileSystem.clear_instance_cache()
     except ImportError:
       pass
 
   def create_bucket(self, name: str):
-    req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
-                                 data=json.dumps({"name": name}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{self.url}/storage/v1/b?project=test",
+        method="POST",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     urllib.request.urlopen(req, timeout=10).read()
 
   def stop(self):

@@ -27,6 +27,7 @@ API:
 stdout and stderr are kept apart (files in a temp dir), so a test can check what each
 process printed, e.g. that only process 0 prints an answer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,13 +55,20 @@ class ProcessOutput:
 
 def _env(num_processes: int, index: int, devices: int, port: int, extra: dict | None) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_JAX_")}
-  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                   if not f.startswith("--xla_force_host_platform_device_count"))
-  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip())
+  flags = " ".join(
+      f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  )
+  env.update(
+      JAX_PLATFORMS="cpu",
+      PYTHONUNBUFFERED="1",
+      XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+  )
   if num_processes > 1:
-    env.update(LLAVA_JAX_COORDINATOR=f"127.0.0.1:{port}",
-               LLAVA_JAX_NUM_PROCESSES=str(num_processes), LLAVA_JAX_PROCESS_ID=str(index))
+    env.update(
+        LLAVA_JAX_COORDINATOR=f"127.0.0.1:{port}",
+        LLAVA_JAX_NUM_PROCESSES=str(num_processes),
+        LLAVA_JAX_PROCESS_ID=str(index),
+    )
   env.update(extra or {})
   return env
 
@@ -68,8 +76,15 @@ def _env(num_processes: int, index: int, devices: int, port: int, extra: dict | 
 class Job:
   """``num_processes`` processes of ``python -m module args`` joined as one jax job."""
 
-  def __init__(self, module: str, *args: str, num_processes: int = 2,
-               devices_per_process: int = 2, env: dict | None = None, stdin: str | None = None):
+  def __init__(
+      self,
+      module: str,
+      *args: str,
+      num_processes: int = 2,
+      devices_per_process: int = 2,
+      env: dict | None = None,
+      stdin: str | None = None,
+  ):
     self.module, self.num_processes = module, num_processes
     self._dir = tempfile.TemporaryDirectory(prefix="multiprocess_")
     port = portpicker.pick_unused_port() if num_processes > 1 else 0
@@ -78,10 +93,17 @@ class Job:
       out = open(os.path.join(self._dir.name, f"process_{i}.out"), "w+")
       err = open(os.path.join(self._dir.name, f"process_{i}.err"), "w+")
       self._files.append((out, err))
-      self._procs.append(subprocess.Popen(
-          [sys.executable, "-m", module, *args], cwd=ROOT, stdout=out, stderr=err,
-          stdin=subprocess.PIPE if i == 0 and stdin is not None else subprocess.DEVNULL,
-          env=_env(num_processes, i, devices_per_process, port, env), text=True))
+      self._procs.append(
+          subprocess.Popen(
+              [sys.executable, "-m", module, *args],
+              cwd=ROOT,
+              stdout=out,
+              stderr=err,
+              stdin=subprocess.PIPE if i == 0 and stdin is not None else subprocess.DEVNULL,
+              env=_env(num_processes, i, devices_per_process, port, env),
+              text=True,
+          )
+      )
     if stdin is not None:
       self._procs[0].stdin.write(stdin)
       self._procs[0].stdin.close()
@@ -108,8 +130,10 @@ class Job:
   def report(self, why: str) -> str:
     parts = [f"{self.module} on {self.num_processes} processes: {why}"]
     for o in self.outputs():
-      parts.append(f"--- process {o.index} (exit {o.returncode}) stdout:\n{o.stdout[-_TAIL:]}"
-                   f"\n--- process {o.index} stderr:\n{o.stderr[-_TAIL:]}")
+      parts.append(
+          f"--- process {o.index} (exit {o.returncode}) stdout:\n{o.stdout[-_TAIL:]}"
+          f"\n--- process {o.index} stderr:\n{o.stderr[-_TAIL:]}"
+      )
     return "\n".join(parts)
 
   def wait(self, timeout: float = 240, check: bool = True) -> list[ProcessOutput]:
@@ -121,8 +145,9 @@ class Job:
         failed = [i for i, p in enumerate(self._procs) if p.poll() not in (None, 0)]
         if check and failed:
           self.kill()
-          pytest.fail(self.report(f"process {failed[0]} exited with "
-                                  f"{self._procs[failed[0]].returncode}"), pytrace=False)
+          pytest.fail(
+              self.report(f"process {failed[0]} exited with {self._procs[failed[0]].returncode}"), pytrace=False
+          )
         if time.monotonic() > deadline:
           self.kill()
           pytest.fail(self.report(f"timed out after {timeout:.0f} s"), pytrace=False)
@@ -130,8 +155,7 @@ class Job:
       outs = self.outputs()
       bad = [o for o in outs if o.returncode != 0]
       if check and bad:
-        pytest.fail(self.report(f"process {bad[0].index} exited with {bad[0].returncode}"),
-                    pytrace=False)
+        pytest.fail(self.report(f"process {bad[0].index} exited with {bad[0].returncode}"), pytrace=False)
       return outs
     finally:
       if self.poll():
@@ -149,9 +173,17 @@ class Job:
       pass
 
 
-def run_module(module: str, *args: str, num_processes: int = 2, devices_per_process: int = 2,
-               timeout: float = 240, env: dict | None = None, stdin: str | None = None,
-               check: bool = True) -> list[ProcessOutput]:
+def run_module(
+    module: str,
+    *args: str,
+    num_processes: int = 2,
+    devices_per_process: int = 2,
+    timeout: float = 240,
+    env: dict | None = None,
+    stdin: str | None = None,
+    check: bool = True,
+) -> list[ProcessOutput]:
   """Runs ``python -m module args`` in ``num_processes`` processes; see the module doc."""
-  return Job(module, *args, num_processes=num_processes,
-             devices_per_process=devices_per_process, env=env, stdin=stdin).wait(timeout, check)
+  return Job(
+      module, *args, num_processes=num_processes, devices_per_process=devices_per_process, env=env, stdin=stdin
+  ).wait(timeout, check)

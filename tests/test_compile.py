@@ -1,4 +1,5 @@
 """llava_jax.compile: the tiny train step compiled by libtpu for TPU topologies, on CPU."""
+
 import json
 import os
 import subprocess
@@ -26,19 +27,34 @@ def _tiny(attn: str, **mesh):
   return c
 
 
-@pytest.mark.parametrize("name, gen, shape, chips", [
-    ("v5e:4x8", "v5e", "4x8", 32), ("v5e-32", "v5e", "4x8", 32),
-    ("v5e-256", "v5e", "16x16", 256), ("v4-32", "v4", "2x2x4", 16),
-    ("v5p-32", "v5p", "2x2x4", 16), ("v5p:2x2x4", "v5p", "2x2x4", 16),
-    ("v6e-8", "v6e", "2x4", 8), ("v5litepod-16", "v5e", "4x4", 16)])
+@pytest.mark.parametrize(
+    "name, gen, shape, chips",
+    [
+        ("v5e:4x8", "v5e", "4x8", 32),
+        ("v5e-32", "v5e", "4x8", 32),
+        ("v5e-256", "v5e", "16x16", 256),
+        ("v4-32", "v4", "2x2x4", 16),
+        ("v5p-32", "v5p", "2x2x4", 16),
+        ("v5p:2x2x4", "v5p", "2x2x4", 16),
+        ("v6e-8", "v6e", "2x4", 8),
+        ("v5litepod-16", "v5e", "4x4", 16),
+    ],
+)
 def test_parse_topology(name, gen, shape, chips):
   t = aot.parse_topology(name)
   assert (t.generation, t.shape, t.chips_per_slice) == (gen, shape, chips)
 
 
-@pytest.mark.parametrize("name, match", [
-    ("v9:2x2", "unknown TPU generation"), ("v4:2x2", "3-D grid"), ("v4-33", "multiple of 2"),
-    ("v5e-24", "no standard v5e slice"), ("tpu", "expected <gen>")])
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("v9:2x2", "unknown TPU generation"),
+        ("v4:2x2", "3-D grid"),
+        ("v4-33", "multiple of 2"),
+        ("v5e-24", "no standard v5e slice"),
+        ("tpu", "expected <gen>"),
+    ],
+)
 def test_parse_topology_errors(name, match):
   with pytest.raises(ValueError, match=match):
     aot.parse_topology(name)
@@ -66,10 +82,17 @@ def test_count_collectives_and_refusal_parsing():
   %cp = (f32[4], f32[4]) collective-permute-start(f32[4] %x), source_target_pairs={{0,1}}
   %ar = f32[] all-reduce(f32[] %l), to_apply=%add
   """
-  assert aot.count_collectives(hlo) == {"all-gather": 2, "reduce-scatter": 1, "all-reduce": 1,
-                                        "all-to-all": 0, "collective-permute": 1}
-  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-         "temporaries (16.25G) exceeds available HBM (15.75G).")
+  assert aot.count_collectives(hlo) == {
+      "all-gather": 2,
+      "reduce-scatter": 1,
+      "all-reduce": 1,
+      "all-to-all": 0,
+      "collective-permute": 1,
+  }
+  msg = (
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (16.25G) exceeds available HBM (15.75G)."
+  )
   assert aot._refusal_bytes(msg) == (16.25 * aot.GIB, 15.75 * aot.GIB)
 
 
@@ -83,8 +106,12 @@ def test_pallas_step_has_the_mosaic_kernel():
   assert m["total"] == m["arguments"] + m["outputs"] + m["temporaries"] + m["code"]
   assert "buffer assignment" in m["source"] and m["temporaries"] > 0
   ma = m["memory_analysis"]  # counts the donated state apart: our total is below its sum
-  assert m["total"] < (ma["argument_size_in_bytes"] + ma["output_size_in_bytes"]
-                       + ma["temp_size_in_bytes"] + ma["generated_code_size_in_bytes"])
+  assert m["total"] < (
+      ma["argument_size_in_bytes"]
+      + ma["output_size_in_bytes"]
+      + ma["temp_size_in_bytes"]
+      + ma["generated_code_size_in_bytes"]
+  )
   assert r["collectives"]["all-gather"] > 0  # FSDP gathers the param shards
   assert r["flops_per_step"] > 0 and r["compile_s"] > 0
 
@@ -109,16 +136,20 @@ def test_layout_errors_come_before_compiling():
 
 def _cli(*args, tmp_path):
   out = tmp_path / "r.json"
-  proc = subprocess.run([sys.executable, "-m", "llava_jax.compile", *TINY, *args,
-                         f"--json={out}"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  proc = subprocess.run(
+      [sys.executable, "-m", "llava_jax.compile", *TINY, *args, f"--json={out}"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
 @pytest.mark.slow
 def test_cli_fits_with_xla_attention(tmp_path):
-  proc, r = _cli("--topology=v5e-4", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                 tmp_path=tmp_path)
+  proc, r = _cli("--topology=v5e-4", "--config.mesh.data=1", "--config.mesh.fsdp=-1", tmp_path=tmp_path)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   assert "verdict       fits" in proc.stdout and "per-chip memory" in proc.stdout
   assert r["fits"] and r["mosaic_kernels"] == 0 and r["attn_impl"]["llm"] == "xla"

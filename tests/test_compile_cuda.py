@@ -1,6 +1,7 @@
 """llava_jax.compile for GPU topologies (cuda:<gpu>:HOSTSxGPUS): the tiny train step compiled
 by the CUDA compiler on a CPU host, no GPU. Topology names are tested everywhere; compiles
 need jax's CUDA plugin (the cuda_aot extra, ~5 GB installed), which CI does not install."""
+
 import importlib.util
 import json
 import os
@@ -16,7 +17,6 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny_shapes  # noqa: E402
 
 
-
 def _has_cuda_plugin() -> bool:
   try:
     return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
@@ -27,7 +27,8 @@ def _has_cuda_plugin() -> bool:
 needs_plugin = pytest.mark.skipif(
     not _has_cuda_plugin(),
     reason="GPU ahead-of-time compiles need jax's CUDA plugin (pip install '.[cuda_aot]', "
-           "~5 GB installed; not in the test extra or CI)")
+    "~5 GB installed; not in the test extra or CI)",
+)
 
 
 def _tiny(attn: str):
@@ -39,18 +40,30 @@ def _tiny(attn: str):
   return c
 
 
-@pytest.mark.parametrize("name, gpu, shape, n", [
-    ("cuda:h100:1x8", "h100", "1x8", 8), ("cuda:H200:2x8", "h200", "2x8", 16),
-    ("cuda:a100:1x4", "a100", "1x4", 4), ("gpu:a100-40gb:4x8", "a100-40", "4x8", 32)])
+@pytest.mark.parametrize(
+    "name, gpu, shape, n",
+    [
+        ("cuda:h100:1x8", "h100", "1x8", 8),
+        ("cuda:H200:2x8", "h200", "2x8", 16),
+        ("cuda:a100:1x4", "a100", "1x4", 4),
+        ("gpu:a100-40gb:4x8", "a100-40", "4x8", 32),
+    ],
+)
 def test_parse_gpu_topology(name, gpu, shape, n):
   t = aot.parse_topology(name)
   assert (t.platform, t.generation, t.shape, t.chips_per_slice) == ("cuda", gpu, shape, n)
   assert str(t) == f"cuda:{gpu}:{shape}" and t.chip is aot.GPUS[gpu]
 
 
-@pytest.mark.parametrize("name, slices, match", [
-    ("cuda:v100:1x8", 1, "unknown GPU 'v100'"), ("cuda:h100:8", 1, "HOSTSxGPUS"),
-    ("cuda:h100:0x8", 1, ">= 1"), ("cuda:h100:1x8", 2, "hosts in the name")])
+@pytest.mark.parametrize(
+    "name, slices, match",
+    [
+        ("cuda:v100:1x8", 1, "unknown GPU 'v100'"),
+        ("cuda:h100:8", 1, "HOSTSxGPUS"),
+        ("cuda:h100:0x8", 1, ">= 1"),
+        ("cuda:h100:1x8", 2, "hosts in the name"),
+    ],
+)
 def test_parse_gpu_topology_errors(name, slices, match):
   with pytest.raises(ValueError, match=match):
     aot.parse_topology(name, slices)
@@ -107,11 +120,23 @@ def test_cli_gpu_exit_statuses(tmp_path):
     out = tmp_path / "r.json"
     out.unlink(missing_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "llava_jax.compile", "--config=configs/tiny_shapes.py:test",
-         "--config.model.vocab_from_tokenizer=False", "--config.mesh.data=1",
-         "--config.mesh.fsdp=-1", *args, f"--json={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        [
+            sys.executable,
+            "-m",
+            "llava_jax.compile",
+            "--config=configs/tiny_shapes.py:test",
+            "--config.model.vocab_from_tokenizer=False",
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=-1",
+            *args,
+            f"--json={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
   # A pool of 1e-5 of 40 GiB (~420 KiB) cannot hold the step: exit 1, with the fraction needed.

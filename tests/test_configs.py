@@ -1,4 +1,5 @@
 """Every config file builds, names real variants, and its sweep yields valid overrides."""
+
 import glob
 import importlib.util
 import os
@@ -35,7 +36,10 @@ def test_config_and_sweep(path):
 
 
 def test_llava15_hyperparameters():
-  s1, s2 = _load(f"{ROOT}/configs/llava15_stage1.py").get_config(), _load(f"{ROOT}/configs/llava15_stage2.py").get_config()
+  s1, s2 = (
+      _load(f"{ROOT}/configs/llava15_stage1.py").get_config(),
+      _load(f"{ROOT}/configs/llava15_stage2.py").get_config(),
+  )
   assert (s1.optim.lr, s1.train.batch_size, s1.data.max_len, s1.data.template) == (1e-3, 256, 2048, "plain")
   assert (s2.optim.lr, s2.train.batch_size, s2.data.template) == (2e-5, 128, "vicuna_v1")
   assert s1.optim.warmup_ratio == s2.optim.warmup_ratio == 0.03

@@ -14,6 +14,7 @@ The models are built as ``train.setup`` builds them, without a tokenizer
 (``model_config(config, None)``: the variant's vocabulary; tiny_shapes, whose vocabulary
 comes from the tokenizer written with its data, is read with the variant's too).
 """
+
 import importlib.util
 import os
 
@@ -68,8 +69,11 @@ def snapshot(file: str, arg: str) -> str:
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   is_spec = lambda x: isinstance(x, PartitionSpec)
   lines = [f"# configs/{file}:{arg} on mesh {dict(MESH.shape)}; sharding_rules overrides: {list(rules)}"]
-  for (path, names), spec, leaf in zip(jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0],
-                                       jax.tree.leaves(mesh_specs, is_leaf=is_spec), jax.tree.leaves(shapes)):
+  for (path, names), spec, leaf in zip(
+      jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0],
+      jax.tree.leaves(mesh_specs, is_leaf=is_spec),
+      jax.tree.leaves(shapes),
+  ):
     names = tuple(names) + (None,) * (len(leaf.shape) - len(names))
     spec = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
     dims = " ".join(f"{n}:{_axes(a)}" for n, a in zip(names, spec))
@@ -90,9 +94,12 @@ def test_param_shardings_match_the_snapshot(name):
     want = f.read()
   if got != want:
     import difflib
+
     diff = "".join(difflib.unified_diff(want.splitlines(True), got.splitlines(True), "snapshot", "now"))
-    pytest.fail(f"param shardings of {name} differ from {path} (after checking the change, "
-                f"regenerate with UPDATE_SHARDING_SNAPSHOTS=1):\n{diff[:6000]}")
+    pytest.fail(
+        f"param shardings of {name} differ from {path} (after checking the change, "
+        f"regenerate with UPDATE_SHARDING_SNAPSHOTS=1):\n{diff[:6000]}"
+    )
 
 
 def test_every_snapshot_has_a_config():

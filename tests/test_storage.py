@@ -9,6 +9,7 @@
 - metrics.jsonl / eval.json / answer files / the run's log on gs://;
 - ``save_hf_llava`` / ``load_hf_llava`` to and from the bucket.
 """
+
 import json
 import os
 import threading
@@ -36,6 +37,7 @@ def test_unsupported_schemes_are_refused_with_the_reason():
 def test_train_refuses_an_unusable_workdir_before_any_work(tmp_path, monkeypatch):
   import importlib.util
   from llava_jax.train import loop
+
   monkeypatch.chdir(tmp_path)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("tiny_shapes", f"{root}/configs/tiny_shapes.py")
@@ -129,8 +131,7 @@ def test_lock_on_a_bucket(bucket, monkeypatch):
   holder = next(lock for lock in locks if lock.held)
 
   # A holder on another host is stale once its heartbeat (the object's update time) is old.
-  storage.replace_if(holder.path, json.dumps({"host": "some-other-host", "pid": 1}).encode(),
-                     holder._generation)
+  storage.replace_if(holder.path, json.dumps({"host": "some-other-host", "pid": 1}).encode(), holder._generation)
   with pytest.raises(lock_lib.WorkdirLockedError, match="some-other-host"):
     lock_lib.WorkdirLock(workdir).acquire()
   monkeypatch.setattr(lock_lib, "STALE_S", 0.0)
@@ -144,6 +145,7 @@ def test_lock_on_a_bucket(bucket, monkeypatch):
 
 def test_metric_writer_eval_json_and_resume_repair(bucket):
   from llava_jax.train.metrics import MetricWriter
+
   workdir = f"{bucket}/run"
   writer = MetricWriter(workdir, tensorboard=False)
   for step in range(1, 6):
@@ -160,6 +162,7 @@ def test_metric_writer_eval_json_and_resume_repair(bucket):
 
 def test_answer_file_resumes_on_a_bucket(bucket):
   from llava_jax.eval.answers import AnswerWriter, answered_ids, read_answers
+
   path = f"{bucket}/eval/synthetic_answers.jsonl"
   with AnswerWriter(path, "m") as writer:
     writer.write("q0", "p", "red")
@@ -177,6 +180,7 @@ def test_answer_file_resumes_on_a_bucket(bucket):
 def test_log_file_on_a_bucket(bucket, monkeypatch):
   import logging
   from llava_jax import console
+
   path = f"{bucket}/run/logs/process_0.log"
   handler = console.RemoteLogHandler(path)
   handler.setFormatter(logging.Formatter("%(message)s"))
@@ -191,6 +195,7 @@ def test_hf_llava_to_and_from_a_bucket(bucket):
   from llava_jax.checkpoint.convert.hf import load_hf_llava, save_hf_llava
   from llava_jax.models.configs import llava_config
   from llava_jax.models.llava import init_params
+
   cfg = llava_config("clip-tiny", "tiny")
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))  # random values: fast
   rng = np.random.default_rng(0)
@@ -207,4 +212,3 @@ def test_hf_llava_to_and_from_a_bucket(bucket):
   assert sorted(got) == sorted(want)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-

@@ -1,4 +1,5 @@
 """The tokenizer wrapper: sentencepiece and tokenizer.json back ends, special tokens in text, loading."""
+
 import json
 import logging
 import os
@@ -11,10 +12,12 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llava_jax import tokenizer as tk
 
-WORDS = ("the a an dog cat bird horse runs sits flies jumps on under over mat table chair red blue green yellow big "
-         "small tall short what is are in this that yes no color of picture image photo man woman child holding "
-         "wearing shirt hat street car bus train water sky tree grass white black brown two three many people "
-         "standing sitting looking at next to near with and or there how where why describe detail").split()
+WORDS = (
+    "the a an dog cat bird horse runs sits flies jumps on under over mat table chair red blue green yellow big "
+    "small tall short what is are in this that yes no color of picture image photo man woman child holding "
+    "wearing shirt hat street car bus train water sky tree grass white black brown two three many people "
+    "standing sitting looking at next to near with and or there how where why describe detail"
+).split()
 
 
 def _sentences(n=2000, seed=0):
@@ -78,8 +81,9 @@ def _word_level(specials=("<unk>", "<s>", "</s>", "<pad>")):
 
 def test_hf_tokenizer_json_with_config(tmp_path):
   _word_level().save(str(tmp_path / "tokenizer.json"))
-  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": {"content": "<s>"}, "eos_token": "</s>", "pad_token": None, "unk_token": "<unk>"}))
+  (tmp_path / "tokenizer_config.json").write_text(
+      json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>", "pad_token": None, "unk_token": "<unk>"})
+  )
   tok = tk.load_tokenizer(tmp_path)
   assert isinstance(tok, tk.HFTokenizer)
   assert (tok.bos_id, tok.eos_id, tok.unk_id) == (1, 2, 0)
@@ -103,9 +107,12 @@ def test_hf_byte_level_bpe_without_bos(tmp_path):
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=300,
+      show_progress=False,
+      special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(_sentences(), trainer)
   tok.save(str(tmp_path / "tokenizer.json"))
   t = tk.load_tokenizer(tmp_path / "tokenizer.json")
@@ -135,10 +142,40 @@ HF_436 = {
     (False, "safe.  Your"): ["▁safe", ".", "▁", "▁Your"],
     (True, " ASSISTANT:"): ["▁", "▁ASS", "IST", "ANT", ":"],
     (False, " ASSISTANT:"): ["▁", "▁ASS", "IST", "ANT", ":"],
-    (True, "[/INST] A cat. </s><s>[INST] Color?"): ["▁[", "/", "INST", "]", "▁A", "▁cat", ".", "▁", "</s>", "<s>",
-                                                    "▁[", "INST", "]", "▁Color", "?"],
-    (False, "[/INST] A cat. </s><s>[INST] Color?"): ["▁[", "/", "INST", "]", "▁A", "▁cat", ".", "▁", "</s>", "<s>",
-                                                     "[", "INST", "]", "▁Color", "?"],
+    (True, "[/INST] A cat. </s><s>[INST] Color?"): [
+        "▁[",
+        "/",
+        "INST",
+        "]",
+        "▁A",
+        "▁cat",
+        ".",
+        "▁",
+        "</s>",
+        "<s>",
+        "▁[",
+        "INST",
+        "]",
+        "▁Color",
+        "?",
+    ],
+    (False, "[/INST] A cat. </s><s>[INST] Color?"): [
+        "▁[",
+        "/",
+        "INST",
+        "]",
+        "▁A",
+        "▁cat",
+        ".",
+        "▁",
+        "</s>",
+        "<s>",
+        "[",
+        "INST",
+        "]",
+        "▁Color",
+        "?",
+    ],
     (True, "Hi </s> x"): ["▁Hi", "▁", "</s>", "▁", "▁x"],
     (False, "Hi </s> x"): ["▁Hi", "▁", "</s>", "▁x"],  # a space after </s> survives (the "<unk>" trick)
     (False, "</s>x"): ["</s>", "x"],  # no lone "▁" before a leading special token
@@ -180,9 +217,21 @@ def test_load_reads_legacy_added_tokens_and_chat_template(mistral_dir, tmp_path,
   d = tmp_path / "ckpt"
   d.mkdir()
   (d / "tokenizer.model").write_bytes((mistral_dir / "tokenizer.model").read_bytes())
-  _write_config(d, legacy=False, chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
-                added_tokens_decoder={"32000": {"content": "<image>", "special": True, "lstrip": False,
-                                                "rstrip": False, "normalized": False, "single_word": False}})
+  _write_config(
+      d,
+      legacy=False,
+      chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+      added_tokens_decoder={
+          "32000": {
+              "content": "<image>",
+              "special": True,
+              "lstrip": False,
+              "rstrip": False,
+              "normalized": False,
+              "single_word": False,
+          }
+      },
+  )
   with caplog.at_level(logging.INFO, logger="llava_jax.tokenizer"):
     tok = tk.load_tokenizer(d)
   assert "sentencepiece back end (the only tokenizer file), legacy=False" in caplog.text

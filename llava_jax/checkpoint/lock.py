@@ -23,6 +23,7 @@ two writers, and the next metrics append of the older one fails (``ConcurrentWri
 Staleness across hosts compares this host's clock with the bucket's ``updated`` time, so
 clocks must agree to well within ``STALE_S`` (NTP on cloud VMs does).
 """
+
 from __future__ import annotations
 
 import json
@@ -78,9 +79,13 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     self.path = storage.join(workdir, LOCK_FILE)
     self.remote = storage.is_remote(self.path)
-    self._me = {"host": socket.gethostname(), "pid": os.getpid(),
-                "start": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "started_at": time.time(),
-                "nonce": uuid.uuid4().hex}
+    self._me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "started_at": time.time(),
+        "nonce": uuid.uuid4().hex,
+    }
     self._stop = threading.Event()
     self._beat: threading.Thread | None = None
     self._generation: str | None = None  # bucket: the generation this holder last wrote
@@ -100,7 +105,8 @@ class WorkdirLock:
         f"{os.path.dirname(self.path)} is in use by another trainer: host "
         f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
         f"{holder.get('start', '?')} ({self.path}). Use another --workdir, or stop that "
-        "run; a lock left by a dead run is taken over automatically.")
+        "run; a lock left by a dead run is taken over automatically."
+    )
 
   def _start_heartbeat(self):
     self.held = True
@@ -165,9 +171,11 @@ class WorkdirLock:
           continue
         new = storage.replace_if(self.path, json.dumps(self._me).encode(), self._generation)
         if new is None:
-          logging.error("the workdir lock %s was taken over by another trainer (this one's "
-                        "heartbeat was late?); two trainers now write this workdir: stop one",
-                        self.path)
+          logging.error(
+              "the workdir lock %s was taken over by another trainer (this one's "
+              "heartbeat was late?); two trainers now write this workdir: stop one",
+              self.path,
+          )
           return
         self._generation = new
       except OSError:

@@ -14,6 +14,7 @@ bucket (``gs://``, where rename is a copy) it writes in place and marks the step
 committed with a last ``commit_success.txt``, and steps without one are not restored.
 The workdir's own files go through ``llava_jax.storage``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,16 +43,23 @@ def check_run_info(workdir: str, model: LlavaConfig) -> None:
     return
   old = storage.read_json(path)
   if old.get("model") != json.loads(json.dumps(model.to_dict(), default=_jsonable)):
-    raise ValueError(f"{workdir} holds checkpoints of a different model config; use a new "
-                     "--workdir (or delete it) to start over")
+    raise ValueError(
+        f"{workdir} holds checkpoints of a different model config; use a new --workdir (or delete it) to start over"
+    )
 
 
-def write_run_info(workdir: str, *, model: LlavaConfig, tokenizer: str, template: str,
-                   image: ImageConfig, config: dict | None = None):
+def write_run_info(
+    workdir: str, *, model: LlavaConfig, tokenizer: str, template: str, image: ImageConfig, config: dict | None = None
+):
   """Writes ``run.json``; on resume, refuses a different model than the checkpoints hold."""
   path = storage.join(workdir, RUN_FILE)
-  info = {"model": model.to_dict(), "tokenizer": storage.absolute(tokenizer),
-          "template": template, "image": dataclasses.asdict(image), "config": config or {}}
+  info = {
+      "model": model.to_dict(),
+      "tokenizer": storage.absolute(tokenizer),
+      "template": template,
+      "image": dataclasses.asdict(image),
+      "config": config or {},
+  }
   info = json.loads(json.dumps(info, default=_jsonable))
   check_run_info(workdir, model)
   storage.makedirs(workdir)
@@ -86,8 +94,8 @@ class Checkpointer:
     self.every = every
     self.manager = ocp.CheckpointManager(
         storage.absolute(storage.join(workdir, CKPT_DIR)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                             enable_async_checkpointing=async_save))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -118,17 +126,14 @@ class Checkpointer:
     Returns ``(state, data or None)``: data is ``{"processes": [...]}`` (or, for
     checkpoints written before per-process states, the one iterator state).
     """
-    train = {"opt_state": abstract_state.opt_state, "step": abstract_state.step,
-             "rng": abstract_state.rng}
-    args = {"params": ocp.args.StandardRestore(abstract_state.params),
-            "train": ocp.args.StandardRestore(train)}
+    train = {"opt_state": abstract_state.opt_state, "step": abstract_state.step, "rng": abstract_state.rng}
+    args = {"params": ocp.args.StandardRestore(abstract_state.params), "train": ocp.args.StandardRestore(train)}
     items = self.manager.item_metadata(step)
     if with_data and "data" in (items.keys() if hasattr(items, "keys") else []):
       args["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     t = out["train"]
-    state = abstract_state.replace(params=out["params"], opt_state=t["opt_state"],
-                                   step=t["step"], rng=t["rng"])
+    state = abstract_state.replace(params=out["params"], opt_state=t["opt_state"], step=t["step"], rng=t["rng"])
     return state, (out["data"] if "data" in args else None)
 
   def restore_intact(self, abstract_state, *, on_corrupt: str = "fallback"):
@@ -149,16 +154,25 @@ class Checkpointer:
       except Exception as e:  # orbax / tensorstore / JSON errors of a damaged checkpoint
         path = storage.join(os.fspath(self.manager.directory), str(step))
         if on_corrupt == "raise":
-          raise RuntimeError(f"checkpoint {step} ({path}) cannot be restored: "
-                             f"{type(e).__name__}: {str(e)[:500]}. Remove it to resume from the "
-                             f"one before: rm -r {path}") from e
-        logging.error("checkpoint %d (%s) cannot be restored (%s: %s); moving it to %s.corrupt "
-                      "and trying the one before", step, path, type(e).__name__, str(e)[:300], path)
+          raise RuntimeError(
+              f"checkpoint {step} ({path}) cannot be restored: "
+              f"{type(e).__name__}: {str(e)[:500]}. Remove it to resume from the "
+              f"one before: rm -r {path}"
+          ) from e
+        logging.error(
+            "checkpoint %d (%s) cannot be restored (%s: %s); moving it to %s.corrupt and trying the one before",
+            step,
+            path,
+            type(e).__name__,
+            str(e)[:300],
+            path,
+        )
         self._move_aside(path)
     return None, None, None
 
   def _move_aside(self, path: str):
     from llava_jax import distributed
+
     if distributed.is_primary() and storage.exists(path):
       target = path + ".corrupt"
       k = 1
@@ -176,6 +190,7 @@ class Checkpointer:
       self.manager.wait_until_finished()
       return
     import threading
+
     done = threading.Thread(target=self.manager.wait_until_finished, daemon=True)
     done.start()
     done.join(timeout)
@@ -189,15 +204,16 @@ class Checkpointer:
 
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs with the given shardings (restore targets)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def restore_params(workdir: str, cfg: LlavaConfig, step: int | None = None, shardings=None):
   """Only the ``params`` item of a run's checkpoint (latest by default)."""
   from llava_jax.models.llava import init_params
-  manager = ocp.CheckpointManager(storage.absolute(storage.join(workdir, CKPT_DIR)),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+
+  manager = ocp.CheckpointManager(
+      storage.absolute(storage.join(workdir, CKPT_DIR)), options=ocp.CheckpointManagerOptions(read_only=True)
+  )
   saved = sorted(manager.all_steps())
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -208,8 +224,9 @@ def restore_params(workdir: str, cfg: LlavaConfig, step: int | None = None, shar
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, shapes)
-  out = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_like(shapes, shardings))))
+  out = manager.restore(
+      step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_like(shapes, shardings)))
+  )
   manager.close()
   return step, out["params"]
 
@@ -227,9 +244,16 @@ class Run:
 def load_run(workdir: str, step: int | None = None, *, shardings=None) -> Run:
   """Everything inference needs from a training workdir."""
   from llava_jax.tokenizer import load_tokenizer
+
   info = read_run_info(workdir)
   cfg = LlavaConfig.from_dict(info["model"])
   step, params = restore_params(workdir, cfg, step, shardings)
   image = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["image"].items()})
-  return Run(cfg=cfg, params=params, tokenizer=load_tokenizer(info["tokenizer"]),
-             template=info["template"], image=image, step=int(step))
+  return Run(
+      cfg=cfg,
+      params=params,
+      tokenizer=load_tokenizer(info["tokenizer"]),
+      template=info["template"],
+      image=image,
+      step=int(step),
+  )

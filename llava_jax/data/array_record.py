@@ -42,15 +42,18 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def encode_record(record: Mapping, image_bytes: Sequence[bytes], image_names: Sequence[str],
-                  sample_id: str | None = None) -> bytes:
+def encode_record(
+    record: Mapping, image_bytes: Sequence[bytes], image_names: Sequence[str], sample_id: str | None = None
+) -> bytes:
   """One record -> serialized `tf.train.Example` bytes (the array_record payload); id defaults to the record's."""
-  return record_features().serialize_example({
-      "id": sample_id_of(record) if sample_id is None else sample_id,
-      "conversations": json.dumps(record.get("conversations"), ensure_ascii=False),
-      "images": [bytes(b) for b in image_bytes],
-      "image_names": [str(n) for n in image_names],
-  })
+  return record_features().serialize_example(
+      {
+          "id": sample_id_of(record) if sample_id is None else sample_id,
+          "conversations": json.dumps(record.get("conversations"), ensure_ascii=False),
+          "images": [bytes(b) for b in image_bytes],
+          "image_names": [str(n) for n in image_names],
+      }
+  )
 
 
 def stored_image_bytes(image, *, jpeg_quality: int = 95) -> bytes:
@@ -86,6 +89,7 @@ class ConversionReport:
     skipped_ids: ids of the first 100 skipped records, with their reason.
     files: the shard paths.
   """
+
   written: int = 0
   shard_lengths: list[int] = dataclasses.field(default_factory=list)
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -95,21 +99,31 @@ class ConversionReport:
 
 def shard_paths(out_dir: str | os.PathLike, name: str, split: str, num_shards: int) -> list[str]:
   """tfds file names: `out_dir/<name>-<split>.array_record-0000k-of-0000N`."""
-  return [os.path.join(os.fspath(out_dir), f"{name}-{split}.array_record-{k:05d}-of-{num_shards:05d}")
-          for k in range(num_shards)]
+  return [
+      os.path.join(os.fspath(out_dir), f"{name}-{split}.array_record-{k:05d}-of-{num_shards:05d}")
+      for k in range(num_shards)
+  ]
 
 
 def _other_splits(out_dir: str, split: str) -> list:
   """SplitInfos already recorded in out_dir's dataset_info.json, except `split` (so splits can be added one by one)."""
   import tensorflow_datasets as tfds
+
   path = os.path.join(out_dir, "dataset_info.json")
   if not os.path.exists(path):
     return []
   with open(path) as f:
     info = json.load(f)
-  return [tfds.core.SplitInfo(name=s["name"], shard_lengths=[int(n) for n in s.get("shardLengths", [])],
-                              num_bytes=int(s.get("numBytes", 0)), filename_template=None)
-          for s in info.get("splits", []) if s["name"] != split]
+  return [
+      tfds.core.SplitInfo(
+          name=s["name"],
+          shard_lengths=[int(n) for n in s.get("shardLengths", [])],
+          num_bytes=int(s.get("numBytes", 0)),
+          filename_template=None,
+      )
+      for s in info.get("splits", [])
+      if s["name"] != split
+  ]
 
 
 def _write_array_record_remote(records, out_dir: str, **kwargs) -> ConversionReport:
@@ -130,9 +144,17 @@ def _write_array_record_remote(records, out_dir: str, **kwargs) -> ConversionRep
   return report
 
 
-def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *,
-                       image_root: str | os.PathLike | None = None, num_shards: int = 1, split: str = "train",
-                       name: str = "llava", policy: str = "skip", jpeg_quality: int = 95) -> ConversionReport:
+def write_array_record(
+    records: Iterable[Mapping],
+    out_dir: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    num_shards: int = 1,
+    split: str = "train",
+    name: str = "llava",
+    policy: str = "skip",
+    jpeg_quality: int = 95,
+) -> ConversionReport:
   """Writes LLaVA records with their image bytes into tfds-layout array_record shards.
 
   Args:
@@ -160,9 +182,16 @@ def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *
   import tensorflow_datasets as tfds
 
   if storage.is_remote(out_dir):
-    return _write_array_record_remote(records, os.fspath(out_dir), image_root=image_root,
-                                      num_shards=num_shards, split=split, name=name, policy=policy,
-                                      jpeg_quality=jpeg_quality)
+    return _write_array_record_remote(
+        records,
+        os.fspath(out_dir),
+        image_root=image_root,
+        num_shards=num_shards,
+        split=split,
+        name=name,
+        policy=policy,
+        jpeg_quality=jpeg_quality,
+    )
 
   if policy not in ("skip", "raise"):
     raise ValueError(f"policy must be 'skip' or 'raise', got {policy!r}")
@@ -217,11 +246,22 @@ def write_array_record(records: Iterable[Mapping], out_dir: str | os.PathLike, *
     for w in writers:
       w.close()
   num_bytes = sum(os.path.getsize(p) for p in report.files)
-  split_info = tfds.core.SplitInfo(name=split, shard_lengths=report.shard_lengths, num_bytes=num_bytes,
-                                   filename_template=None)
+  split_info = tfds.core.SplitInfo(
+      name=split, shard_lengths=report.shard_lengths, num_bytes=num_bytes, filename_template=None
+  )
   tfds.folder_dataset.write_metadata(
-      data_dir=out_dir, features=record_features(), split_infos=_other_splits(out_dir, split) + [split_info],
-      filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", check_data=False)
-  log.info("wrote %d records of split %r to %s in %d shards; skipped %s", report.written, split, out_dir,
-           num_shards, report.skipped or "none")
+      data_dir=out_dir,
+      features=record_features(),
+      split_infos=_other_splits(out_dir, split) + [split_info],
+      filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+      check_data=False,
+  )
+  log.info(
+      "wrote %d records of split %r to %s in %d shards; skipped %s",
+      report.written,
+      split,
+      out_dir,
+      num_shards,
+      report.skipped or "none",
+  )
   return report

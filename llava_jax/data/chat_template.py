@@ -55,13 +55,16 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # as the model's own placeholders; one that handles string content says so; one that only reads parts needs them.
 _IMAGE_PARTS = re.compile(r"['\"]image['\"]")
 _HANDLES_STRING = re.compile(r"content['\"]?\]?\s+is\s+string")
-_READS_PARTS = re.compile(r"for\s+\w+\s+in\s+[\w.\[\]'\"]*content['\"]?\]?\s*(\||%)|"
-                          r"content['\"]?\]?\s*\[\s*0\s*\]|content['\"]?\]?\s*\|\s*selectattr")
+_READS_PARTS = re.compile(
+    r"for\s+\w+\s+in\s+[\w.\[\]'\"]*content['\"]?\]?\s*(\||%)|"
+    r"content['\"]?\]?\s*\[\s*0\s*\]|content['\"]?\]?\s*\|\s*selectattr"
+)
 _SENTINEL = "\x00answer\x00"
 
 
 class _GenerationTracker(jinja2.ext.Extension):
   """`{% generation %}...{% endgeneration %}`: records each block's character span (transformers' AssistantTracker)."""
+
   tags = {"generation"}
 
   def __init__(self, environment):
@@ -104,8 +107,9 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 @functools.lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
   """The template compiled in a sandboxed environment configured as transformers configures it."""
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                     extensions=[_GenerationTracker, jinja2.ext.loopcontrols])
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols]
+  )
   env.filters["tojson"] = _tojson
   env.globals["raise_exception"] = _raise_exception
   env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -116,7 +120,7 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 def detect_content_format(source: str) -> str:
-  """"parts" if the template renders image parts or only reads a list of parts, else "string"."""
+  """ "parts" if the template renders image parts or only reads a list of parts, else "string"."""
   if _IMAGE_PARTS.search(source) or (_READS_PARTS.search(source) and not _HANDLES_STRING.search(source)):
     return "parts"
   return "string"
@@ -137,8 +141,14 @@ class ChatTemplate:
   image_only_prompt = False
   split_at_images = False  # the text is encoded whole, `<image>` as the tokenizer's own token (HF processors)
 
-  def __init__(self, source: str, *, special_tokens: Mapping[str, str | None] = (), content_format: str = "auto",
-               origin: str = "<chat_template>"):
+  def __init__(
+      self,
+      source: str,
+      *,
+      special_tokens: Mapping[str, str | None] = (),
+      content_format: str = "auto",
+      origin: str = "<chat_template>",
+  ):
     if content_format not in ("auto", "string", "parts"):
       raise ValueError(f"content_format must be 'auto', 'string' or 'parts', got {content_format!r}")
     self.source = source
@@ -149,8 +159,11 @@ class ChatTemplate:
     self._compiled = compile_template(source)
 
   def __reduce__(self):  # compiled Jinja does not pickle; data-loader workers recompile (cached)
-    return (ChatTemplate, (self.source,), {"special_tokens": self.special_tokens,
-                                          "content_format": self.content_format, "origin": self.origin})
+    return (
+        ChatTemplate,
+        (self.source,),
+        {"special_tokens": self.special_tokens, "content_format": self.content_format, "origin": self.origin},
+    )
 
   def __setstate__(self, state):
     self.__init__(self.source, **state)
@@ -172,20 +185,28 @@ class ChatTemplate:
       return (IMAGE_TAG + "\n") * n_images + rest if n_images else text
     return [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": rest}]
 
-  def render_text(self, messages: Sequence[Mapping], add_generation_prompt: bool = False
-                  ) -> tuple[str, list[tuple[int, int]]]:
+  def render_text(
+      self, messages: Sequence[Mapping], add_generation_prompt: bool = False
+  ) -> tuple[str, list[tuple[int, int]]]:
     """-> (rendered text, character spans of its `{% generation %}` blocks)."""
     blocks, spans = [], []
     try:
       with self._compiled.environment.track_generation(blocks, spans):
-        for block in self._compiled.generate(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                             tools=None, documents=None, **self.special_tokens):
+        for block in self._compiled.generate(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **self.special_tokens,
+        ):
           blocks.append(block)
     except jinja2.exceptions.TemplateError as e:
       raise ConversationError(f"chat template ({self.origin}): {e}") from None
     except (TypeError, KeyError, IndexError, AttributeError) as e:  # a template expecting other content
-      raise ConversationError(f"chat template ({self.origin}) failed on these messages: "
-                              f"{type(e).__name__}: {e} (content_format={self.content_format!r})") from None
+      raise ConversationError(
+          f"chat template ({self.origin}) failed on these messages: "
+          f"{type(e).__name__}: {e} (content_format={self.content_format!r})"
+      ) from None
     return "".join(blocks), spans
 
   def render(self, conversation: Sequence[Mapping]) -> list[Segment]:
@@ -209,15 +230,18 @@ class ChatTemplate:
       if message["role"] != "assistant":
         continue
       before = self.render_text(messages[:k], add_generation_prompt=True)[0]
-      upto = self.render_text(messages[:k + 1])[0]
-      for what, part, whole in (("the conversation before it plus the generation prompt", before, upto),
-                                ("the conversation up to it", upto, full)):
+      upto = self.render_text(messages[: k + 1])[0]
+      for what, part, whole in (
+          ("the conversation before it plus the generation prompt", before, upto),
+          ("the conversation up to it", upto, full),
+      ):
         if not whole.startswith(part):
           j = next((i for i, (a, b) in enumerate(zip(part, whole)) if a != b), min(len(part), len(whole)))
           raise ConversationError(
               f"chat template ({self.origin}) is not prefix-stable at message {k}: {what} renders "
               f"{part[max(0, j - 30):j + 30]!r}, the longer conversation {whole[max(0, j - 30):j + 30]!r} "
-              f"(char {j}); mark the answers with {{% generation %}} blocks to train with it")
+              f"(char {j}); mark the answers with {{% generation %}} blocks to train with it"
+          )
       spans.append((len(before), len(upto)))
     return spans
 
@@ -249,8 +273,13 @@ def from_tokenizer(tokenizer) -> ChatTemplate:
   source = getattr(tokenizer, "chat_template", None)
   if tokenizer is None or not source:
     where = getattr(tokenizer, "name", None)
-    raise ValueError("template 'hf' renders the checkpoint's own chat template, but "
-                     + (f"tokenizer {where} has none (no chat_template.jinja, no chat_template in "
-                        "tokenizer_config.json)" if tokenizer is not None else "no tokenizer was given"))
+    raise ValueError(
+        "template 'hf' renders the checkpoint's own chat template, but "
+        + (
+            f"tokenizer {where} has none (no chat_template.jinja, no chat_template in tokenizer_config.json)"
+            if tokenizer is not None
+            else "no tokenizer was given"
+        )
+    )
   special = tuple(sorted((k, v) for k, v in tokenizer.special_token_strings().items() if v is not None))
   return _cached(source, special, getattr(tokenizer, "name", "<tokenizer>"))

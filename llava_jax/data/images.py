@@ -96,8 +96,10 @@ class ImageConfig:
     if any(s <= 0 for s in self.std):
       raise ValueError(f"ImageConfig.std must be positive, got {self.std!r}")
     if self.mode == "square" and not self.crop:
-      raise ValueError("ImageConfig(mode='square', crop=False) would not give a square image; "
-                       "use mode='resize' to squash or mode='pad' to letterbox")
+      raise ValueError(
+          "ImageConfig(mode='square', crop=False) would not give a square image; "
+          "use mode='resize' to squash or mode='pad' to letterbox"
+      )
     # Tuples (not lists) so the config stays hashable.
     object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
     object.__setattr__(self, "std", tuple(float(s) for s in self.std))
@@ -172,6 +174,7 @@ def load_image(source: ImageSource, *, composite_alpha: bool = False) -> Image.I
   raises FileNotFoundError (an OSError).
   """
   from llava_jax import storage
+
   if isinstance(source, (bytes, bytearray, memoryview)):
     name, fp = f"<{len(source)} bytes>", io.BytesIO(bytes(source))
   elif isinstance(source, io.IOBase):

@@ -38,6 +38,7 @@ _UNBOUNDED = 1 << 30
 @dataclasses.dataclass
 class Data:
   """What `open_data` reads from a config: the records and how training tokenizes them."""
+
   source: Any
   tokenizer: Any
   template: str
@@ -46,8 +47,14 @@ class Data:
   max_len: int
 
   def tokenize(self, record, max_len: int | None = None) -> TokenizedSample | Rejected:
-    return tokenize_conversation(record, self.tokenizer, self.template, image_token_id=self.image_token_id,
-                                 num_image_tokens=self.num_image_tokens, max_len=max_len or self.max_len)
+    return tokenize_conversation(
+        record,
+        self.tokenizer,
+        self.template,
+        image_token_id=self.image_token_id,
+        num_image_tokens=self.num_image_tokens,
+        max_len=max_len or self.max_len,
+    )
 
 
 def open_data(config, split: str = "train") -> Data:
@@ -56,19 +63,27 @@ def open_data(config, split: str = "train") -> Data:
   from llava_jax.tokenizer import load_tokenizer
   from llava_jax.train import run_config
   from llava_jax.train.setup import model_config
+
   config = run_config.parse(config)
   d = config.data
   syn = d.synthetic
   if syn and not storage.exists(storage.join(syn["dir"], "tokenizer.model")):
     from llava_jax.data.synthetic import write_synthetic  # as train.loop.prepare_synthetic, one process
+
     write_synthetic(syn["dir"], **{k: v for k, v in syn.items() if k != "dir"})
   path = getattr(d, split)
   if not path:
     raise ValueError(f"config has no data.{split}")
   tokenizer = load_tokenizer(d.tokenizer, template=d.template)
   cfg = model_config(config, tokenizer)
-  return Data(sources.open_source(path, image_root=d.image_root), tokenizer, d.template,
-              cfg.image_token_id, cfg.num_image_tokens, d.max_len)
+  return Data(
+      sources.open_source(path, image_root=d.image_root),
+      tokenizer,
+      d.template,
+      cfg.image_token_id,
+      cfg.num_image_tokens,
+      d.max_len,
+  )
 
 
 def _runs(flags: Sequence[Any]) -> list[tuple[int, int, Any]]:
@@ -101,8 +116,7 @@ def _raw_text(tokenizer, ids: Sequence[int]) -> str:
   return "".join(out)
 
 
-def token_pieces(ids: Sequence[int], labels: Sequence[int], tokenizer, image_token_id: int
-                 ) -> list[tuple[str, bool]]:
+def token_pieces(ids: Sequence[int], labels: Sequence[int], tokenizer, image_token_id: int) -> list[tuple[str, bool]]:
   """int32[L] ids and labels -> [(text, learned)], image placeholder runs as "<image xN>".
 
   Text is decoded per stretch between images (special tokens kept), and each
@@ -120,7 +134,7 @@ def token_pieces(ids: Sequence[int], labels: Sequence[int], tokenizer, image_tok
     prev = ""
     for rs, re_, learned in _runs([labels[k] != IGNORE for k in range(s, e)]):
       upto = decoded(s + re_)
-      text = upto[len(prev):] if upto.startswith(prev) else _raw_text(tokenizer, ids[s + rs:s + re_])
+      text = upto[len(prev) :] if upto.startswith(prev) else _raw_text(tokenizer, ids[s + rs : s + re_])
       out.append((text, learned))
       prev = upto
   return out
@@ -128,8 +142,9 @@ def token_pieces(ids: Sequence[int], labels: Sequence[int], tokenizer, image_tok
 
 def highlight(pieces: Sequence[tuple[str, bool]], color: bool) -> str:
   """Learned text in green (`color`) or between `[[` and `]]`."""
-  mark = (lambda t: _GREEN + t.replace("\n", _RESET + "\n" + _GREEN) + _RESET) if color else (
-      lambda t: _OPEN + t + _CLOSE)
+  mark = (
+      (lambda t: _GREEN + t.replace("\n", _RESET + "\n" + _GREEN) + _RESET) if color else (lambda t: _OPEN + t + _CLOSE)
+  )
   return "".join(mark(t) if learned and t else t for t, learned in pieces)
 
 
@@ -139,9 +154,11 @@ def describe_sample(result: TokenizedSample | Rejected, data: Data, color: bool,
   if isinstance(result, Rejected):
     return f"sample {result.sample_id!r}{where} rejected ({result.reason.value}): {result.detail}"
   n_image = int((result.input_ids == data.image_token_id).sum())
-  head = (f"sample {result.sample_id!r}{where}: {len(result.input_ids)} tokens ({n_image} image, "
-          f"{result.num_target_tokens} learned), {result.num_images} image(s)"
-          + (f", truncated to max_len {data.max_len}" if result.truncated else ""))
+  head = (
+      f"sample {result.sample_id!r}{where}: {len(result.input_ids)} tokens ({n_image} image, "
+      f"{result.num_target_tokens} learned), {result.num_images} image(s)"
+      + (f", truncated to max_len {data.max_len}" if result.truncated else "")
+  )
   body = highlight(token_pieces(result.input_ids, result.labels, data.tokenizer, data.image_token_id), color)
   return head + "\n" + body
 
@@ -149,6 +166,7 @@ def describe_sample(result: TokenizedSample | Rejected, data: Data, color: bool,
 @dataclasses.dataclass
 class Survey:
   """Counts over the first samples: accepted, rejected per reason (with the first of each), full token lengths."""
+
   n: int
   accepted: int
   rejected: dict[str, int]
@@ -173,8 +191,7 @@ def survey(data: Data, count: int, progress: Callable[[int], None] | None = None
       accepted += 1
     if isinstance(r, TokenizedSample) and not r.truncated:
       lengths.append(len(r.input_ids))
-    elif isinstance(r, TokenizedSample) or r.reason in (RejectReason.TRUNCATED_IMAGE,
-                                                          RejectReason.TRUNCATED_NO_TARGET):
+    elif isinstance(r, TokenizedSample) or r.reason in (RejectReason.TRUNCATED_IMAGE, RejectReason.TRUNCATED_NO_TARGET):
       full = data.tokenize(record, max_len=_UNBOUNDED)
       if isinstance(full, TokenizedSample):
         lengths.append(len(full.input_ids))
@@ -210,8 +227,10 @@ def format_survey(s: Survey, max_len: int, width: int = 40) -> str:
     return "\n".join(lines + ["no sample tokenizes: no lengths"])
   x = s.lengths
   q = np.percentile(x, [50, 90, 99]).astype(int)
-  lines.append(f"token lengths (images included), {len(x)} samples: min {x.min()}  median {q[0]}  p90 {q[1]}  "
-               f"p99 {q[2]}  max {x.max()}  mean {x.mean():.0f}")
+  lines.append(
+      f"token lengths (images included), {len(x)} samples: min {x.min()}  median {q[0]}  p90 {q[1]}  "
+      f"p99 {q[2]}  max {x.max()}  mean {x.mean():.0f}"
+  )
   top = max(int(x.max()), max_len)
   edges = np.unique(np.linspace(int(x.min()), top + 1, 11).astype(int))
   hist, _ = np.histogram(x, bins=edges)
@@ -222,24 +241,32 @@ def format_survey(s: Survey, max_len: int, width: int = 40) -> str:
   over = int((x > max_len).sum())
   fits = x[x <= max_len]
   rows = first_fit_rows(fits, max_len)
-  lines.append(f"max_len {max_len}: {over} samples ({100 * over / len(x):.1f}%) longer (cut, or rejected if that "
-               f"leaves no answer or cuts an image)")
+  lines.append(
+      f"max_len {max_len}: {over} samples ({100 * over / len(x):.1f}%) longer (cut, or rejected if that "
+      f"leaves no answer or cuts an image)"
+  )
   if len(fits):
-    lines.append(f"padding to max_len fills {100 * fits.sum() / (len(fits) * max_len):.0f}% of the tokens; "
-                 f"first-fit packing ({len(fits)} samples in {rows} rows) {100 * fits.sum() / (rows * max_len):.0f}%")
+    lines.append(
+        f"padding to max_len fills {100 * fits.sum() / (len(fits) * max_len):.0f}% of the tokens; "
+        f"first-fit packing ({len(fits)} samples in {rows} rows) {100 * fits.sum() / (rows * max_len):.0f}%"
+    )
   return "\n".join(lines)
 
 
-def inspect_config(config, *, index: int = 0, show: int = 1, count: int = 1000, color: bool = False,
-                   split: str = "train") -> str:
+def inspect_config(
+    config, *, index: int = 0, show: int = 1, count: int = 1000, color: bool = False, split: str = "train"
+) -> str:
   """The whole report `python -m llava_jax.data.inspect` prints."""
   data = open_data(config, split)
   if not 0 <= index < len(data.source):
     raise ValueError(f"--index {index} out of range: {len(data.source)} records in data.{split}")
   t = data.tokenizer
-  out = [f"data.{split}: {len(data.source)} records; template {data.template!r}; tokenizer {t.name} "
-         f"({t.backend}); image: {data.num_image_tokens} tokens of id {data.image_token_id}; "
-         f"max_len {data.max_len}; learned tokens {'in green' if color else 'in ' + _OPEN + ' ' + _CLOSE}", ""]
+  out = [
+      f"data.{split}: {len(data.source)} records; template {data.template!r}; tokenizer {t.name} "
+      f"({t.backend}); image: {data.num_image_tokens} tokens of id {data.image_token_id}; "
+      f"max_len {data.max_len}; learned tokens {'in green' if color else 'in ' + _OPEN + ' ' + _CLOSE}",
+      "",
+  ]
   for i in range(index, min(index + show, len(data.source))):
     out += [describe_sample(data.tokenize(data.source[i]), data, color, index=i), ""]
   out.append(format_survey(survey(data, count), data.max_len))
@@ -248,16 +275,21 @@ def inspect_config(config, *, index: int = 0, show: int = 1, count: int = 1000, 
 
 def main(argv):
   from absl import app
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   color = {"always": True, "never": False}.get(_COLOR.value, sys.stdout.isatty() and os.environ.get("TERM") != "dumb")
-  print(inspect_config(_CONFIG.value, index=_INDEX.value, show=_SHOW.value, count=_COUNT.value, color=color,
-                       split=_SPLIT.value))
+  print(
+      inspect_config(
+          _CONFIG.value, index=_INDEX.value, show=_SHOW.value, count=_COUNT.value, color=color, split=_SPLIT.value
+      )
+  )
 
 
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
+
   _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (get_config(arg)), as for training")
   _INDEX = flags.DEFINE_integer("index", 0, "first record to show")
   _SHOW = flags.DEFINE_integer("show", 1, "records to show from --index")

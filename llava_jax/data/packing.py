@@ -18,6 +18,7 @@ packed row gives the same loss and gradients as its examples in separate rows
 (tests/train/test_step.py; the packer itself: tests/data/test_pipeline.py). The iterator state (restored from checkpoints)
 includes the packer's, so resumption is exact.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -28,8 +29,16 @@ import numpy as np
 from llava_jax.data.tokenize import IGNORE
 
 
-def pack(ds: grain.IterDataset, *, max_len: int, max_images: int, pad_id: int, num_bins: int,
-         seed: int, shuffle_bins: bool = True) -> grain.IterDataset:
+def pack(
+    ds: grain.IterDataset,
+    *,
+    max_len: int,
+    max_images: int,
+    pad_id: int,
+    num_bins: int,
+    seed: int,
+    shuffle_bins: bool = True,
+) -> grain.IterDataset:
   """Packs unpadded examples (`prepare_example(..., pad=False)`) into rows.
 
   Args:
@@ -50,21 +59,28 @@ def pack(ds: grain.IterDataset, *, max_len: int, max_images: int, pad_id: int, n
   if num_bins < 1:
     raise ValueError(f"num_bins must be >= 1, got {num_bins}")
   packed = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"input_ids": max_len, "labels": max_len, "pixel_values": max_images},
-      num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins, meta_features=("ids",),
-      padding_struct={"input_ids": pad_id, "labels": IGNORE, "pixel_values": 0})
+      ds,
+      length_struct={"input_ids": max_len, "labels": max_len, "pixel_values": max_images},
+      num_packing_bins=num_bins,
+      seed=seed,
+      shuffle_bins=shuffle_bins,
+      meta_features=("ids",),
+      padding_struct={"input_ids": pad_id, "labels": IGNORE, "pixel_values": 0},
+  )
   return packed.map(to_row)
 
 
 def to_row(packed: Mapping[str, Any]) -> dict[str, Any]:
   """grain's packed features -> the pipeline's row keys (see the module docstring)."""
-  return {"input_ids": packed["input_ids"].astype(np.int32),
-          "labels": packed["labels"].astype(np.int32),
-          "attention_mask": packed["input_ids_segment_ids"].astype(np.int32),
-          "positions": packed["input_ids_positions"].astype(np.int32),
-          "pixel_values": packed["pixel_values"].astype(np.float32),
-          "image_mask": packed["pixel_values_segment_ids"] != 0,
-          "ids": ",".join(str(i) for i in packed["ids"])}
+  return {
+      "input_ids": packed["input_ids"].astype(np.int32),
+      "labels": packed["labels"].astype(np.int32),
+      "attention_mask": packed["input_ids_segment_ids"].astype(np.int32),
+      "positions": packed["input_ids_positions"].astype(np.int32),
+      "pixel_values": packed["pixel_values"].astype(np.float32),
+      "image_mask": packed["pixel_values_segment_ids"] != 0,
+      "ids": ",".join(str(i) for i in packed["ids"]),
+  }
 
 
 def fill(attention_mask: np.ndarray) -> float:

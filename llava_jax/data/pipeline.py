@@ -75,8 +75,14 @@ from llava_jax.data import packing
 from llava_jax.data.images import ImageConfig, load_image, preprocess
 from llava_jax.data.templates import Template
 from llava_jax.data.records import RecordError, image_list, sample_id_of
-from llava_jax.data.tokenize import (IGNORE, Rejected, RejectReason, TokenizedSample, apply_policy,
-                                     tokenize_conversation)
+from llava_jax.data.tokenize import (
+    IGNORE,
+    Rejected,
+    RejectReason,
+    TokenizedSample,
+    apply_policy,
+    tokenize_conversation,
+)
 from llava_jax.tokenizer import Tokenizer
 
 REMOTE_READ_THREADS = 16  # grain read threads when data comes from a bucket (see the module docstring)
@@ -87,6 +93,7 @@ def default_read_threads(*paths) -> int:
   """`REMOTE_READ_THREADS` if any of `paths` (comma-separated strings allowed) is on a
   bucket, else `LOCAL_READ_THREADS`."""
   from llava_jax import storage
+
   for p in paths:
     for part in (p.split(",") if isinstance(p, str) else [p] if p else []):
       if part and storage.is_remote(part):
@@ -102,9 +109,19 @@ MAX_CONSECUTIVE_REJECTS = 10_000
 
 # ----------------------------------------------------------------------------- one example
 
-def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
-                    image_token_id: int, num_image_tokens: int, max_len: int,
-                    max_images: int, pad: bool = True) -> dict[str, Any] | Rejected:
+
+def prepare_example(
+    record: Mapping,
+    *,
+    tokenizer: Tokenizer,
+    template: str | Template,
+    image_config: ImageConfig,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_len: int,
+    max_images: int,
+    pad: bool = True,
+) -> dict[str, Any] | Rejected:
   """One source record -> a padded example, or a Rejected saying why not.
 
   Args:
@@ -135,11 +152,19 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
   except RecordError as e:  # both "image" and "images"
     return Rejected(sid, RejectReason.BAD_RECORD, str(e))
   if len(images) > max_images:
-    return Rejected(sid, RejectReason.IMAGE_COUNT_MISMATCH,
-                    f"{len(images)} images, more than the max_images={max_images} slots per example")
-  tokenized = tokenize_conversation({"id": sid, "conversations": record.get("conversations"), "images": images},
-                                    tokenizer, template, image_token_id=image_token_id,
-                                    num_image_tokens=num_image_tokens, max_len=max_len)
+    return Rejected(
+        sid,
+        RejectReason.IMAGE_COUNT_MISMATCH,
+        f"{len(images)} images, more than the max_images={max_images} slots per example",
+    )
+  tokenized = tokenize_conversation(
+      {"id": sid, "conversations": record.get("conversations"), "images": images},
+      tokenizer,
+      template,
+      image_token_id=image_token_id,
+      num_image_tokens=num_image_tokens,
+      max_len=max_len,
+  )
   if isinstance(tokenized, Rejected):
     return tokenized
   s = image_config.size
@@ -153,15 +178,18 @@ def prepare_example(record: Mapping, *, tokenizer: Tokenizer, template: str | Te
     except (ValueError, OSError) as e:  # load_image: ValueError naming the file; OSError: unreadable
       return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)}: {e}")
   if not pad:
-    return {"input_ids": np.asarray(tokenized.input_ids, np.int32),
-            "labels": np.asarray(tokenized.labels, np.int32), "pixel_values": pixels,
-            "ids": tokenized.sample_id}
-  return pad_example(tokenized, max_len=max_len, pad_id=tokenizer.pad_id, pixel_values=pixels,
-                     num_images=len(images))
+    return {
+        "input_ids": np.asarray(tokenized.input_ids, np.int32),
+        "labels": np.asarray(tokenized.labels, np.int32),
+        "pixel_values": pixels,
+        "ids": tokenized.sample_id,
+    }
+  return pad_example(tokenized, max_len=max_len, pad_id=tokenizer.pad_id, pixel_values=pixels, num_images=len(images))
 
 
-def pad_example(sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_values: np.ndarray,
-                num_images: int) -> dict[str, Any]:
+def pad_example(
+    sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_values: np.ndarray, num_images: int
+) -> dict[str, Any]:
   """A TokenizedSample (L <= max_len tokens) -> fixed-length arrays (see `prepare_example`)."""
   n = len(sample.input_ids)
   input_ids = np.full((max_len,), pad_id, np.int32)
@@ -171,8 +199,15 @@ def pad_example(sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_val
   input_ids[:n], labels[:n], mask[:n], positions[:n] = sample.input_ids, sample.labels, 1, np.arange(n)
   image_mask = np.zeros((pixel_values.shape[0],), bool)
   image_mask[:num_images] = True
-  return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "positions": positions,
-          "pixel_values": pixel_values, "image_mask": image_mask, "ids": sample.sample_id}
+  return {
+      "input_ids": input_ids,
+      "labels": labels,
+      "attention_mask": mask,
+      "positions": positions,
+      "pixel_values": pixel_values,
+      "image_mask": image_mask,
+      "ids": sample.sample_id,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,17 +218,21 @@ class EmptySlot:
 
 def empty_example(*, max_len: int, max_images: int, image_size: int, pad_id: int) -> dict[str, Any]:
   """An empty row: pad tokens, IGNORE labels, mask 0, no images, id ""."""
-  return {"input_ids": np.full((max_len,), pad_id, np.int32),
-          "labels": np.full((max_len,), IGNORE, np.int32),
-          "attention_mask": np.zeros((max_len,), np.int32),
-          "positions": np.zeros((max_len,), np.int32),
-          "pixel_values": np.zeros((max_images, image_size, image_size, 3), np.float32),
-          "image_mask": np.zeros((max_images,), bool), "ids": ""}
+  return {
+      "input_ids": np.full((max_len,), pad_id, np.int32),
+      "labels": np.full((max_len,), IGNORE, np.int32),
+      "attention_mask": np.zeros((max_len,), np.int32),
+      "positions": np.zeros((max_len,), np.int32),
+      "pixel_values": np.zeros((max_images, image_size, image_size, 3), np.float32),
+      "image_mask": np.zeros((max_images,), bool),
+      "ids": "",
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class PrepareExample(grain.transforms.Map):
   """`prepare_example` as a picklable grain transform (it runs in worker processes)."""
+
   tokenizer: Tokenizer
   template: str | Template
   image_config: ImageConfig
@@ -206,14 +245,25 @@ class PrepareExample(grain.transforms.Map):
   def map(self, record):
     if isinstance(record, EmptySlot):  # GlobalBatchRows past the end of a finite pass
       return record
-    return prepare_example(record, tokenizer=self.tokenizer, template=self.template,
-                           image_config=self.image_config, image_token_id=self.image_token_id,
-                           num_image_tokens=self.num_image_tokens, max_len=self.max_len,
-                           max_images=self.max_images, pad=self.pad)
+    return prepare_example(
+        record,
+        tokenizer=self.tokenizer,
+        template=self.template,
+        image_config=self.image_config,
+        image_token_id=self.image_token_id,
+        num_image_tokens=self.num_image_tokens,
+        max_len=self.max_len,
+        max_images=self.max_images,
+        pad=self.pad,
+    )
 
 
-def collate(examples: Sequence[Mapping[str, Any] | EmptySlot], batch_size: int | None = None,
-            pad_id: int = 0, empty: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+def collate(
+    examples: Sequence[Mapping[str, Any] | EmptySlot],
+    batch_size: int | None = None,
+    pad_id: int = 0,
+    empty: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
   """Stacks examples into a batch (see the module docstring for keys and shapes).
 
   With `batch_size` larger than len(examples) (the last batch of a finite
@@ -239,6 +289,7 @@ def collate(examples: Sequence[Mapping[str, Any] | EmptySlot], batch_size: int |
 
 
 # ----------------------------------------------------------------------------- rejection counting
+
 
 class RejectCounter:
   """Rejections per reason (every `RejectReason`, zero until seen). `counts()` -> dict[str, int]."""
@@ -266,8 +317,7 @@ class RejectCounter:
 class _CountRejectedIterator(grain.DatasetIterator):
   """Passes examples through; counts, logs and skips (or raises on) `Rejected` values."""
 
-  def __init__(self, parent: grain.DatasetIterator, policy: str, counter: RejectCounter,
-               keep_slots: bool = False):
+  def __init__(self, parent: grain.DatasetIterator, policy: str, counter: RejectCounter, keep_slots: bool = False):
     super().__init__(parent)
     self._policy = policy
     self._counter = counter
@@ -290,12 +340,13 @@ class _CountRejectedIterator(grain.DatasetIterator):
         return EmptySlot()
       in_a_row += 1
       if in_a_row >= MAX_CONSECUTIVE_REJECTS:
-        raise RuntimeError(f"{in_a_row} samples in a row rejected (last: {value}); counts so far "
-                           f"{self._counter.counts()}: check the template, image root and max_len")
+        raise RuntimeError(
+            f"{in_a_row} samples in a row rejected (last: {value}); counts so far "
+            f"{self._counter.counts()}: check the template, image root and max_len"
+        )
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "rejected": self._counter.counts(),
-            "consumed": self._consumed}
+    return {"parent": self._parent.get_state(), "rejected": self._counter.counts(), "consumed": self._consumed}
 
   def set_state(self, state: dict[str, Any]):
     self._parent.set_state(state["parent"])
@@ -309,8 +360,7 @@ class _CountRejectedIterator(grain.DatasetIterator):
 class _CountRejected(grain.IterDataset):
   """IterDataset wrapper of `_CountRejectedIterator`; its iterators share `counter`."""
 
-  def __init__(self, parent: grain.IterDataset, policy: str, counter: RejectCounter,
-               keep_slots: bool = False):
+  def __init__(self, parent: grain.IterDataset, policy: str, counter: RejectCounter, keep_slots: bool = False):
     super().__init__(parent)
     self._policy = policy
     self._counter = counter
@@ -318,8 +368,7 @@ class _CountRejected(grain.IterDataset):
     self.last_iterator: _CountRejectedIterator | None = None
 
   def __iter__(self) -> grain.DatasetIterator:
-    self.last_iterator = _CountRejectedIterator(self._parent.__iter__(), self._policy, self._counter,
-                                                self._keep_slots)
+    self.last_iterator = _CountRejectedIterator(self._parent.__iter__(), self._policy, self._counter, self._keep_slots)
     return self.last_iterator
 
   def __str__(self) -> str:
@@ -337,14 +386,26 @@ class LlavaBatchIterator(grain.DatasetIterator):
   on a different number of processes starts.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, counter: RejectCounter, *,
-               count_stage: _CountRejected, start_batch: int, rows: int, process_index: int,
-               process_count: int):
+  def __init__(
+      self,
+      parent: grain.DatasetIterator,
+      counter: RejectCounter,
+      *,
+      count_stage: _CountRejected,
+      start_batch: int,
+      rows: int,
+      process_index: int,
+      process_count: int,
+  ):
     super().__init__(parent)
     self._counter = counter
     self._count_stage = count_stage
-    self._position = {"start_batch": int(start_batch), "rows": int(rows),
-                      "process_index": int(process_index), "process_count": int(process_count)}
+    self._position = {
+        "start_batch": int(start_batch),
+        "rows": int(rows),
+        "process_index": int(process_index),
+        "process_count": int(process_count),
+    }
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._parent)
@@ -368,9 +429,11 @@ class LlavaBatchIterator(grain.DatasetIterator):
     saved = state["position"]
     for key in ("start_batch", "rows", "process_index", "process_count"):
       if int(saved[key]) != self._position[key]:
-        raise ValueError(f"data iterator state was saved with {key}={saved[key]}, this pipeline "
-                         f"has {self._position[key]}; build it with `resume_batch` of the saved "
-                         "states to resume on a different number of processes")
+        raise ValueError(
+            f"data iterator state was saved with {key}={saved[key]}, this pipeline "
+            f"has {self._position[key]}; build it with `resume_batch` of the saved "
+            "states to resume on a different number of processes"
+        )
     self._parent.set_state(state["pipeline"])
 
   def __str__(self) -> str:
@@ -394,6 +457,7 @@ def resume_batch(states: Sequence[Mapping[str, Any]]) -> int:
 
 # ----------------------------------------------------------------------------- the pipeline
 
+
 class GlobalBatchRows(grain.MapDataset):
   """This process's rows of every global batch, from one global order (`parent`).
 
@@ -404,12 +468,22 @@ class GlobalBatchRows(grain.MapDataset):
   so that every process yields as many elements; one process reads it all.
   """
 
-  def __init__(self, parent: grain.MapDataset, *, global_batch: int, process_index: int,
-               process_count: int, start_batch: int = 0, pad_last: bool = False):
+  def __init__(
+      self,
+      parent: grain.MapDataset,
+      *,
+      global_batch: int,
+      process_index: int,
+      process_count: int,
+      start_batch: int = 0,
+      pad_last: bool = False,
+  ):
     super().__init__(parent)
     if global_batch % process_count:
-      raise ValueError(f"the global batch ({global_batch}, train.batch_size) must be a multiple of "
-                       f"the number of processes ({process_count})")
+      raise ValueError(
+          f"the global batch ({global_batch}, train.batch_size) must be a multiple of "
+          f"the number of processes ({process_count})"
+      )
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     self._g, self._p, self._b = global_batch, process_index, global_batch // process_count
@@ -443,48 +517,109 @@ class GlobalBatchRows(grain.MapDataset):
 def _ensure_absl_flags_parsed():
   """grain's worker processes read absl flags; a library caller (tests, notebooks) may not have parsed them."""
   from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def make_iter_dataset(source, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
-                      image_token_id: int, num_image_tokens: int, max_len: int, max_images: int, batch_size: int,
-                      seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
-                      worker_count: int = 0, process_index: int | None = None, process_count: int | None = None,
-                      start_batch: int = 0, drop_remainder: bool = True, read_threads: int = 2,
-                      prefetch_buffer_size: int = 16, pack: bool = False, pack_bins: int | None = None,
-                      counter: RejectCounter | None = None) -> tuple[grain.IterDataset, RejectCounter]:
+def make_iter_dataset(
+    source,
+    *,
+    tokenizer: Tokenizer,
+    template: str | Template,
+    image_config: ImageConfig,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_len: int,
+    max_images: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    policy: str = "skip",
+    worker_count: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_batch: int = 0,
+    drop_remainder: bool = True,
+    read_threads: int = 2,
+    prefetch_buffer_size: int = 16,
+    pack: bool = False,
+    pack_bins: int | None = None,
+    counter: RejectCounter | None = None,
+) -> tuple[grain.IterDataset, RejectCounter]:
   """The pipeline as a grain IterDataset (of batches) and its RejectCounter; see `make_dataset`."""
-  ds, counter, _, _ = _build(source, tokenizer=tokenizer, template=template, image_config=image_config,
-                             image_token_id=image_token_id, num_image_tokens=num_image_tokens,
-                             max_len=max_len, max_images=max_images, batch_size=batch_size, seed=seed,
-                             shuffle=shuffle, num_epochs=num_epochs, policy=policy,
-                             worker_count=worker_count, process_index=process_index,
-                             process_count=process_count, start_batch=start_batch,
-                             drop_remainder=drop_remainder, read_threads=read_threads,
-                             prefetch_buffer_size=prefetch_buffer_size, pack=pack, pack_bins=pack_bins,
-                             counter=counter)
+  ds, counter, _, _ = _build(
+      source,
+      tokenizer=tokenizer,
+      template=template,
+      image_config=image_config,
+      image_token_id=image_token_id,
+      num_image_tokens=num_image_tokens,
+      max_len=max_len,
+      max_images=max_images,
+      batch_size=batch_size,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      policy=policy,
+      worker_count=worker_count,
+      process_index=process_index,
+      process_count=process_count,
+      start_batch=start_batch,
+      drop_remainder=drop_remainder,
+      read_threads=read_threads,
+      prefetch_buffer_size=prefetch_buffer_size,
+      pack=pack,
+      pack_bins=pack_bins,
+      counter=counter,
+  )
   return ds, counter
 
 
-def _build(source, *, tokenizer, template, image_config, image_token_id, num_image_tokens, max_len,
-           max_images, batch_size, seed, shuffle, num_epochs, policy, worker_count, process_index,
-           process_count, start_batch, drop_remainder, read_threads, prefetch_buffer_size, pack,
-           pack_bins, counter):
+def _build(
+    source,
+    *,
+    tokenizer,
+    template,
+    image_config,
+    image_token_id,
+    num_image_tokens,
+    max_len,
+    max_images,
+    batch_size,
+    seed,
+    shuffle,
+    num_epochs,
+    policy,
+    worker_count,
+    process_index,
+    process_count,
+    start_batch,
+    drop_remainder,
+    read_threads,
+    prefetch_buffer_size,
+    pack,
+    pack_bins,
+    counter,
+):
   if policy not in ("skip", "raise"):
     raise ValueError(f"policy must be 'skip' or 'raise', got {policy!r}")
   if batch_size < 1 or max_images < 0 or max_len < 1:
     raise ValueError(f"need batch_size >= 1, max_images >= 0, max_len >= 1; got {batch_size}, {max_images}, {max_len}")
   if process_index is None or process_count is None:
     import jax  # local: only for the default process layout
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   finite = num_epochs is not None
   # Finite passes over several processes keep every slot, so all yield as many batches.
   keep_slots = finite and process_count > 1
   if keep_slots and pack:
-    raise ValueError("pack=True with a finite pass (num_epochs) over several processes is not "
-                     "supported: the processes would yield different numbers of rows")
+    raise ValueError(
+        "pack=True with a finite pass (num_epochs) over several processes is not "
+        "supported: the processes would yield different numbers of rows"
+    )
   counter = counter or RejectCounter()
   ds = grain.MapDataset.source(source)
   if len(ds) == 0:
@@ -493,12 +628,20 @@ def _build(source, *, tokenizer, template, image_config, image_token_id, num_ima
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = GlobalBatchRows(ds, global_batch=batch_size, process_index=process_index,
-                       process_count=process_count, start_batch=start_batch,
-                       pad_last=finite and not drop_remainder)
+  ds = GlobalBatchRows(
+      ds,
+      global_batch=batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      start_batch=start_batch,
+      pad_last=finite and not drop_remainder,
+  )
   rows = batch_size // process_count
-  ds = ds.map(PrepareExample(tokenizer, template, image_config, image_token_id, num_image_tokens, max_len,
-                             max_images, pad=not pack))
+  ds = ds.map(
+      PrepareExample(
+          tokenizer, template, image_config, image_token_id, num_image_tokens, max_len, max_images, pad=not pack
+      )
+  )
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   if worker_count > 0:
     _ensure_absl_flags_parsed()
@@ -506,24 +649,50 @@ def _build(source, *, tokenizer, template, image_config, image_token_id, num_ima
   count_stage = _CountRejected(it, policy, counter, keep_slots=keep_slots)
   it = count_stage
   if pack:
-    it = packing.pack(it, max_len=max_len, max_images=max_images, pad_id=tokenizer.pad_id,
-                      num_bins=pack_bins or 2 * rows, seed=seed, shuffle_bins=shuffle)
-  empty = empty_example(max_len=max_len, max_images=max_images, image_size=image_config.size,
-                        pad_id=tokenizer.pad_id)
-  it = it.batch(rows, drop_remainder=drop_remainder,
-                batch_fn=functools.partial(collate, batch_size=rows, pad_id=tokenizer.pad_id, empty=empty))
-  position = dict(start_batch=start_batch, rows=rows, process_index=process_index,
-                  process_count=process_count)
+    it = packing.pack(
+        it,
+        max_len=max_len,
+        max_images=max_images,
+        pad_id=tokenizer.pad_id,
+        num_bins=pack_bins or 2 * rows,
+        seed=seed,
+        shuffle_bins=shuffle,
+    )
+  empty = empty_example(max_len=max_len, max_images=max_images, image_size=image_config.size, pad_id=tokenizer.pad_id)
+  it = it.batch(
+      rows,
+      drop_remainder=drop_remainder,
+      batch_fn=functools.partial(collate, batch_size=rows, pad_id=tokenizer.pad_id, empty=empty),
+  )
+  position = dict(start_batch=start_batch, rows=rows, process_index=process_index, process_count=process_count)
   return it, counter, count_stage, position
 
 
-def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, image_config: ImageConfig,
-                 image_token_id: int, num_image_tokens: int, max_len: int, max_images: int, batch_size: int,
-                 seed: int, shuffle: bool = True, num_epochs: int | None = None, policy: str = "skip",
-                 worker_count: int = 0, process_index: int | None = None, process_count: int | None = None,
-                 start_batch: int = 0, drop_remainder: bool = True, read_threads: int = 2,
-                 prefetch_buffer_size: int = 16, pack: bool = False,
-                 pack_bins: int | None = None) -> LlavaBatchIterator:
+def make_dataset(
+    source,
+    *,
+    tokenizer: Tokenizer,
+    template: str | Template,
+    image_config: ImageConfig,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_len: int,
+    max_images: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    policy: str = "skip",
+    worker_count: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_batch: int = 0,
+    drop_remainder: bool = True,
+    read_threads: int = 2,
+    prefetch_buffer_size: int = 16,
+    pack: bool = False,
+    pack_bins: int | None = None,
+) -> LlavaBatchIterator:
   """Training batches from a record source (see the module docstring for the batch).
 
   Args:
@@ -559,11 +728,28 @@ def make_dataset(source, *, tokenizer: Tokenizer, template: str | Template, imag
     `it.get_state()` / `it.set_state(state)`; `it.counts()` -> {reason: n}.
   """
   ds, counter, count_stage, position = _build(
-      source, tokenizer=tokenizer, template=template, image_config=image_config,
-      image_token_id=image_token_id, num_image_tokens=num_image_tokens, max_len=max_len,
-      max_images=max_images, batch_size=batch_size, seed=seed, shuffle=shuffle,
-      num_epochs=num_epochs, policy=policy, worker_count=worker_count,
-      process_index=process_index, process_count=process_count, start_batch=start_batch,
-      drop_remainder=drop_remainder, read_threads=read_threads,
-      prefetch_buffer_size=prefetch_buffer_size, pack=pack, pack_bins=pack_bins, counter=None)
+      source,
+      tokenizer=tokenizer,
+      template=template,
+      image_config=image_config,
+      image_token_id=image_token_id,
+      num_image_tokens=num_image_tokens,
+      max_len=max_len,
+      max_images=max_images,
+      batch_size=batch_size,
+      seed=seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      policy=policy,
+      worker_count=worker_count,
+      process_index=process_index,
+      process_count=process_count,
+      start_batch=start_batch,
+      drop_remainder=drop_remainder,
+      read_threads=read_threads,
+      prefetch_buffer_size=prefetch_buffer_size,
+      pack=pack,
+      pack_bins=pack_bins,
+      counter=None,
+  )
   return LlavaBatchIterator(ds.__iter__(), counter, count_stage=count_stage, **position)

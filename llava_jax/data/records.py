@@ -37,8 +37,7 @@ def image_list(record: Mapping) -> list:
   given = {k: _as_list(record[k]) for k in IMAGE_KEYS if record.get(k) is not None}
   if len(given) > 1:
     counts = " and ".join(f"{k!r} ({len(v)} image{'s' * (len(v) != 1)})" for k, v in given.items())
-    raise RecordError(f"record {sample_id_of(record)!r} has both {counts}; a record names its "
-                      f"images under one key")
+    raise RecordError(f"record {sample_id_of(record)!r} has both {counts}; a record names its images under one key")
   return next(iter(given.values()), [])
 
 

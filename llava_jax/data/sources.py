@@ -60,6 +60,7 @@ _JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.DOTALL)
 
 # ----------------------------------------------------------------------------- record normalisation
 
+
 def resolve_image(image, image_root: str | None):
   """A path joined to `image_root` (an absolute path stays as is); bytes, or no root, unchanged."""
   if isinstance(image, (bytes, bytearray, memoryview)) or image_root is None:
@@ -69,8 +70,9 @@ def resolve_image(image, image_root: str | None):
   return os.path.join(image_root, os.fspath(image))  # an absolute path stays as is
 
 
-def normalize_record(record: Mapping, image_root: str | os.PathLike | None = None, *,
-                     default_id: str | None = None) -> Record:
+def normalize_record(
+    record: Mapping, image_root: str | os.PathLike | None = None, *, default_id: str | None = None
+) -> Record:
   """A LLaVA JSON record -> `{"id", "conversations", "images"}` (image paths joined to `image_root`).
 
   Raises:
@@ -80,8 +82,11 @@ def normalize_record(record: Mapping, image_root: str | os.PathLike | None = Non
   sid = sample_id_of(record)
   if sid == "<no id>" and default_id is not None:
     sid = default_id
-  return {"id": sid, "conversations": record.get("conversations"),
-          "images": [resolve_image(im, root) for im in image_list(record)]}
+  return {
+      "id": sid,
+      "conversations": record.get("conversations"),
+      "images": [resolve_image(im, root) for im in image_list(record)],
+  }
 
 
 def bad_record(sample_id: str, detail: str) -> Record:
@@ -91,6 +96,7 @@ def bad_record(sample_id: str, detail: str) -> Record:
 
 
 # ----------------------------------------------------------------------------- JSON / JSONL
+
 
 def index_jsonl(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """Byte ranges of the non-empty lines of a JSONL file.
@@ -155,7 +161,7 @@ def index_json_array(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
           raise ValueError(f"{path}: data after the top-level array at byte {m.start()}")
         if c in (0x5B, 0x7B):  # [ {
           if depth == 0:
-            if c != 0x5B or mm[:m.start()].strip():
+            if c != 0x5B or mm[: m.start()].strip():
               raise ValueError(f"{path}: expected a top-level JSON array, found {chr(c)!r} at byte {m.start()}")
             elem_start = m.end()
           depth += 1
@@ -164,7 +170,7 @@ def index_json_array(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
           if depth < 0:
             raise ValueError(f"{path}: unbalanced {chr(c)!r} at byte {m.start()}")
           if depth == 0:
-            if mm[elem_start:m.start()].strip():
+            if mm[elem_start : m.start()].strip():
               starts.append(elem_start)
               ends.append(m.start())
             closed = True
@@ -206,16 +212,21 @@ class LlavaJsonSource:
     try:
       text = text.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is not valid UTF-8 "
-                       f"at byte {start + e.start}: {text[max(e.start - 20, 0):e.end + 20]!r}") from e
+      raise ValueError(
+          f"{self.path}: record {index} (bytes {start}..{end}) is not valid UTF-8 "
+          f"at byte {start + e.start}: {text[max(e.start - 20, 0):e.end + 20]!r}"
+      ) from e
     try:
       record = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is not valid JSON "
-                       f"(a line cut short?): {e}") from e
+      raise ValueError(
+          f"{self.path}: record {index} (bytes {start}..{end}) is not valid JSON (a line cut short?): {e}"
+      ) from e
     if not isinstance(record, dict):
-      raise ValueError(f"{self.path}: record {index} (bytes {start}..{end}) is a JSON "
-                       f"{type(record).__name__}, expected an object")
+      raise ValueError(
+          f"{self.path}: record {index} (bytes {start}..{end}) is a JSON "
+          f"{type(record).__name__}, expected an object"
+      )
     return record
 
   def __getitem__(self, index) -> Record:
@@ -266,24 +277,32 @@ def iter_records(path: str | os.PathLike) -> Iterable[dict]:
 
 # ----------------------------------------------------------------------------- array_record
 
+
 @functools.lru_cache(maxsize=1)
 def record_features():
   """The tfds FeaturesDict of one array_record record (see the module docstring)."""
   import tensorflow_datasets as tfds  # local: ~1 s to import, only the array_record path needs it
-  return tfds.features.FeaturesDict({
-      "id": tfds.features.Text(),
-      "conversations": tfds.features.Text(),  # JSON list of turns
-      "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-      "image_names": tfds.features.Sequence(tfds.features.Text()),
-  })
+
+  return tfds.features.FeaturesDict(
+      {
+          "id": tfds.features.Text(),
+          "conversations": tfds.features.Text(),  # JSON list of turns
+          "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+          "image_names": tfds.features.Sequence(tfds.features.Text()),
+      }
+  )
 
 
 def decode_record(raw: bytes) -> Record:
   """Serialized record -> `{"id", "conversations", "images": [bytes, ...], "image_names": [str, ...]}`."""
   ex = record_features().deserialize_example_np(raw)
   as_str = lambda b: b.decode("utf-8") if isinstance(b, bytes) else str(b)
-  return {"id": as_str(ex["id"]), "conversations": json.loads(as_str(ex["conversations"])),
-          "images": [bytes(b) for b in ex["images"]], "image_names": [as_str(n) for n in ex["image_names"]]}
+  return {
+      "id": as_str(ex["id"]),
+      "conversations": json.loads(as_str(ex["conversations"])),
+      "images": [bytes(b) for b in ex["images"]],
+      "image_names": [as_str(n) for n in ex["image_names"]],
+  }
 
 
 def find_shards(path: str | os.PathLike, split: str = "train") -> list[str]:
@@ -295,8 +314,10 @@ def find_shards(path: str | os.PathLike, split: str = "train") -> list[str]:
   names = storage.listdir(path) if storage.isdir(path) else None
   files = [storage.join(path, n) for n in names or () if suffix.search(n)]
   if not files:
-    raise FileNotFoundError(f"no '*-{split}.array_record-*-of-*' shards in {path}: "
-                            f"found {names if names is not None else 'no such directory'}")
+    raise FileNotFoundError(
+        f"no '*-{split}.array_record-*-of-*' shards in {path}: "
+        f"found {names if names is not None else 'no such directory'}"
+    )
   return sorted(files)
 
 
@@ -366,6 +387,5 @@ def open_source(paths: str | Sequence[str], image_root: str | None = None):
   comma-separated string) are concatenated."""
   if isinstance(paths, str):
     paths = [p for p in paths.split(",") if p]
-  opened = [ArrayRecordLlavaSource(p) if storage.isdir(p) else LlavaJsonSource(p, image_root)
-            for p in paths]
+  opened = [ArrayRecordLlavaSource(p) if storage.isdir(p) else LlavaJsonSource(p, image_root) for p in paths]
   return opened[0] if len(opened) == 1 else ConcatSource(opened)

@@ -66,8 +66,13 @@ from llava_jax.tokenizer import SentencePieceTokenizer, train_sentencepiece
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 POSITIONS = ("left", "top", "center", "bottom", "right")
-_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-           "center": "in the center"}
+_PHRASE = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 _CELL = {"left": (1, 0), "right": (1, 2), "top": (0, 1), "bottom": (2, 1), "center": (1, 1)}  # (row, col)
 BACKGROUND = (245, 245, 245)
 IMAGE_TOKEN = IMAGE_TAG  # a piece of the bundled tokenizer: image_token_id = tok.token_to_id(IMAGE_TOKEN)
@@ -84,8 +89,8 @@ NAME = "shapes"
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Shape:
-  kind: str      # one of SHAPES
-  color: str     # one of COLORS
+  kind: str  # one of SHAPES
+  color: str  # one of COLORS
   position: str  # one of POSITIONS
 
 
@@ -166,8 +171,7 @@ def caption(scene: Scene) -> str:
   Named in position order, the captions only need a lookup by position, and the tiny
   model's stage 2 then stalls near 78% held-out accuracy instead of passing 90%.
   """
-  parts = [f"a {s.color} {s.kind} {_PHRASE[s.position]}"
-           for s in sorted(scene, key=lambda s: SHAPES.index(s.kind))]
+  parts = [f"a {s.color} {s.kind} {_PHRASE[s.position]}" for s in sorted(scene, key=lambda s: SHAPES.index(s.kind))]
   text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
   return text + "."
 
@@ -196,8 +200,14 @@ def question_text(question: str) -> str:
 
 
 def stage1_record(sid: str, image: str, scene: Scene) -> dict:
-  return {"id": sid, "image": image, "conversations": [
-      {"from": "human", "value": f"{IMAGE_TOKEN}\n{STAGE1_PROMPT}"}, {"from": "gpt", "value": caption(scene)}]}
+  return {
+      "id": sid,
+      "image": image,
+      "conversations": [
+          {"from": "human", "value": f"{IMAGE_TOKEN}\n{STAGE1_PROMPT}"},
+          {"from": "gpt", "value": caption(scene)},
+      ],
+  }
 
 
 def stage2_record(sid: str, image: str, qas: Sequence[tuple[str, str, str]]) -> dict:
@@ -222,8 +232,7 @@ def _write_jsonl(path: str, rows: Iterable[dict]):
 
 # The templates whose text trains the embedded tokenizer: a fixed list (not every entry of
 # TEMPLATES), so that adding a template does not change the demo's vocabulary.
-TOKENIZER_TEMPLATES = ("chatml", "gemma", "llama_2", "llava_v1", "mistral_instruct", "plain",
-                       "vicuna_v1")
+TOKENIZER_TEMPLATES = ("chatml", "gemma", "llama_2", "llava_v1", "mistral_instruct", "plain", "vicuna_v1")
 
 
 def tokenizer_sentences(records: Sequence[dict]) -> list[str]:
@@ -252,13 +261,23 @@ def build_tokenizer(records: Sequence[dict], vocab_size: int = 384) -> SentenceP
   step = max(1, len(records) // 2000)
   # Each answer word, frequent enough to become one "▁word" piece however small the dataset is.
   primer = [" ".join([w] * 1000) for w in ANSWER_WORDS for _ in range(5)]
-  return train_sentencepiece(primer + tokenizer_sentences(records[::step]), vocab_size,
-                             user_defined_symbols=USER_SYMBOLS)
+  return train_sentencepiece(
+      primer + tokenizer_sentences(records[::step]), vocab_size, user_defined_symbols=USER_SYMBOLS
+  )
 
 
-def write_synthetic(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int = 4000, n_val: int = 200,
-                    image_size: int = 28, questions_per_image: int = 3, eval_questions_per_image: int = 3,
-                    vocab_size: int = 384, array_record: bool = True) -> dict[str, str]:
+def write_synthetic(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_train: int = 4000,
+    n_val: int = 200,
+    image_size: int = 28,
+    questions_per_image: int = 3,
+    eval_questions_per_image: int = 3,
+    vocab_size: int = 384,
+    array_record: bool = True,
+) -> dict[str, str]:
   """Generates the dataset into `out_dir` (see the module docstring for the files).
 
   Args:
@@ -280,15 +299,23 @@ def write_synthetic(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int =
   uploaded; the tokenizer (the file training waits for) is uploaded last.
   """
   from llava_jax import storage
+
   out_dir = os.fspath(out_dir)
   if storage.is_remote(out_dir):
     storage.check(out_dir, "synthetic data directory", write=True)
     with tempfile.TemporaryDirectory(prefix="llava_jax_synthetic_") as tmp:
       local = os.path.join(tmp, "data")
-      paths = write_synthetic(local, seed=seed, n_train=n_train, n_val=n_val, image_size=image_size,
-                              questions_per_image=questions_per_image,
-                              eval_questions_per_image=eval_questions_per_image,
-                              vocab_size=vocab_size, array_record=array_record)
+      paths = write_synthetic(
+          local,
+          seed=seed,
+          n_train=n_train,
+          n_val=n_val,
+          image_size=image_size,
+          questions_per_image=questions_per_image,
+          eval_questions_per_image=eval_questions_per_image,
+          vocab_size=vocab_size,
+          array_record=array_record,
+      )
       marker = os.path.join(tmp, "tokenizer.model")
       os.replace(paths["tokenizer"], marker)  # uploaded last: a reader waits for this file
       storage.upload_tree(local, out_dir)
@@ -331,8 +358,9 @@ def write_synthetic(out_dir: str | os.PathLike, *, seed: int = 0, n_train: int =
       ar_dir = os.path.join(out_dir, "array_record", stage)
       paths[f"array_record_{stage}"] = ar_dir
       for split in ("train", "val"):
-        report = write_array_record(records[stage, split], ar_dir, image_root=image_dir, num_shards=1,
-                                    split=split, name=NAME, policy="raise")
+        report = write_array_record(
+            records[stage, split], ar_dir, image_root=image_dir, num_shards=1, split=split, name=NAME, policy="raise"
+        )
         assert report.written == len(records[stage, split])
 
   # Tokenizer text: training records only, so nothing about held-out scenes leaks into it

@@ -46,12 +46,14 @@ class ConversationError(ValueError):
 
 class Segment(NamedTuple):
   """A piece of rendered text; `is_target` pieces are learned, the rest masked."""
+
   text: str
   is_target: bool
 
 
 class Turn(NamedTuple):
   """One turn after normalisation: role "user" | "assistant", its text, its index in the input list."""
+
   role: str
   text: str
   index: int
@@ -128,67 +130,152 @@ class Template:
     return "".join(s.text for s in _render(turns, system, self, open_answer=True))
 
 
-_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-_LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+_VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+_LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 _LLAMA_2_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
     " Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
     "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
     "If a question does not make any sense, or is not factually coherent, explain why instead of answering something "
-    "not correct. If you don't know the answer to a question, please don't share false information.")
-_LLAVA_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
-                 "that the user provides, and assist the user with a variety of tasks using natural language.")
+    "not correct. If you don't know the answer to a question, please don't share false information."
+)
+_LLAVA_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
 _QWEN_SYSTEM = "You are a helpful assistant."
 
 # LLaVA's SeparatorStyle.TWO (sep " ", sep2 "</s>"): "SYS USER: q ASSISTANT: a</s>USER: ...".
-_TWO = dict(system_format="{system} ", user_format="USER: {content} ", assistant_start="ASSISTANT:",
-            assistant_format=" {content}</s>", stop="</s>", render_empty_system=True)
+_TWO = dict(
+    system_format="{system} ",
+    user_format="USER: {content} ",
+    assistant_start="ASSISTANT:",
+    assistant_format=" {content}</s>",
+    stop="</s>",
+    render_empty_system=True,
+)
 # LLaVA's SeparatorStyle.LLAMA_2: "[INST] <<SYS>>\nS\n<</SYS>>\n\nq [/INST] a </s>" + sep + "[INST] q2 [/INST] ...".
-_LLAMA_2 = dict(system_format="<<SYS>>\n{system}\n<</SYS>>\n\n", system_in_first_user=True,
-                user_format="[INST] {content} [/INST]", assistant_start="", assistant_format=" {content} </s>",
-                stop="</s>")
-_LLAMA_3 = dict(system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-                user_format="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
-                assistant_start="<|start_header_id|>assistant<|end_header_id|>\n\n",
-                assistant_format="{content}<|eot_id|>", stop="<|eot_id|>", strip_content=True)
-_CHATML = dict(system_format="<|im_start|>system\n{system}<|im_end|>\n",
-               user_format="<|im_start|>user\n{content}<|im_end|>\n", assistant_start="<|im_start|>assistant\n",
-               assistant_format="{content}<|im_end|>\n", stop="<|im_end|>")
+_LLAMA_2 = dict(
+    system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+    system_in_first_user=True,
+    user_format="[INST] {content} [/INST]",
+    assistant_start="",
+    assistant_format=" {content} </s>",
+    stop="</s>",
+)
+_LLAMA_3 = dict(
+    system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+    user_format="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+    assistant_start="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    assistant_format="{content}<|eot_id|>",
+    stop="<|eot_id|>",
+    strip_content=True,
+)
+_CHATML = dict(
+    system_format="<|im_start|>system\n{system}<|im_end|>\n",
+    user_format="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_start="<|im_start|>assistant\n",
+    assistant_format="{content}<|im_end|>\n",
+    stop="<|im_end|>",
+)
 _LLAVA_NEXT = "LLaVA-NeXT train.py"
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in [
-    Template("plain", system="", system_format="", user_format="{content}", assistant_start="",
-             assistant_format="{content}\n", stop="\n", image_only_prompt=True,
-             reference="LLaVA conv_llava_plain + preprocess_plain (pretraining: image + caption)"),
-    Template("vicuna_v1", system=_VICUNA_SYSTEM, **_TWO,
-             reference="LLaVA conv_vicuna_v1 + preprocess_v1 (LLaVA-1.5 training, --version v1)"),
-    Template("llava_v1", system=_LLAVA_V1_SYSTEM, **_TWO,
-             reference="LLaVA conv_llava_v1 (LLaVA-1.5 inference, conv_mode llava_v1)"),
-    Template("llama_2", system=_LLAMA_2_SYSTEM, round_prefix="<s>", **_LLAMA_2,
-             reference="LLaVA conv_llama_2 + preprocess_llama_2 (Meta's Llama-2-chat format)"),
-    Template("llava_llama_2", system=_LLAVA_SYSTEM, round_prefix="<s>", **_LLAMA_2,
-             reference="LLaVA conv_llava_llama_2 + preprocess_llama_2"),
-    Template("mistral_instruct", system="", **_LLAMA_2,
-             reference="LLaVA conv_mistral_instruct (LLAMA_2 style, sep ''; LLaVA-1.6-Mistral)"),
-    Template("llama3", system="", **_LLAMA_3,
-             reference="Meta-Llama-3-Instruct chat template; answer + <|eot_id|> learned"),
-    Template("llama3_llava_next", system=_LLAVA_SYSTEM, **_LLAMA_3, learn_assistant_start=True,
-             image_placement="llava_next",
-             learned_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-             reference=f"{_LLAVA_NEXT} preprocess_llama3 (conv llava_llama_3)"),
-    Template("chatml", system=_QWEN_SYSTEM, **_CHATML,
-             reference="Qwen2-Instruct chat template; answer + <|im_end|>\\n learned"),
-    Template("chatml_llava_next", system=_QWEN_SYSTEM, **_CHATML, learn_assistant_start=True,
-             image_placement="llava_next",
-             learned_tokens=("<|im_start|>", "<|im_end|>", "\n"),
-             reference=f"{_LLAVA_NEXT} preprocess_qwen (conv qwen_1_5 / qwen_2)"),
-    Template("gemma", system="", system_format="{system}\n\n", system_in_first_user=True,
-             user_format="<start_of_turn>user\n{content}<end_of_turn>\n", assistant_start="<start_of_turn>model\n",
-             assistant_format="{content}<end_of_turn>\n", stop="<end_of_turn>", strip_content=True,
-             reference="Gemma instruct chat template (a system text opens the first user turn, as Gemma-3's)"),
-]}
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in [
+        Template(
+            "plain",
+            system="",
+            system_format="",
+            user_format="{content}",
+            assistant_start="",
+            assistant_format="{content}\n",
+            stop="\n",
+            image_only_prompt=True,
+            reference="LLaVA conv_llava_plain + preprocess_plain (pretraining: image + caption)",
+        ),
+        Template(
+            "vicuna_v1",
+            system=_VICUNA_SYSTEM,
+            **_TWO,
+            reference="LLaVA conv_vicuna_v1 + preprocess_v1 (LLaVA-1.5 training, --version v1)",
+        ),
+        Template(
+            "llava_v1",
+            system=_LLAVA_V1_SYSTEM,
+            **_TWO,
+            reference="LLaVA conv_llava_v1 (LLaVA-1.5 inference, conv_mode llava_v1)",
+        ),
+        Template(
+            "llama_2",
+            system=_LLAMA_2_SYSTEM,
+            round_prefix="<s>",
+            **_LLAMA_2,
+            reference="LLaVA conv_llama_2 + preprocess_llama_2 (Meta's Llama-2-chat format)",
+        ),
+        Template(
+            "llava_llama_2",
+            system=_LLAVA_SYSTEM,
+            round_prefix="<s>",
+            **_LLAMA_2,
+            reference="LLaVA conv_llava_llama_2 + preprocess_llama_2",
+        ),
+        Template(
+            "mistral_instruct",
+            system="",
+            **_LLAMA_2,
+            reference="LLaVA conv_mistral_instruct (LLAMA_2 style, sep ''; LLaVA-1.6-Mistral)",
+        ),
+        Template(
+            "llama3",
+            system="",
+            **_LLAMA_3,
+            reference="Meta-Llama-3-Instruct chat template; answer + <|eot_id|> learned",
+        ),
+        Template(
+            "llama3_llava_next",
+            system=_LLAVA_SYSTEM,
+            **_LLAMA_3,
+            learn_assistant_start=True,
+            image_placement="llava_next",
+            learned_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            reference=f"{_LLAVA_NEXT} preprocess_llama3 (conv llava_llama_3)",
+        ),
+        Template(
+            "chatml",
+            system=_QWEN_SYSTEM,
+            **_CHATML,
+            reference="Qwen2-Instruct chat template; answer + <|im_end|>\\n learned",
+        ),
+        Template(
+            "chatml_llava_next",
+            system=_QWEN_SYSTEM,
+            **_CHATML,
+            learn_assistant_start=True,
+            image_placement="llava_next",
+            learned_tokens=("<|im_start|>", "<|im_end|>", "\n"),
+            reference=f"{_LLAVA_NEXT} preprocess_qwen (conv qwen_1_5 / qwen_2)",
+        ),
+        Template(
+            "gemma",
+            system="",
+            system_format="{system}\n\n",
+            system_in_first_user=True,
+            user_format="<start_of_turn>user\n{content}<end_of_turn>\n",
+            assistant_start="<start_of_turn>model\n",
+            assistant_format="{content}<end_of_turn>\n",
+            stop="<end_of_turn>",
+            strip_content=True,
+            reference="Gemma instruct chat template (a system text opens the first user turn, as Gemma-3's)",
+        ),
+    ]
+}
 
 
 def get_template(name_or_template, tokenizer=None):
@@ -207,12 +294,15 @@ def get_template(name_or_template, tokenizer=None):
     return name_or_template
   if name_or_template == "hf":
     from llava_jax.data import chat_template  # local: jinja2 is only needed for "hf"
+
     return chat_template.from_tokenizer(tokenizer)
   try:
     return TEMPLATES[name_or_template]
   except KeyError:
-    raise ValueError(f"unknown conversation template {name_or_template!r}; known: {sorted(TEMPLATES)} "
-                     f"and 'hf' (the checkpoint's own chat_template)") from None
+    raise ValueError(
+        f"unknown conversation template {name_or_template!r}; known: {sorted(TEMPLATES)} "
+        f"and 'hf' (the checkpoint's own chat_template)"
+    ) from None
 
 
 def move_image_tags_first(text: str, placement: str = "llava") -> str:
@@ -260,8 +350,10 @@ def normalize_conversation(conversation: Sequence[Mapping]) -> tuple[str | None,
   for k, turn in enumerate(turns):
     want = "user" if k % 2 == 0 else "assistant"
     if turn.role != want:
-      raise ConversationError(f"turn {turn.index} is {turn.role!r}, expected {want!r} (after dropping a leading "
-                              f"system/assistant turn): turns must alternate user/assistant")
+      raise ConversationError(
+          f"turn {turn.index} is {turn.role!r}, expected {want!r} (after dropping a leading "
+          f"system/assistant turn): turns must alternate user/assistant"
+      )
   return system, turns
 
 
@@ -350,8 +442,11 @@ def probe_texts(template=None, tokenizer=None) -> list[str]:
   """The rendered text of `PROBE_CONVERSATION` (with and without its system turn, so with the template's own
   default system text) under `template` (None: every built-in template, and "hf" if the tokenizer has a chat
   template), to compare tokenizers on the template's own text."""
-  names = [template] if template is not None else sorted(TEMPLATES) + (
-      ["hf"] if getattr(tokenizer, "chat_template", None) else [])
+  names = (
+      [template]
+      if template is not None
+      else sorted(TEMPLATES) + (["hf"] if getattr(tokenizer, "chat_template", None) else [])
+  )
   out = []
   for name in names:
     t = get_template(name, tokenizer)

@@ -48,8 +48,14 @@ from typing import TYPE_CHECKING, Mapping, MutableMapping, Sequence
 import numpy as np
 
 from llava_jax.data.records import RecordError, image_list, sample_id_of
-from llava_jax.data.templates import (IMAGE_TAG, ConversationError, Segment, Template, get_template,
-                                      normalize_conversation)
+from llava_jax.data.templates import (
+    IMAGE_TAG,
+    ConversationError,
+    Segment,
+    Template,
+    get_template,
+    normalize_conversation,
+)
 
 if TYPE_CHECKING:  # annotations only: the train step imports IGNORE from here, and must not
   # need sentencepiece (a bare accelerator machine lacks it; benchmarks/accelerator.py)
@@ -65,6 +71,7 @@ log = logging.getLogger(__name__)
 
 class RejectReason(str, enum.Enum):
   """Why a sample is not trained on (a closed set: counters and dashboards key on these)."""
+
   TEMPLATE_MISMATCH = "template_mismatch"  # turns don't fit the template, or masks can't be placed exactly
   IMAGE_COUNT_MISMATCH = "image_count_mismatch"  # <image> tags != images given (or text tokenizes to image_token_id)
   TRUNCATED_NO_TARGET = "truncated_no_target"  # max_len cut away every learned token
@@ -86,6 +93,7 @@ class TokenizedSample:
     num_images: images whose `num_image_tokens` placeholders are all in input_ids.
     truncated: whether the end of the text was cut to fit max_len.
   """
+
   sample_id: str
   input_ids: np.ndarray
   labels: np.ndarray
@@ -100,6 +108,7 @@ class TokenizedSample:
 @dataclasses.dataclass(frozen=True)
 class Rejected:
   """A sample that must not be trained on; `detail` says what was expected and what was found."""
+
   sample_id: str
   reason: RejectReason
   detail: str
@@ -108,8 +117,9 @@ class Rejected:
     return f"sample {self.sample_id!r} rejected ({self.reason.value}): {self.detail}"
 
 
-def _encode_chunks(text: str, tokenizer: Tokenizer, add_bos: bool, split_at_images: bool = True
-                   ) -> tuple[list[int], list[tuple[int, int, int]]]:
+def _encode_chunks(
+    text: str, tokenizer: Tokenizer, add_bos: bool, split_at_images: bool = True
+) -> tuple[list[int], list[tuple[int, int, int]]]:
   """Text -> ids with one _IMAGE per tag, and per image-free stretch (char_start, char_end, token_start).
 
   `split_at_images`: encode each stretch between tags separately (LLaVA's `tokenizer_image_token`); else the
@@ -151,13 +161,15 @@ def _token_at_boundary(text: str, b: int, whole: list[int], chunks, tokenizer: T
   if len(chunks) == 1 and IMAGE_TAG in text:
     image_id = tokenizer.token_to_id(IMAGE_TAG)
     part = [_IMAGE if i == image_id else i for i in part]
-  if whole[ts:ts + len(part)] == part:
+  if whole[ts : ts + len(part)] == part:
     return ts + len(part), ""
   k = next((i for i, (x, y) in enumerate(zip(part, whole[ts:])) if x != y), min(len(part), len(whole) - ts))
   show = lambda ids: [tokenizer.id_to_token(i) if i >= 0 else IMAGE_TAG for i in ids]
-  return None, (f"at char {b} ({text[max(0, b - 24):b]!r} | {text[b:b + 24]!r}) the prefix tokenizes to "
-                f"...{show(part[max(0, k - 2):k + 3])} but the whole text to "
-                f"...{show(whole[ts + max(0, k - 2):ts + k + 3])}")
+  return None, (
+      f"at char {b} ({text[max(0, b - 24):b]!r} | {text[b:b + 24]!r}) the prefix tokenizes to "
+      f"...{show(part[max(0, k - 2):k + 3])} but the whole text to "
+      f"...{show(whole[ts + max(0, k - 2):ts + k + 3])}"
+  )
 
 
 def _merge(segments: Sequence[Segment]) -> list[Segment]:
@@ -193,9 +205,16 @@ def learned_token_ids(tokenizer: Tokenizer, tokens: Sequence[str]) -> set[int]:
   return ids
 
 
-def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str | Template, *, image_token_id: int,
-                          num_image_tokens: int, max_len: int,
-                          add_bos: bool | None = None) -> TokenizedSample | Rejected:
+def tokenize_conversation(
+    sample: Mapping,
+    tokenizer: Tokenizer,
+    template: str | Template,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_len: int,
+    add_bos: bool | None = None,
+) -> TokenizedSample | Rejected:
   """Renders, tokenizes and masks one record (see the module docstring).
 
   Args:
@@ -216,22 +235,27 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
     Rejected(sample_id, reason, detail). Never a sample without a learned token.
   """
   if num_image_tokens < 1 or max_len < 1 or image_token_id < 0:
-    raise ValueError(f"need num_image_tokens >= 1, max_len >= 1, image_token_id >= 0; "
-                     f"got {num_image_tokens}, {max_len}, {image_token_id}")
+    raise ValueError(
+        f"need num_image_tokens >= 1, max_len >= 1, image_token_id >= 0; "
+        f"got {num_image_tokens}, {max_len}, {image_token_id}"
+    )
   sid = sample_id_of(sample)
   reject = lambda reason, detail: Rejected(sid, reason, detail)
   conversation = sample.get("conversations")
   if not isinstance(conversation, Sequence) or isinstance(conversation, str):
-    return reject(RejectReason.TEMPLATE_MISMATCH,
-                  f"'conversations' must be a list of turns, got {type(conversation).__name__}")
+    return reject(
+        RejectReason.TEMPLATE_MISMATCH, f"'conversations' must be a list of turns, got {type(conversation).__name__}"
+    )
   template = get_template(template, tokenizer)
   try:
     _, turns = normalize_conversation(conversation)
     for turn in turns:
       if turn.role == "assistant" and not turn.text.strip():
-        return reject(RejectReason.EMPTY_ANSWER,
-                      f"turn {turn.index} (assistant) is {'whitespace only' if turn.text else 'empty'}: "
-                      f"it would train the end token alone")
+        return reject(
+            RejectReason.EMPTY_ANSWER,
+            f"turn {turn.index} (assistant) is {'whitespace only' if turn.text else 'empty'}: "
+            f"it would train the end token alone",
+        )
     segments = _merge(template.render(conversation))
   except ConversationError as e:
     return reject(RejectReason.TEMPLATE_MISMATCH, f"template {template.name!r}: {e}")
@@ -243,15 +267,18 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
     return reject(RejectReason.BAD_RECORD, str(e))
   n_tags = text.count(IMAGE_TAG)
   if n_tags != n_images:
-    return reject(RejectReason.IMAGE_COUNT_MISMATCH,
-                  f"{n_tags} {IMAGE_TAG} tags in the rendered text, {n_images} images given")
+    return reject(
+        RejectReason.IMAGE_COUNT_MISMATCH, f"{n_tags} {IMAGE_TAG} tags in the rendered text, {n_images} images given"
+    )
 
-  whole, chunks = _encode_chunks(text, tokenizer, _wants_bos(text, tokenizer, add_bos),
-                                 _splits_at_images(template, tokenizer))
+  whole, chunks = _encode_chunks(
+      text, tokenizer, _wants_bos(text, tokenizer, add_bos), _splits_at_images(template, tokenizer)
+  )
   if image_token_id in whole:
-    return reject(RejectReason.IMAGE_COUNT_MISMATCH,
-                  f"the text itself tokenizes to image_token_id {image_token_id} "
-                  f"at token {whole.index(image_token_id)}")
+    return reject(
+        RejectReason.IMAGE_COUNT_MISMATCH,
+        f"the text itself tokenizes to image_token_id {image_token_id} at token {whole.index(image_token_id)}",
+    )
 
   labels = [IGNORE] * len(whole)
   seg_start, start_tok = 0, 0
@@ -291,18 +318,28 @@ def tokenize_conversation(sample: Mapping, tokenizer: Tokenizer, template: str |
     image_starts = np.flatnonzero(is_image) + np.arange(n_images) * (num_image_tokens - 1)
     input_ids, labels_out = input_ids[:max_len], labels_out[:max_len]
     if not (labels_out != IGNORE).any():
-      return reject(RejectReason.TRUNCATED_NO_TARGET,
-                    f"{int(reps.sum())} tokens cut to max_len {max_len}: no answer token left")
+      return reject(
+          RejectReason.TRUNCATED_NO_TARGET, f"{int(reps.sum())} tokens cut to max_len {max_len}: no answer token left"
+      )
     cut = [k for k, s in enumerate(image_starts) if s + num_image_tokens > max_len]
     if cut:
-      return reject(RejectReason.TRUNCATED_IMAGE,
-                    f"max_len {max_len} cuts image {cut[0]} of {n_images} (its {num_image_tokens} tokens start at "
-                    f"{int(image_starts[cut[0]])})")
+      return reject(
+          RejectReason.TRUNCATED_IMAGE,
+          f"max_len {max_len} cuts image {cut[0]} of {n_images} (its {num_image_tokens} tokens start at "
+          f"{int(image_starts[cut[0]])})",
+      )
   return TokenizedSample(sid, input_ids, labels_out, n_images, truncated)
 
 
-def tokenize_prompt(text: str, tokenizer: Tokenizer, *, image_token_id: int, num_image_tokens: int,
-                    add_bos: bool | None = None, template=None) -> np.ndarray:
+def tokenize_prompt(
+    text: str,
+    tokenizer: Tokenizer,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    add_bos: bool | None = None,
+    template=None,
+) -> np.ndarray:
   """A generation prompt (e.g. from `templates.prompt_for_generation`) -> int32[T], tokenized as in training.
 
   `template`: the one that rendered `text`; "hf" (a ChatTemplate) encodes `<image>` with the tokenizer's own
@@ -314,8 +351,9 @@ def tokenize_prompt(text: str, tokenizer: Tokenizer, *, image_token_id: int, num
   return np.repeat(np.where(is_image, image_token_id, ids), np.where(is_image, num_image_tokens, 1)).astype(np.int32)
 
 
-def apply_policy(result: TokenizedSample | Rejected, policy: str,
-                 counters: MutableMapping[str, int]) -> TokenizedSample | None:
+def apply_policy(
+    result: TokenizedSample | Rejected, policy: str, counters: MutableMapping[str, int]
+) -> TokenizedSample | None:
   """Counts a rejection under `counters[reason]` and skips it (returns None) or raises.
 
   Args:

@@ -10,6 +10,7 @@ the answers of each ``flush()`` (``run_eval`` flushes after every batch) as one 
 compose (``storage.Appender``), so the file only ever holds whole lines and a killed
 run loses at most the batch in flight, which the next run answers again.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,13 +40,20 @@ class AnswerWriter:
     _repair_tail(self.path)
     self._file = storage.Appender(self.path)
 
-  def write(self, question_id: Any, prompt: str, text: str,
-            metadata: Mapping[str, Any] | None = None, **extra: Any) -> Row:
+  def write(
+      self, question_id: Any, prompt: str, text: str, metadata: Mapping[str, Any] | None = None, **extra: Any
+  ) -> Row:
     """Appends ``{question_id, prompt, text, answer_id, model_id, metadata, **extra}``
     (``extra``: e.g. MMBench's ``round_id, options, option_char``) and flushes."""
-    row = {"question_id": question_id, "prompt": prompt, "text": text,
-           "answer_id": uuid.uuid4().hex, "model_id": self.model_id,
-           "metadata": dict(metadata or {}), **extra}
+    row = {
+        "question_id": question_id,
+        "prompt": prompt,
+        "text": text,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": self.model_id,
+        "metadata": dict(metadata or {}),
+        **extra,
+    }
     self._file.append(json.dumps(row) + "\n")  # locally written and flushed at once
     return row
 
@@ -96,8 +104,11 @@ def read_jsonl(path: Path, tolerate_truncated_tail: bool) -> list[Row]:
       rows.append(json.loads(line))
     except json.JSONDecodeError as e:
       if tolerate_truncated_tail and i == last:
-        warnings.warn(f"{path}: ignoring truncated last line {i + 1} ({len(line)} chars; "
-                      "a run killed mid-write?)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{path}: ignoring truncated last line {i + 1} ({len(line)} chars; a run killed mid-write?)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         break
       raise ValueError(f"{path}:{i + 1}: not valid JSON ({e}): {line[:80]!r}") from None
   return rows
@@ -116,8 +127,11 @@ def _repair_tail(path: Path) -> None:
   try:
     json.loads(tail)
   except (json.JSONDecodeError, UnicodeDecodeError):
-    warnings.warn(f"{path}: dropping truncated last line ({len(tail)} bytes; a run killed "
-                  "mid-write?)", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"{path}: dropping truncated last line ({len(tail)} bytes; a run killed mid-write?)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     storage.write_atomic(path, data[:cut])
     return
   storage.write_atomic(path, data + b"\n")

@@ -13,6 +13,7 @@ With ``--all-rounds`` LLaVA rotates the options once per round and records the r
 letters in ``option_char``; the displayed letter is mapped back through it. Circular
 accuracy (MMBench's CircularEval) credits a question only if every round is right.
 """
+
 from __future__ import annotations
 
 import re
@@ -50,8 +51,7 @@ def scienceqa_letter(text: str, options: Sequence[str] = SCIENCEQA_OPTIONS) -> s
   return FAILED
 
 
-def scienceqa_choice_index(letter: str, num_choices: int,
-                           options: Sequence[str] = SCIENCEQA_OPTIONS) -> int:
+def scienceqa_choice_index(letter: str, num_choices: int, options: Sequence[str] = SCIENCEQA_OPTIONS) -> int:
   """``get_pred_idx``: the choice index of ``letter``, or -1 if it is not one of the
   first ``num_choices`` options (a "C" for a two-choice question is wrong, not C)."""
   letter = letter.replace("\n", ". ")
@@ -65,9 +65,12 @@ def scienceqa_choice_index(letter: str, num_choices: int,
   return -1
 
 
-def scienceqa_metrics(predictions: Sequence[str], answers: Sequence[int],
-                      num_choices: Sequence[int],
-                      has_image: Sequence[bool] | None = None) -> dict[str, float]:
+def scienceqa_metrics(
+    predictions: Sequence[str],
+    answers: Sequence[int],
+    num_choices: Sequence[int],
+    has_image: Sequence[bool] | None = None,
+) -> dict[str, float]:
   """ScienceQA accuracy (``acc`` of eval_science_qa.py, as a fraction) and, given
   ``has_image``, ``img_accuracy`` over the questions with an image (its IMG-Accuracy).
 
@@ -79,8 +82,10 @@ def scienceqa_metrics(predictions: Sequence[str], answers: Sequence[int],
   """
   if not predictions:
     raise ValueError("no answered ScienceQA questions to score")
-  correct = [scienceqa_choice_index(scienceqa_letter(p), n) == int(a)
-             for p, a, n in zip(predictions, answers, num_choices, strict=True)]
+  correct = [
+      scienceqa_choice_index(scienceqa_letter(p), n) == int(a)
+      for p, a, n in zip(predictions, answers, num_choices, strict=True)
+  ]
   out = {"accuracy": sum(correct) / len(correct)}
   if has_image is not None:
     img = [c for c, i in zip(correct, has_image, strict=True) if i]
@@ -89,8 +94,7 @@ def scienceqa_metrics(predictions: Sequence[str], answers: Sequence[int],
   return out
 
 
-def mmbench_letter(text: str, options: Sequence[str],
-                   letters: Sequence[str] = MMBENCH_OPTIONS) -> str | None:
+def mmbench_letter(text: str, options: Sequence[str], letters: Sequence[str] = MMBENCH_OPTIONS) -> str | None:
   """The displayed option letter a prediction picks, or None if it cannot be read.
 
   ``auto_parse_answer`` of eval_mmbench.py: the text (stripped of ``.`` and spaces,
@@ -102,7 +106,7 @@ def mmbench_letter(text: str, options: Sequence[str],
     text: raw model answer.
     options: option texts in the order shown to the model (A, B, …).
   """
-  valid = list(letters[:len(options)])
+  valid = list(letters[: len(options)])
   bare = text.strip(".").strip().upper()
   if bare in valid:
     return bare
@@ -119,11 +123,14 @@ def mmbench_letter(text: str, options: Sequence[str],
   return None
 
 
-def mmbench_metrics(predictions: Sequence[str], answers: Sequence[str],
-                    options: Sequence[Sequence[str]],
-                    option_chars: Sequence[Sequence[str] | None],
-                    question_ids: Sequence[object],
-                    round_ids: Sequence[int]) -> dict[str, float]:
+def mmbench_metrics(
+    predictions: Sequence[str],
+    answers: Sequence[str],
+    options: Sequence[Sequence[str]],
+    option_chars: Sequence[Sequence[str] | None],
+    question_ids: Sequence[object],
+    round_ids: Sequence[int],
+) -> dict[str, float]:
   """MMBench accuracy of round 0 (one pass, options in original order) and, when some
   question was asked in more than one rotation, ``circular_accuracy``: a question counts
   only if all its rounds are right.
@@ -140,10 +147,11 @@ def mmbench_metrics(predictions: Sequence[str], answers: Sequence[str],
     raise ValueError("no answered MMBench questions to score")
   rounds = defaultdict(list)
   first_round = []
-  for pred, gold, opts, chars, qid, rid in zip(predictions, answers, options, option_chars,
-                                               question_ids, round_ids, strict=True):
+  for pred, gold, opts, chars, qid, rid in zip(
+      predictions, answers, options, option_chars, question_ids, round_ids, strict=True
+  ):
     shown = mmbench_letter(pred, opts)
-    chars = list(chars) if chars is not None else list(MMBENCH_OPTIONS[:len(opts)])
+    chars = list(chars) if chars is not None else list(MMBENCH_OPTIONS[: len(opts)])
     picked = None if shown is None else chars[MMBENCH_OPTIONS.index(shown)]
     ok = picked == gold
     rounds[qid].append(ok)

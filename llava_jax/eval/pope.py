@@ -15,6 +15,7 @@ split on single spaces, and the answer is "no" iff a word is exactly ``No``, ``n
 Deviation: where eval_pope.py divides by zero (no "yes" predictions, or no "yes"
 labels) the precision / recall / F1 here are 0.0 instead of an exception.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -58,19 +59,20 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
       "recall": recall,
       "f1": f1,
       "yes_ratio": sum(pred_pos) / len(pred_pos),
-      "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+      "tp": tp,
+      "fp": fp,
+      "tn": tn,
+      "fn": fn,
   }
 
 
-def pope_metrics_by_split(predictions: Sequence[str], labels: Sequence[str],
-                          splits: Sequence[str]) -> dict[str, float]:
+def pope_metrics_by_split(predictions: Sequence[str], labels: Sequence[str], splits: Sequence[str]) -> dict[str, float]:
   """``pope_metrics`` per split (keys ``<split>/accuracy``, ``<split>/f1``, …), as
   eval_pope.py prints them per ``coco_pope_<split>.json``, plus the unweighted mean over
   splits of accuracy, precision, recall, F1 and yes-ratio (the number papers quote as
   "POPE" is usually the mean F1 or accuracy of the three splits)."""
   if not len(predictions) == len(labels) == len(splits):
-    raise ValueError(f"{len(predictions)} predictions, {len(labels)} labels and "
-                     f"{len(splits)} split names must match")
+    raise ValueError(f"{len(predictions)} predictions, {len(labels)} labels and {len(splits)} split names must match")
   grouped = defaultdict(lambda: ([], []))
   for p, label, split in zip(predictions, labels, splits):
     grouped[split][0].append(p)

@@ -13,6 +13,7 @@ Questions (``read_questions``) come back as LLaVA's JSONL rows
 Annotations (``read_annotations``) come back as question id -> ground-truth record with
 the fields ``tasks.TASKS[task].ground_truth`` names.
 """
+
 from __future__ import annotations
 
 import csv
@@ -41,34 +42,55 @@ def read_questions(path: str | os.PathLike) -> list[Row]:
     raise ValueError(f"{path}: unknown question file type; expected .jsonl, .json or .tsv")
   for i, row in enumerate(rows):
     if "question_id" not in row or "text" not in row:
-      raise ValueError(f"{path}: question {i} has no 'question_id' or 'text': "
-                       f"{sorted(row)}")
+      raise ValueError(f"{path}: question {i} has no 'question_id' or 'text': {sorted(row)}")
   return rows
 
 
 def _json_questions(data: Any, path: Path) -> list[Row]:
   if isinstance(data, dict) and "questions" in data:  # official VQAv2
     subtype = data.get("data_subtype", "")
-    return [{"question_id": q["question_id"], "image_id": q["image_id"],
-             "image": f"COCO_{subtype}_{q['image_id']:012d}.jpg" if subtype else None,
-             "text": q["question"], "category": "default"} for q in data["questions"]]
+    return [
+        {
+            "question_id": q["question_id"],
+            "image_id": q["image_id"],
+            "image": f"COCO_{subtype}_{q['image_id']:012d}.jpg" if subtype else None,
+            "text": q["question"],
+            "category": "default",
+        }
+        for q in data["questions"]
+    ]
   if isinstance(data, dict) and "data" in data:  # official TextVQA
-    return [{"question_id": q["question_id"], "image_id": q["image_id"],
-             "image": f"{q['image_id']}.jpg", "text": q["question"]} for q in data["data"]]
+    return [
+        {
+            "question_id": q["question_id"],
+            "image_id": q["image_id"],
+            "image": f"{q['image_id']}.jpg",
+            "text": q["question"],
+        }
+        for q in data["data"]
+    ]
   if isinstance(data, list) and data and "conversations" in data[0]:  # LLaVA ScienceQA
     # model_vqa_science.py: first human turn without the <image> tag.
-    return [{"question_id": q["id"], "image": q.get("image"),
-             "text": q["conversations"][0]["value"].replace("<image>", "").strip()}
-            for q in data]
+    return [
+        {
+            "question_id": q["id"],
+            "image": q.get("image"),
+            "text": q["conversations"][0]["value"].replace("<image>", "").strip(),
+        }
+        for q in data
+    ]
   if isinstance(data, list):
     return data
-  if isinstance(data, dict) and all(isinstance(v, dict) and "imageId" in v
-                                    for v in data.values()):  # official GQA
-    return [{"question_id": qid, "image": f"{q['imageId']}.jpg", "text": q["question"],
-             "category": "default"} for qid, q in data.items()]
-  raise ValueError(f"{path}: unrecognised question JSON; expected VQAv2 {{'questions'}}, "
-                   "TextVQA {'data'}, GQA {qid: {imageId, question}}, a list of rows, "
-                   "or LLaVA ScienceQA conversations")
+  if isinstance(data, dict) and all(isinstance(v, dict) and "imageId" in v for v in data.values()):  # official GQA
+    return [
+        {"question_id": qid, "image": f"{q['imageId']}.jpg", "text": q["question"], "category": "default"}
+        for qid, q in data.items()
+    ]
+  raise ValueError(
+      f"{path}: unrecognised question JSON; expected VQAv2 {{'questions'}}, "
+      "TextVQA {'data'}, GQA {qid: {imageId, question}}, a list of rows, "
+      "or LLaVA ScienceQA conversations"
+  )
 
 
 def _read_tsv(path: Path) -> list[Row]:
@@ -100,15 +122,21 @@ def _mmbench_question(row: Row) -> Row:
   for letter, option in zip(multiple_choice.MMBENCH_OPTIONS, options):
     text += f"\n{letter}. {option}"
   qid = int(row["index"]) if str(row["index"]).isdigit() else row["index"]
-  return {"question_id": qid, "text": text, "options": options,
-          "image_base64": row.get("image"), "category": row.get("category")}
+  return {
+      "question_id": qid,
+      "text": text,
+      "options": options,
+      "image_base64": row.get("image"),
+      "category": row.get("category"),
+  }
 
 
 # ----------------------------------------------------------------------- annotations
 
-def read_annotations(task: str, path: str | os.PathLike,
-                     questions: Sequence[Row] | None = None,
-                     split: str | None = None) -> dict[Any, Row]:
+
+def read_annotations(
+    task: str, path: str | os.PathLike, questions: Sequence[Row] | None = None, split: str | None = None
+) -> dict[Any, Row]:
   """Ground truth for ``task``: question id -> record with ``tasks.TASKS[task].ground_truth``.
 
   * vqav2: official ``v2_mscoco_*_annotations.json`` (answers, answer_type, question_type).
@@ -129,17 +157,26 @@ def read_annotations(task: str, path: str | os.PathLike,
   if path.suffix == ".jsonl":
     return {r["question_id"]: r for r in read_jsonl(path, tolerate_truncated_tail=False)}
   if path.suffix == ".tsv":
-    return {q["question_id"]: {"answer": r["answer"], "options": q["options"],
-                               "category": q["category"]}
-            for r in _read_tsv(path) for q in [_mmbench_question(r)]}
+    return {
+        q["question_id"]: {"answer": r["answer"], "options": q["options"], "category": q["category"]}
+        for r in _read_tsv(path)
+        for q in [_mmbench_question(r)]
+    }
   data = storage.read_json(path)
   if task == "vqav2" and isinstance(data, dict) and "annotations" in data:
-    return {a["question_id"]: {"answers": human_answers(a), "answer_type": a.get("answer_type"),
-                               "question_type": a.get("question_type")}
-            for a in data["annotations"]}
+    return {
+        a["question_id"]: {
+            "answers": human_answers(a),
+            "answer_type": a.get("answer_type"),
+            "question_type": a.get("question_type"),
+        }
+        for a in data["annotations"]
+    }
   if task == "textvqa" and isinstance(data, dict) and "data" in data:
-    return {a["question_id"]: {"answers": a["answers"], "image_id": a["image_id"],
-                               "question": a["question"]} for a in data["data"]}
+    return {
+        a["question_id"]: {"answers": a["answers"], "image_id": a["image_id"], "question": a["question"]}
+        for a in data["data"]
+    }
   if task == "scienceqa" and isinstance(data, dict):
     if split is not None:
       keep = storage.read_json(path.parent / "pid_splits.json")[split]
@@ -152,22 +189,25 @@ def read_annotations(task: str, path: str | os.PathLike,
 
 def _pope_annotations(directory: Path, questions: Sequence[Row] | None) -> dict[Any, Row]:
   if questions is None:
-    raise ValueError("POPE labels are matched to questions by order within each category; "
-                     "pass questions=read_questions('llava_pope_test.jsonl')")
+    raise ValueError(
+        "POPE labels are matched to questions by order within each category; "
+        "pass questions=read_questions('llava_pope_test.jsonl')"
+    )
   files = sorted(directory.glob("coco_pope_*.json"))
   if not files:
     raise FileNotFoundError(f"{directory}: no coco_pope_<split>.json label files")
   out = {}
   for file in files:
-    category = file.name[len("coco_pope_"):-len(".json")]
+    category = file.name[len("coco_pope_") : -len(".json")]
     labels = read_jsonl(file, tolerate_truncated_tail=False)
     asked = [q for q in questions if q.get("category") == category]
     if len(asked) != len(labels):
-      raise ValueError(f"{file}: {len(labels)} labels but {len(asked)} questions with "
-                       f"category {category!r}")
+      raise ValueError(f"{file}: {len(labels)} labels but {len(asked)} questions with category {category!r}")
     for q, label in zip(asked, labels):
       if "image" in q and "image" in label and q["image"] != label["image"]:
-        raise ValueError(f"{file}: question {q['question_id']!r} shows {q['image']!r} but "
-                         f"its label line is for {label['image']!r}; files out of order?")
+        raise ValueError(
+            f"{file}: question {q['question_id']!r} shows {q['image']!r} but "
+            f"its label line is for {label['image']!r}; files out of order?"
+        )
       out[q["question_id"]] = {"label": label["label"], "category": category}
   return out

@@ -28,6 +28,7 @@ does not depend on the number of processes), the batch enters ``generate`` as a 
 array and the tokens come back replicated. The returned metrics are broadcast from
 process 0, so every process returns the same dict.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Prepared:
   """One question ready to batch: prompt ids int32[T] and pixels float32[S, S, 3] | None."""
+
   question: dict
   prompt: str
   ids: np.ndarray
@@ -92,8 +94,7 @@ def prepare(model, question: dict, task: str, image_root: str | None) -> Prepare
   return Prepared(question, prompt, ids, pixels)
 
 
-def make_batch(items: Sequence[Prepared], batch_size: int, length_bucket: int, image_size: int,
-               pad_id: int):
+def make_batch(items: Sequence[Prepared], batch_size: int, length_bucket: int, image_size: int, pad_id: int):
   """Left-padded fixed-shape arrays for ``sampler.generate``.
 
   Returns: ids int32[batch_size, T] (T a multiple of ``length_bucket``), mask int32[same],
@@ -108,7 +109,7 @@ def make_batch(items: Sequence[Prepared], batch_size: int, length_bucket: int, i
   pixels = np.zeros((batch_size, image_size, image_size, 3), np.float32)
   image_mask = np.zeros((batch_size,), bool)
   for r, p in enumerate(items):
-    ids[r, t - len(p.ids):], mask[r, t - len(p.ids):] = p.ids, 1
+    ids[r, t - len(p.ids) :], mask[r, t - len(p.ids) :] = p.ids, 1
     if p.pixels is not None:
       pixels[r], image_mask[r] = p.pixels, True
   return ids, mask, pixels, image_mask
@@ -118,10 +119,13 @@ def _todo(asked: Sequence[dict], out: Path) -> list[int]:
   """Indices into ``asked`` of the questions without an answer in ``out``, as process 0
   sees the file, on every process."""
   import jax
+
   counts = distributed.gather_json(len(asked))
   if len(set(counts)) > 1:
-    raise ValueError(f"the processes read different numbers of questions {counts} (in "
-                     "process order); every process needs the same question file")
+    raise ValueError(
+        f"the processes read different numbers of questions {counts} (in "
+        "process order); every process needs the same question file"
+    )
   todo = None
   if jax.process_index() == 0:
     done = {str(i) for i in answered_ids(out)}
@@ -133,20 +137,36 @@ def _check_same_batch(ready: Sequence[Prepared], batch: Sequence[dict]) -> None:
   """Several processes: the same questions of ``batch`` prepared everywhere, else their
   generate calls would differ in shape and hang; raises (on every process) naming them."""
   import jax
+
   if jax.process_count() == 1:
     return
   prepared = distributed.gather_json([str(p.question["question_id"]) for p in ready])
   if any(ids != prepared[0] for ids in prepared):
-    raise ValueError(f"questions {[q['question_id'] for q in batch]}: the processes could "
-                     f"load the images of different ones (prepared, in process order: "
-                     f"{prepared}); every process needs the same image files")
+    raise ValueError(
+        f"questions {[q['question_id'] for q in batch]}: the processes could "
+        f"load the images of different ones (prepared, in process order: "
+        f"{prepared}); every process needs the same image files"
+    )
 
 
-def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | os.PathLike,
-             annotations: str | os.PathLike | None = None, image_root: str | None = None,
-             batch_size: int = 8, limit: int | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, seed: int = 0, length_bucket: int = 64,
-             model_id: str | None = None, mesh=None, progress: bool = True) -> dict[str, Any]:
+def run_eval(
+    model,
+    workdir: str | os.PathLike,
+    *,
+    task: str,
+    questions: str | os.PathLike,
+    annotations: str | os.PathLike | None = None,
+    image_root: str | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    length_bucket: int = 64,
+    model_id: str | None = None,
+    mesh=None,
+    progress: bool = True,
+) -> dict[str, Any]:
   """Answers the (first ``limit``) questions not yet answered, then scores all of them.
 
   Args:
@@ -182,16 +202,17 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
     asked = asked[:limit]
   out = answers_path(workdir, task)
   todo = [asked[i] for i in _todo(asked, out)]
-  log.info("%s: %d questions, %d already answered, %d to go", task, len(asked),
-           len(asked) - len(todo), len(todo))
+  log.info("%s: %d questions, %d already answered, %d to go", task, len(asked), len(asked) - len(todo), len(todo))
   stops = model.stop_token_ids()
   rng = jax.random.key(seed)
   writing = AnswerWriter(out, model_id or "llava_jax") if primary else None
-  with (writing or contextlib.nullcontext()) as writer, \
-      tqdm(total=len(todo), desc=task, unit="q", disable=not (progress and primary)) as bar:
+  with (
+      writing or contextlib.nullcontext() as writer,
+      tqdm(total=len(todo), desc=task, unit="q", disable=not (progress and primary)) as bar,
+  ):
     for start in range(0, len(todo), batch_size):
       ready = []
-      for q in todo[start:start + batch_size]:
+      for q in todo[start : start + batch_size]:
         try:
           ready.append(prepare(model, q, task, image_root))
         except ValueError as e:
@@ -199,23 +220,38 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
             log.warning("%s", e)
             writer.write(q["question_id"], q["text"], "", {"error": str(e)})
           bar.update(1)
-      _check_same_batch(ready, todo[start:start + batch_size])
+      _check_same_batch(ready, todo[start : start + batch_size])
       if not ready:
         continue
-      ids, mask, pixels, image_mask = make_batch(ready, batch_size, length_bucket,
-                                                 model.cfg.vision.image_size,
-                                                 model.tokenizer.pad_id)
-      tokens = generate(model.cfg, model.params, ids, pixels, mask, image_mask=image_mask,
-                        max_new_tokens=max_new_tokens, temperature=temperature,
-                        eos_token_id=None, stop_token_ids=stops,
-                        rng=jax.random.fold_in(rng, start), mesh=mesh,
-                        rules=getattr(model, "rules", None))
+      ids, mask, pixels, image_mask = make_batch(
+          ready, batch_size, length_bucket, model.cfg.vision.image_size, model.tokenizer.pad_id
+      )
+      tokens = generate(
+          model.cfg,
+          model.params,
+          ids,
+          pixels,
+          mask,
+          image_mask=image_mask,
+          max_new_tokens=max_new_tokens,
+          temperature=temperature,
+          eos_token_id=None,
+          stop_token_ids=stops,
+          rng=jax.random.fold_in(rng, start),
+          mesh=mesh,
+          rules=getattr(model, "rules", None),
+      )
       tokens = np.asarray(tokens)  # replicated with a mesh: every process has all rows
       for r, p in enumerate(ready):
         if writer is not None:
           extra = {k: p.question[k] for k in ("round_id", "options") if k in p.question}
-          writer.write(p.question["question_id"], p.question["text"],
-                       model.decode_answer(tokens[r]), {"prompt": p.prompt}, **extra)
+          writer.write(
+              p.question["question_id"],
+              p.question["text"],
+              model.decode_answer(tokens[r]),
+              {"prompt": p.prompt},
+              **extra,
+          )
         bar.update(1)
       if writer is not None:
         writer.flush()  # on a bucket: this batch's answers, published as one append
@@ -225,8 +261,9 @@ def run_eval(model, workdir: str | os.PathLike, *, task: str, questions: str | o
   return distributed.gather_json(result)[0]
 
 
-def write_eval_json(workdir: Path, task: str, answers: Path, asked: Sequence[dict],
-                    annotations, step) -> dict[str, Any]:
+def write_eval_json(
+    workdir: Path, task: str, answers: Path, asked: Sequence[dict], annotations, step
+) -> dict[str, Any]:
   """Scores the answers to ``asked`` (others in the file are ignored) into eval.json."""
   ids = {str(q["question_id"]) for q in asked}
   rows = [r for r in read_answers(answers) if str(r["question_id"]) in ids]

@@ -9,6 +9,7 @@ named ``<task>/<metric>``, plus ``<task>/n`` (answers scored) and ``<task>/missi
 (annotated questions without an answer; the reference scripts for ScienceQA count those
 as wrong, so their accuracy is ``accuracy * n / (n + missing)``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,9 @@ def human_answers(record: Row) -> list[str]:
 
 
 def _vqav2(answers, records):
-  return vqa.vqav2_metrics(_texts(answers), [human_answers(r) for r in records],
-                           [r.get("answer_type") for r in records])
+  return vqa.vqav2_metrics(
+      _texts(answers), [human_answers(r) for r in records], [r.get("answer_type") for r in records]
+  )
 
 
 def _textvqa(answers, records):
@@ -50,22 +52,27 @@ def _synthetic(answers, records):
 
 
 def _pope(answers, records):
-  return pope.pope_metrics_by_split(_texts(answers), [r["label"] for r in records],
-                                    [r["category"] for r in records])
+  return pope.pope_metrics_by_split(_texts(answers), [r["label"] for r in records], [r["category"] for r in records])
 
 
 def _scienceqa(answers, records):
   return multiple_choice.scienceqa_metrics(
-      _texts(answers), [r["answer"] for r in records], [len(r["choices"]) for r in records],
-      [bool(r.get("image")) for r in records])
+      _texts(answers),
+      [r["answer"] for r in records],
+      [len(r["choices"]) for r in records],
+      [bool(r.get("image")) for r in records],
+  )
 
 
 def _mmbench(answers, records):
   return multiple_choice.mmbench_metrics(
-      _texts(answers), [r["answer"] for r in records],
+      _texts(answers),
+      [r["answer"] for r in records],
       [a["options"] if "options" in a else r["options"] for a, r in zip(answers, records)],
-      [a.get("option_char") for a in answers], [a["question_id"] for a in answers],
-      [a.get("round_id", 0) for a in answers])
+      [a.get("option_char") for a in answers],
+      [a["question_id"] for a in answers],
+      [a.get("round_id", 0) for a in answers],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +83,7 @@ class Task:
   metric: ``(answer rows, annotation records) -> metrics``, the two lists aligned.
   ground_truth: the annotation fields ``metric`` reads.
   """
+
   suffix: str | None
   metric: Callable[[Sequence[Row], Sequence[Row]], dict[str, float]]
   ground_truth: tuple[str, ...]
@@ -108,8 +116,7 @@ def prompt_text(question: Row, task: str) -> str:
   return f"{text}\n{suffix}"
 
 
-def score(task: str, answers: Iterable[Row] | str | os.PathLike,
-          annotations: Mapping[Any, Row]) -> dict[str, float]:
+def score(task: str, answers: Iterable[Row] | str | os.PathLike, annotations: Mapping[Any, Row]) -> dict[str, float]:
   """Metrics for ``task`` as they go into eval.json: ``{"<task>/<metric>": value, …}``.
 
   Args:
@@ -146,8 +153,10 @@ def score(task: str, answers: Iterable[Row] | str | os.PathLike,
     rows.append(row)
     records.append(index[key])
   if unknown:
-    raise KeyError(f"{task}: {len(unknown)} answers have no annotation, e.g. question ids "
-                   f"{unknown[:5]}; is the annotation file for the same split?")
+    raise KeyError(
+        f"{task}: {len(unknown)} answers have no annotation, e.g. question ids "
+        f"{unknown[:5]}; is the annotation file for the same split?"
+    )
   metrics = spec.metric(rows, records)
   out = {f"{task}/{k}": v for k, v in metrics.items()}
   out[f"{task}/n"] = len(rows)
@@ -158,5 +167,6 @@ def score(task: str, answers: Iterable[Row] | str | os.PathLike,
 def _textvqa_image_index(index: Mapping[str, Row]) -> dict[tuple[str, str], str]:
   # eval_textvqa.py looks annotations up by (image_id, question.lower()) because LLaVA's
   # llava_textvqa_val_v051_ocr.jsonl stores the image id in "question_id".
-  return {(str(r["image_id"]), r["question"].lower()): k for k, r in index.items()
-          if "image_id" in r and "question" in r}
+  return {
+      (str(r["image_id"]), r["question"].lower()): k for k, r in index.items() if "image_id" in r and "question" in r
+  }

@@ -12,6 +12,7 @@ left-out human was a match) and ``m`` matches ``10 - m`` times:
 All metrics are fractions in [0, 1] (the reference scripts print percentages, and the
 VQA server rounds them to 2 decimals; nothing here rounds).
 """
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,7 @@ def leave_one_out_accuracy(prediction: str, human_answers: Sequence[str]) -> flo
   return float(sum(accs)) / len(accs)
 
 
-def vqav2_accuracy(prediction: str, human_answers: Sequence[str],
-                   evalai_preprocess: bool = True) -> float:
+def vqav2_accuracy(prediction: str, human_answers: Sequence[str], evalai_preprocess: bool = True) -> float:
   """Soft accuracy of one VQAv2 answer, as the VQAv2 evaluation server computes it.
 
   Mirrors ``VQAEval.evaluate`` in GT-Vision-Lab/VQA ``vqaEval.py``: the prediction gets
@@ -55,14 +55,16 @@ def vqav2_accuracy(prediction: str, human_answers: Sequence[str],
   return leave_one_out_accuracy(prediction, humans)
 
 
-def vqav2_metrics(predictions: Sequence[str], human_answers: Sequence[Sequence[str]],
-                  answer_types: Sequence[str | None] | None = None,
-                  evalai_preprocess: bool = True) -> dict[str, float]:
+def vqav2_metrics(
+    predictions: Sequence[str],
+    human_answers: Sequence[Sequence[str]],
+    answer_types: Sequence[str | None] | None = None,
+    evalai_preprocess: bool = True,
+) -> dict[str, float]:
   """VQAv2 accuracy: mean of ``vqav2_accuracy``; with ``answer_types`` also
   ``accuracy/<type>`` per answer type (``yes/no``, ``number``, ``other``), the
   ``perAnswerType`` breakdown of vqaEval.py."""
-  accs = [vqav2_accuracy(p, h, evalai_preprocess)
-          for p, h in zip(predictions, human_answers, strict=True)]
+  accs = [vqav2_accuracy(p, h, evalai_preprocess) for p, h in zip(predictions, human_answers, strict=True)]
   out = {"accuracy": _mean(accs)}
   if answer_types is not None:
     by_type = defaultdict(list)
@@ -79,15 +81,15 @@ def textvqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
   it with ``m4c_evaluator.TextVQAAccuracyEvaluator``: prediction and all 10 human answers
   go through ``EvalAIAnswerProcessor``; an answer no human gave scores 0."""
   if len(human_answers) != NUM_HUMAN_ANSWERS:
-    raise ValueError(f"TextVQA expects {NUM_HUMAN_ANSWERS} human answers per question "
-                     f"(TextVQAAccuracyEvaluator asserts it), got {len(human_answers)}: "
-                     f"{list(human_answers)!r}")
-  return leave_one_out_accuracy(evalai_answer(prediction),
-                                [evalai_answer(a) for a in human_answers])
+    raise ValueError(
+        f"TextVQA expects {NUM_HUMAN_ANSWERS} human answers per question "
+        f"(TextVQAAccuracyEvaluator asserts it), got {len(human_answers)}: "
+        f"{list(human_answers)!r}"
+    )
+  return leave_one_out_accuracy(evalai_answer(prediction), [evalai_answer(a) for a in human_answers])
 
 
-def textvqa_metrics(predictions: Sequence[str],
-                    human_answers: Sequence[Sequence[str]]) -> dict[str, float]:
+def textvqa_metrics(predictions: Sequence[str], human_answers: Sequence[Sequence[str]]) -> dict[str, float]:
   """TextVQA accuracy: mean of ``textvqa_accuracy`` (``eval_pred_list``)."""
   accs = [textvqa_accuracy(p, h) for p, h in zip(predictions, human_answers, strict=True)]
   return {"accuracy": _mean(accs)}
@@ -100,16 +102,19 @@ def textvqa_question_from_prompt(prompt: str) -> str:
   if prompt.startswith("OCR tokens: "):
     match = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
     if match is None:
-      raise ValueError(f"TextVQA prompt starts with 'OCR tokens: ' but has no "
-                       f"'Question: ... Short answer:' part: {prompt!r}")
+      raise ValueError(
+          f"TextVQA prompt starts with 'OCR tokens: ' but has no 'Question: ... Short answer:' part: {prompt!r}"
+      )
     question = match.group(1)
   elif "Reference OCR token: " in prompt and len(lines) == 3:
     question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
   elif len(lines) == 2:
     question = lines[0]
   else:
-    raise ValueError(f"cannot find the question in TextVQA prompt {prompt!r}: expected "
-                     "'question\\nsuffix' or one of LLaVA's OCR-token layouts")
+    raise ValueError(
+        f"cannot find the question in TextVQA prompt {prompt!r}: expected "
+        "'question\\nsuffix' or one of LLaVA's OCR-token layouts"
+    )
   return question.lower()
 
 
@@ -132,8 +137,7 @@ def gqa_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str,
 def exact_match_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
   """Exact match after ``evalai_answer`` on both sides, for the embedded synthetic VQA set:
   ``"The red square."`` matches ``"red square"``, ``"two"`` matches ``"2"``."""
-  hits = [evalai_answer(p) == evalai_answer(a)
-          for p, a in zip(predictions, answers, strict=True)]
+  hits = [evalai_answer(p) == evalai_answer(a) for p, a in zip(predictions, answers, strict=True)]
   return {"accuracy": _mean(hits)}
 
 

@@ -18,6 +18,7 @@ the params come back as global ``jax.Array``s sharded by the modules' logical ax
 those shardings; converted checkpoints are read on every process and placed leaf by
 leaf with ``jax.make_array_from_callback`` (each process fills only its own devices).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,7 @@ log = logging.getLogger(__name__)
 
 # Text model family (``checkpoint.convert.hf.llm_family``) -> conversation template.
 # Llama-family LLaVA (1.5, vicuna) uses LLaVA's conv_llava_v1.
-FAMILY_TEMPLATES = {"llama": "llava_v1", "mistral": "mistral_instruct", "qwen2": "chatml",
-                    "gemma": "gemma"}
+FAMILY_TEMPLATES = {"llama": "llava_v1", "mistral": "mistral_instruct", "qwen2": "chatml", "gemma": "gemma"}
 
 
 @dataclasses.dataclass
@@ -55,6 +55,7 @@ class LoadedModel:
     mesh, rules: the mesh the params are placed on (and logical-rule overrides), or None
       (params as loaded: host numpy / one device); passed on to ``sampler.generate``.
   """
+
   cfg: LlavaConfig
   params: Any
   tokenizer: Tokenizer
@@ -69,8 +70,13 @@ class LoadedModel:
     """A conversation ending with a user turn (``<image>`` tags where images go) ->
     (prompt text, int32[T] ids with ``cfg.num_image_tokens`` placeholders per image)."""
     text = prompt_for_generation(conversation, self.template, self.tokenizer)
-    ids = tokenize_prompt(text, self.tokenizer, image_token_id=self.cfg.image_token_id,
-                          num_image_tokens=self.cfg.num_image_tokens, template=self.template)
+    ids = tokenize_prompt(
+        text,
+        self.tokenizer,
+        image_token_id=self.cfg.image_token_id,
+        num_image_tokens=self.cfg.num_image_tokens,
+        template=self.template,
+    )
     return text, ids
 
   def decode(self, ids) -> str:
@@ -91,7 +97,7 @@ class LoadedModel:
     text = self.decode(ids)
     stop = self.stop_text()
     if stop and stop in text:
-      text = text[:text.index(stop)]
+      text = text[: text.index(stop)]
     return text.strip()
 
   def answer(self, conversation, image=None, *, max_new_tokens: int = 64) -> str:
@@ -99,10 +105,19 @@ class LoadedModel:
     (a PIL image for its ``<image>`` tag, preprocessed with ``image_config``)."""
     from llava_jax.data.images import preprocess
     from llava_jax.infer.sampler import generate
+
     _, ids = self.encode_prompt(conversation)
     pixels = None if image is None else preprocess(image, self.image_config)[None]
-    out = generate(self.cfg, self.params, ids[None], pixels, max_new_tokens=max_new_tokens,
-                   stop_token_ids=self.stop_token_ids(), mesh=self.mesh, rules=self.rules)
+    out = generate(
+        self.cfg,
+        self.params,
+        ids[None],
+        pixels,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=self.stop_token_ids(),
+        mesh=self.mesh,
+        rules=self.rules,
+    )
     return self.decode_answer(np.asarray(out)[0])
 
   def stop_text(self) -> str:
@@ -122,6 +137,7 @@ class LoadedModel:
 def guess_template(cfg: LlavaConfig) -> str:
   """Conversation template for the text model family of ``cfg``."""
   from llava_jax.checkpoint.convert.hf import llm_family
+
   return FAMILY_TEMPLATES[llm_family(cfg.llm)]
 
 
@@ -132,8 +148,7 @@ def parse_mesh_shape(text: str) -> list[int]:
   except ValueError:
     shape = []
   if len(shape) != 3:
-    raise ValueError(f"{text!r} is not three comma-separated sizes data,fsdp,tensor "
-                     "such as -1,1,1")
+    raise ValueError(f"{text!r} is not three comma-separated sizes data,fsdp,tensor such as -1,1,1")
   return shape
 
 
@@ -143,6 +158,7 @@ def param_shardings(cfg: LlavaConfig, mesh, rules=None):
 
   from llava_jax import sharding
   from llava_jax.models.llava import init_params
+
   boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))
   return sharding.param_shardings(boxed, mesh, rules)
 
@@ -152,6 +168,7 @@ def place_params(params, shardings):
   ``jax.Array``s with ``shardings`` (same tree), one leaf at a time; a process only
   copies the slices its own devices hold, so no jit ever sees a host array."""
   import jax
+
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   targets = treedef.flatten_up_to(shardings)
   placed = []
@@ -160,8 +177,7 @@ def place_params(params, shardings):
     try:
       placed.append(jax.make_array_from_callback(host.shape, target, lambda i, h=host: h[i]))
     except ValueError as e:
-      raise ValueError(f"param {jax.tree_util.keystr(path)} {host.shape}: cannot place with "
-                       f"{target}: {e}") from e
+      raise ValueError(f"param {jax.tree_util.keystr(path)} {host.shape}: cannot place with {target}: {e}") from e
   return jax.tree_util.tree_unflatten(treedef, placed)
 
 
@@ -173,14 +189,26 @@ def _hf_image_config(path: str, cfg: LlavaConfig) -> ImageConfig:
     return base
   d = read_json(pre)
   crop = bool(d.get("do_center_crop", base.mode == "square"))
-  return ImageConfig(size=cfg.vision.image_size, mode="square" if crop else "resize",
-                     mean=tuple(d.get("image_mean", base.mean)),
-                     std=tuple(d.get("image_std", base.std)), crop=crop)
+  return ImageConfig(
+      size=cfg.vision.image_size,
+      mode="square" if crop else "resize",
+      mean=tuple(d.get("image_mean", base.mean)),
+      std=tuple(d.get("image_std", base.std)),
+      crop=crop,
+  )
 
 
-def load_model(path: str | os.PathLike, *, template: str | None = None, step: int | None = None,
-               vision_tower_path: str | None = None, tokenizer_path: str | None = None,
-               llm_overrides: dict | None = None, mesh=None, rules=None) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    template: str | None = None,
+    step: int | None = None,
+    vision_tower_path: str | None = None,
+    tokenizer_path: str | None = None,
+    llm_overrides: dict | None = None,
+    mesh=None,
+    rules=None,
+) -> LoadedModel:
   """Loads a training workdir, a HF LLaVA directory or an original LLaVA directory.
 
   Args:
@@ -204,44 +232,54 @@ def load_model(path: str | os.PathLike, *, template: str | None = None, step: in
   placed = dict(mesh=mesh, rules=rules)
   if storage.exists(storage.join(path, "run.json")):
     from llava_jax.checkpoint.orbax import load_run, read_run_info
+
     shardings = None
     if mesh is not None:
       cfg = LlavaConfig.from_dict(read_run_info(path)["model"])
       shardings = param_shardings(cfg, mesh, rules)
     run = load_run(path, step=step, shardings=shardings)
     if run.template == "plain" and template is None:
-      log.warning("%s was trained with the 'plain' template (stage 1: image captions); it has "
-                  "not seen instructions, so it will answer with captions. Use a stage-2 run "
-                  "(or pass --template to override).", path)
+      log.warning(
+          "%s was trained with the 'plain' template (stage 1: image captions); it has "
+          "not seen instructions, so it will answer with captions. Use a stage-2 run "
+          "(or pass --template to override).",
+          path,
+      )
     tok = load_tokenizer(tokenizer_path) if tokenizer_path else run.tokenizer
-    return LoadedModel(run.cfg, run.params, tok, template or run.template, run.image,
-                       run.step, source="run", **placed)
+    return LoadedModel(run.cfg, run.params, tok, template or run.template, run.image, run.step, source="run", **placed)
   config_path = storage.join(path, "config.json")
   if not storage.exists(config_path):
-    raise FileNotFoundError(f"{path}: neither run.json (training workdir) nor config.json "
-                            f"(HF / original LLaVA) found; contents: {storage.listdir(path)[:20]}")
+    raise FileNotFoundError(
+        f"{path}: neither run.json (training workdir) nor config.json "
+        f"(HF / original LLaVA) found; contents: {storage.listdir(path)[:20]}"
+    )
   d = read_json(config_path)
   tok = load_tokenizer(tokenizer_path or path)
   overrides = {"remat": "none", **(llm_overrides or {})}
   if "text_config" in d and d.get("model_type") == "llava":
     from llava_jax.checkpoint.convert.hf import load_hf_llava
+
     cfg, params = load_hf_llava(path, llm_overrides=overrides)
     if mesh is not None:
       params = place_params(params, param_shardings(cfg, mesh, rules))
-    return LoadedModel(cfg, params, tok, template or guess_template(cfg),
-                       _hf_image_config(path, cfg), None, source="hf", **placed)
+    return LoadedModel(
+        cfg, params, tok, template or guess_template(cfg), _hf_image_config(path, cfg), None, source="hf", **placed
+    )
   if "mm_vision_tower" in d or "mm_projector_type" in d or "mm_hidden_size" in d:
     from llava_jax.checkpoint.convert import llava_original
-    cfg, params = llava_original.load_llava_original(path, vision_tower_path=vision_tower_path,
-                                                     llm_overrides=overrides)
+
+    cfg, params = llava_original.load_llava_original(path, vision_tower_path=vision_tower_path, llm_overrides=overrides)
     mode = "pad" if llava_original.prompt_options(d)["image_aspect_ratio"] == "pad" else None
     image = image_config_for(cfg.vision.kind, cfg.vision.image_size, mode)
     if cfg.vision.kind == "clip":
       image = dataclasses.replace(image, mean=CLIP_MEAN, std=CLIP_STD)
     if mesh is not None:
       params = place_params(params, param_shardings(cfg, mesh, rules))
-    return LoadedModel(cfg, params, tok, template or guess_template(cfg), image, None,
-                       source="llava_original", **placed)
-  raise ValueError(f"{config_path}: model_type {d.get('model_type')!r} is neither a HF LLaVA "
-                   "(model_type 'llava' with text_config) nor an original LLaVA config "
-                   "(mm_vision_tower / mm_projector_type)")
+    return LoadedModel(
+        cfg, params, tok, template or guess_template(cfg), image, None, source="llava_original", **placed
+    )
+  raise ValueError(
+      f"{config_path}: model_type {d.get('model_type')!r} is neither a HF LLaVA "
+      "(model_type 'llava' with text_config) nor an original LLaVA config "
+      "(mm_vision_tower / mm_projector_type)"
+  )

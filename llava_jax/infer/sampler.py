@@ -26,6 +26,7 @@ process with ``np.asarray``.
 Einsum letters: B batch, P prompt length, N new tokens, S cache slots, L layers,
 K kv heads, D head dim, E embed, V vocab.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,12 +43,10 @@ from llava_jax.models.llava import Llava, default_positions
 from llava_jax.models.layers import ACT_TOKENS, CACHE_AXES
 from llava_jax.models.llm import init_cache
 
-__all__ = ["generate", "generate_stream", "prefill", "decode_step", "sample_logits",
-           "init_cache", "to_mesh"]
+__all__ = ["generate", "generate_stream", "prefill", "decode_step", "sample_logits", "init_cache", "to_mesh"]
 
 
-def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None):
+def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
   """Picks one token per row. logits float32[B, V] -> int32[B]; greedy if temperature == 0."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -68,6 +67,7 @@ def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: int | None = 
 
 # ------------------------------------------------------------------- traced pieces
 
+
 def _ctx_key(mesh, rules):
   """Hashable (mesh, rule overrides), a static jit argument so each mesh traces its own."""
   return None if mesh is None else (mesh, tuple(tuple(r) for r in (rules or ())))
@@ -78,6 +78,7 @@ def _mesh_ctx(ctx):
   if ctx is None:
     return contextlib.nullcontext()
   from llava_jax import sharding
+
   return sharding.use_mesh(ctx[0], ctx[1])
 
 
@@ -91,33 +92,39 @@ def _constrain_cache(cache, ctx):
     return cache
   import flax.linen as nn
   from llava_jax import sharding
-  axes = {"k": (None,) + CACHE_AXES, "v": (None,) + CACHE_AXES,
-          "segment_ids": ACT_TOKENS}
-  return {name: nn.with_logical_constraint(x, axes[name], rules=sharding.rules(ctx[1]),
-                                           mesh=ctx[0]) for name, x in cache.items()}
+
+  axes = {"k": (None,) + CACHE_AXES, "v": (None,) + CACHE_AXES, "segment_ids": ACT_TOKENS}
+  return {
+      name: nn.with_logical_constraint(x, axes[name], rules=sharding.rules(ctx[1]), mesh=ctx[0])
+      for name, x in cache.items()
+  }
 
 
-def _prefill(cfg: LlavaConfig, params, input_ids, pixel_values, attention_mask, image_mask,
-             cache_len: int, ctx=None):
+def _prefill(cfg: LlavaConfig, params, input_ids, pixel_values, attention_mask, image_mask, cache_len: int, ctx=None):
   """-> (last logits float32[B, V], cache, next positions int32[B])."""
   model = Llava(cfg)
   b = input_ids.shape[0]
-  embeds = model.apply({"params": params}, input_ids, pixel_values, image_mask,
-                       method=Llava.embed_inputs)
+  embeds = model.apply({"params": params}, input_ids, pixel_values, image_mask, method=Llava.embed_inputs)
   positions = default_positions(input_ids, attention_mask)
   cache = _constrain_cache(init_cache(cfg.llm, b, cache_len), ctx)
   logits, cache = model.apply(
-      {"params": params}, embeds, positions, attention_mask, cache,
-      method=lambda m, e, q, s, c: m.llm(e, q, s, c, last_only=True))
+      {"params": params},
+      embeds,
+      positions,
+      attention_mask,
+      cache,
+      method=lambda m, e, q, s, c: m.llm(e, q, s, c, last_only=True),
+  )
   return logits[:, 0], _constrain_cache(cache, ctx), jnp.sum(attention_mask, axis=1).astype(jnp.int32)
 
 
 def _decode(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, ctx=None):
   """tokens int32[B] at slot ``cache_index`` -> (logits float32[B, V], cache)."""
+
   def run(m, t, c, i, q):
     return m.llm(m.llm.embed(t[:, None]), q[:, None], None, c, i, last_only=True)
-  logits, cache = Llava(cfg).apply({"params": params}, tokens, cache, cache_index, positions,
-                                   method=run)
+
+  logits, cache = Llava(cfg).apply({"params": params}, tokens, cache, cache_index, positions, method=run)
   return logits[:, 0], _constrain_cache(cache, ctx)
 
 
@@ -126,6 +133,7 @@ def _replicated(x, ctx):
   if ctx is None:
     return x
   from llava_jax import sharding
+
   return jax.lax.with_sharding_constraint(x, sharding.replicated(ctx[0]))
 
 
@@ -137,6 +145,7 @@ def _stop(tokens, stop_ids: tuple[int, ...]):
 
 # ------------------------------------------------------------------- public API
 
+
 def to_mesh(x, mesh, rules=None):
   """A host array (the same on every process) -> a global ``jax.Array`` on ``mesh``.
 
@@ -146,26 +155,26 @@ def to_mesh(x, mesh, rules=None):
   sharding. An array already on all of ``mesh``'s devices is returned as it is; None too.
   """
   from llava_jax import sharding
+
   if x is None:
     return None
   if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
     return x
   host = np.asarray(x)
   split = host.ndim > 0 and host.shape[0] % sharding.batch_shards(mesh, rules) == 0
-  target = (sharding.batch_sharding(mesh, host.ndim, rules) if split
-            else sharding.replicated(mesh))
+  target = sharding.batch_sharding(mesh, host.ndim, rules) if split else sharding.replicated(mesh)
   return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
 
 
 def _key_to_mesh(rng, mesh):
   """A PRNG key (new-style or raw uint32) replicated over ``mesh``."""
   from llava_jax import sharding
+
   if isinstance(rng, jax.Array) and rng.sharding.device_set == set(mesh.devices.flat):
     return rng
   typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
   host = np.asarray(jax.random.key_data(rng) if typed else rng)
-  data = jax.make_array_from_callback(host.shape, sharding.replicated(mesh),
-                                      lambda index: host[index])
+  data = jax.make_array_from_callback(host.shape, sharding.replicated(mesh), lambda index: host[index])
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng)) if typed else data
 
 
@@ -175,6 +184,7 @@ def _check_placeholders(cfg: LlavaConfig, ids, pixel_values, image_mask) -> Llav
   gathers the counts to one device on every call). Returns ``cfg`` without the in-jit
   check once checked here; inputs that are global arrays not all on this process keep it."""
   from llava_jax.models.llava import check_image_tokens
+
   local = lambda x: not (isinstance(x, jax.Array) and not x.is_fully_addressable)
   if not (local(ids) and local(image_mask)):
     return cfg
@@ -190,8 +200,20 @@ def _check_placeholders(cfg: LlavaConfig, ids, pixel_values, image_mask) -> Llav
   return dataclasses.replace(cfg, check_image_tokens=False) if cfg.check_image_tokens else cfg
 
 
-def _inputs(cfg, input_ids, pixel_values, attention_mask, image_mask, temperature, rng,
-            max_new_tokens, eos_token_id, stop_token_ids, mesh, rules):
+def _inputs(
+    cfg,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    image_mask,
+    temperature,
+    rng,
+    max_new_tokens,
+    eos_token_id,
+    stop_token_ids,
+    mesh,
+    rules,
+):
   """Validated inputs (and ``cfg``, see ``_check_placeholders``); with a mesh, as global
   arrays on it (see ``to_mesh``)."""
   if np.ndim(input_ids) != 2:
@@ -203,8 +225,7 @@ def _inputs(cfg, input_ids, pixel_values, attention_mask, image_mask, temperatur
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if attention_mask is not None and np.shape(attention_mask) != np.shape(input_ids):
-    raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape "
-                     f"{np.shape(input_ids)}")
+    raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
   cfg = _check_placeholders(cfg, input_ids, pixel_values, image_mask)
   stops = set(int(s) for s in (stop_token_ids or ()))
   if eos_token_id is not None:
@@ -216,18 +237,31 @@ def _inputs(cfg, input_ids, pixel_values, attention_mask, image_mask, temperatur
   else:
     as_int32 = lambda x: x if isinstance(x, jax.Array) else np.asarray(x, np.int32)
     ids = to_mesh(as_int32(input_ids), mesh, rules)
-    mask = to_mesh(np.ones(ids.shape, np.int32) if attention_mask is None
-                   else as_int32(attention_mask), mesh, rules)
+    mask = to_mesh(np.ones(ids.shape, np.int32) if attention_mask is None else as_int32(attention_mask), mesh, rules)
     pixel_values, image_mask = to_mesh(pixel_values, mesh, rules), to_mesh(image_mask, mesh, rules)
     rng = _key_to_mesh(rng, mesh)
   return cfg, ids, mask, pixel_values, image_mask, tuple(sorted(stops)), rng, _ctx_key(mesh, rules)
 
 
-def generate(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_mask=None, *,
-             max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos_token_id: int | None = None, rng=None,
-             image_mask=None, stop_token_ids: Sequence[int] = (), mesh=None, rules=None,
-             return_num_steps: bool = False):
+def generate(
+    cfg: LlavaConfig,
+    params,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    rng=None,
+    image_mask=None,
+    stop_token_ids: Sequence[int] = (),
+    mesh=None,
+    rules=None,
+    return_num_steps: bool = False,
+):
   """Generates up to ``max_new_tokens`` per prompt (prefill + jitted decode loop).
 
   Args:
@@ -255,24 +289,61 @@ def generate(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_m
     the images given (``models.llava.check_image_tokens``).
   """
   cfg, ids, mask, pixel_values, image_mask, stops, rng, ctx = _inputs(
-      cfg, input_ids, pixel_values, attention_mask, image_mask, temperature, rng,
-      max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
+      cfg,
+      input_ids,
+      pixel_values,
+      attention_mask,
+      image_mask,
+      temperature,
+      rng,
+      max_new_tokens,
+      eos_token_id,
+      stop_token_ids,
+      mesh,
+      rules,
+  )
   with _mesh_ctx(ctx):
-    tokens, steps = _generate(cfg, params, ids, pixel_values, mask, image_mask, rng,
-                              max_new_tokens=max_new_tokens, temperature=float(temperature),
-                              top_k=top_k, top_p=top_p, stop_ids=stops, ctx=ctx)
+    tokens, steps = _generate(
+        cfg,
+        params,
+        ids,
+        pixel_values,
+        mask,
+        image_mask,
+        rng,
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=top_k,
+        top_p=top_p,
+        stop_ids=stops,
+        ctx=ctx,
+    )
   return (tokens, steps) if return_num_steps else tokens
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=(
-    "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "ctx"))
-def _generate(cfg, params, input_ids, pixel_values, attention_mask, image_mask, rng, *,
-              max_new_tokens, temperature, top_k, top_p, stop_ids, ctx):
+@functools.partial(
+    jax.jit, static_argnums=0, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "ctx")
+)
+def _generate(
+    cfg,
+    params,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    image_mask,
+    rng,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stop_ids,
+    ctx,
+):
   b, p = input_ids.shape
   n = max_new_tokens
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask,
-                                      image_mask, p + n, ctx)
+  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, p + n, ctx)
   first = sample(logits, jax.random.fold_in(rng, 0))
   tokens = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
 
@@ -292,54 +363,88 @@ def _generate(cfg, params, input_ids, pixel_values, attention_mask, image_mask, 
   return _replicated(tokens, ctx), _replicated(steps, ctx)
 
 
-def generate_stream(cfg: LlavaConfig, params, input_ids, pixel_values=None,
-                    attention_mask=None, *, max_new_tokens: int, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None,
-                    eos_token_id: int | None = None, rng=None, image_mask=None,
-                    stop_token_ids: Sequence[int] = (), mesh=None,
-                    rules=None) -> Iterator[np.ndarray]:
+def generate_stream(
+    cfg: LlavaConfig,
+    params,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    rng=None,
+    image_mask=None,
+    stop_token_ids: Sequence[int] = (),
+    mesh=None,
+    rules=None,
+) -> Iterator[np.ndarray]:
   """Like ``generate`` (same arguments, same tokens) but yields each step's tokens as soon as
   they exist: numpy int32[B] per step, at most ``max_new_tokens`` times, stopping after
   the step in which every row has emitted a stop token. A host loop over a jitted
   single-step function (the cache is donated), for interactive use."""
   cfg, ids, mask, pixel_values, image_mask, stops, rng, ctx = _inputs(
-      cfg, input_ids, pixel_values, attention_mask, image_mask, temperature, rng,
-      max_new_tokens, eos_token_id, stop_token_ids, mesh, rules)
-  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops,
-                  ctx=ctx)
+      cfg,
+      input_ids,
+      pixel_values,
+      attention_mask,
+      image_mask,
+      temperature,
+      rng,
+      max_new_tokens,
+      eos_token_id,
+      stop_token_ids,
+      mesh,
+      rules,
+  )
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops, ctx=ctx)
   p = ids.shape[1]
   with _mesh_ctx(ctx):
-    tok, done, cache, positions = _stream_first(cfg, params, ids, pixel_values, mask,
-                                                image_mask, rng, cache_len=p + max_new_tokens,
-                                                **sampling)
+    tok, done, cache, positions = _stream_first(
+        cfg, params, ids, pixel_values, mask, image_mask, rng, cache_len=p + max_new_tokens, **sampling
+    )
   for i in range(1, max_new_tokens + 1):
     host_tok, host_done = jax.device_get((tok, done))
     yield np.asarray(host_tok, np.int32)
     if i == max_new_tokens or bool(np.all(host_done)):
       return
     with _mesh_ctx(ctx):
-      tok, done, cache, positions = _stream_step(cfg, params, tok, done, cache, positions,
-                                                 np.int32(p + i - 1), jax.random.fold_in(rng, i),
-                                                 **sampling)
+      tok, done, cache, positions = _stream_step(
+          cfg, params, tok, done, cache, positions, np.int32(p + i - 1), jax.random.fold_in(rng, i), **sampling
+      )
 
 
 _STREAM_STATIC = ("temperature", "top_k", "top_p", "stop_ids", "ctx")
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len",) + _STREAM_STATIC)
-def _stream_first(cfg, params, input_ids, pixel_values, attention_mask, image_mask, rng, *,
-                  cache_len, temperature, top_k, top_p, stop_ids, ctx):
-  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask,
-                                      image_mask, cache_len, ctx)
-  tok = sample_logits(logits, jax.random.fold_in(rng, 0), temperature=temperature,
-                      top_k=top_k, top_p=top_p)
+def _stream_first(
+    cfg,
+    params,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    image_mask,
+    rng,
+    *,
+    cache_len,
+    temperature,
+    top_k,
+    top_p,
+    stop_ids,
+    ctx,
+):
+  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, cache_len, ctx)
+  tok = sample_logits(logits, jax.random.fold_in(rng, 0), temperature=temperature, top_k=top_k, top_p=top_p)
   return _replicated(tok, ctx), _replicated(_stop(tok, stop_ids), ctx), cache, positions
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=_STREAM_STATIC,
-                   donate_argnames=("cache",))
-def _stream_step(cfg, params, last, done, cache, positions, cache_index, key, *, temperature,
-                 top_k, top_p, stop_ids, ctx):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_STREAM_STATIC, donate_argnames=("cache",))
+def _stream_step(
+    cfg, params, last, done, cache, positions, cache_index, key, *, temperature, top_k, top_p, stop_ids, ctx
+):
   logits, cache = _decode(cfg, params, last, cache, cache_index, positions, ctx)
   nxt = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
   nxt = _replicated(jnp.where(done, cfg.pad_token_id, nxt), ctx)
@@ -348,8 +453,19 @@ def _stream_step(cfg, params, last, done, cache, positions, cache_index, key, *,
 
 # ------------------------------------------------------------ building blocks
 
-def prefill(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_mask=None,
-            image_mask=None, *, cache_len: int, mesh=None, rules=None):
+
+def prefill(
+    cfg: LlavaConfig,
+    params,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    image_mask=None,
+    *,
+    cache_len: int,
+    mesh=None,
+    rules=None,
+):
   """Runs the prompt into a fresh cache of ``cache_len`` slots (>= P).
 
   Args: as ``generate``; attention_mask int[B, P] (None: no padding).
@@ -361,15 +477,13 @@ def prefill(cfg: LlavaConfig, params, input_ids, pixel_values=None, attention_ma
   if cache_len < np.shape(input_ids)[1]:
     raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({np.shape(input_ids)[1]})")
   cfg, input_ids, mask, pixel_values, image_mask, _, _, ctx = _inputs(
-      cfg, input_ids, pixel_values, attention_mask, image_mask, 0.0, None, 1, None, (), mesh,
-      rules)
+      cfg, input_ids, pixel_values, attention_mask, image_mask, 0.0, None, 1, None, (), mesh, rules
+  )
   with _mesh_ctx(ctx):
-    return _prefill_jit(cfg, params, input_ids, pixel_values, mask, image_mask,
-                        cache_len=cache_len, ctx=ctx)
+    return _prefill_jit(cfg, params, input_ids, pixel_values, mask, image_mask, cache_len=cache_len, ctx=ctx)
 
 
-def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, *,
-                mesh=None, rules=None):
+def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, *, mesh=None, rules=None):
   """One token per row into the cache (the cache passed in is not donated).
 
   Args: tokens int32[B]; cache from ``prefill``/``decode_step``; cache_index int32 scalar,
@@ -387,10 +501,8 @@ def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len", "ctx"))
-def _prefill_jit(cfg, params, input_ids, pixel_values, attention_mask, image_mask, *,
-                 cache_len, ctx):
-  return _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask,
-                  cache_len, ctx)
+def _prefill_jit(cfg, params, input_ids, pixel_values, attention_mask, image_mask, *, cache_len, ctx):
+  return _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, cache_len, ctx)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("ctx",))

@@ -4,6 +4,7 @@ All implementations share one contract (see ``mha_reference``): q float[B, T, H,
 k/v float[B, S, K, D], scale 1/sqrt(D), segment ids (0 = padding), optional
 bidirectional prefix, GQA without repeating K/V.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,9 +18,20 @@ from llava_jax.kernels.reference import attention_mask, mha_reference
 IMPLS = ("xla", "cudnn", "pallas")
 
 
-def attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None,
-              prefix_len=None, impl: str = "xla", interpret: bool | None = None,
-              logits_soft_cap: float | None = None, sliding_window: int | None = None):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = True,
+    segment_ids=None,
+    kv_segment_ids=None,
+    prefix_len=None,
+    impl: str = "xla",
+    interpret: bool | None = None,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+):
   """Scaled dot-product attention. Returns float[B, T, H, D] in q's dtype.
 
   Args:
@@ -39,25 +51,43 @@ def attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=
     sliding_window: optional local attention window (keys with q_pos - k_pos < window).
   """
   if impl == "xla":
-    return mha_reference(q, k, v, causal=causal, segment_ids=segment_ids,
-                         kv_segment_ids=kv_segment_ids, prefix_len=prefix_len,
-                         logits_soft_cap=logits_soft_cap, sliding_window=sliding_window)
+    return mha_reference(
+        q,
+        k,
+        v,
+        causal=causal,
+        segment_ids=segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        prefix_len=prefix_len,
+        logits_soft_cap=logits_soft_cap,
+        sliding_window=sliding_window,
+    )
   if impl == "cudnn":
     if logits_soft_cap is not None:
       raise ValueError("impl='cudnn' does not support logits_soft_cap; use 'xla' or 'pallas'")
     t, s = q.shape[1], k.shape[1]
     mask = None
-    if (segment_ids is not None or kv_segment_ids is not None or prefix_len is not None
-        or sliding_window is not None):
-      mask = attention_mask(t, s, causal=causal, segment_ids=segment_ids,
-                            kv_segment_ids=kv_segment_ids, prefix_len=prefix_len,
-                            sliding_window=sliding_window)[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal and mask is None,
-                                        implementation="cudnn")
+    if segment_ids is not None or kv_segment_ids is not None or prefix_len is not None or sliding_window is not None:
+      mask = attention_mask(
+          t,
+          s,
+          causal=causal,
+          segment_ids=segment_ids,
+          kv_segment_ids=kv_segment_ids,
+          prefix_len=prefix_len,
+          sliding_window=sliding_window,
+      )[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal and mask is None, implementation="cudnn")
   if impl == "pallas":
     from llava_jax.kernels import flash_attention  # imported lazily: Pallas import is slow
-    kernel = functools.partial(flash_attention.flash_attention, causal=causal, interpret=interpret,
-                               logits_soft_cap=logits_soft_cap, sliding_window=sliding_window)
+
+    kernel = functools.partial(
+        flash_attention.flash_attention,
+        causal=causal,
+        interpret=interpret,
+        logits_soft_cap=logits_soft_cap,
+        sliding_window=sliding_window,
+    )
     return _per_shard(kernel, q, k, v, segment_ids, kv_segment_ids, prefix_len)
   raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
 
@@ -76,12 +106,20 @@ def _per_shard(kernel, q, k, v, segment_ids, kv_segment_ids, prefix_len):
   if mesh is None or mesh.size == 1:
     return call(q, k, v, segment_ids, kv_segment_ids, prefix_len)
   batch_axes, head_axes = sharding.dividing_mesh_axes(
-      mesh, ("act_batch", "act_heads"), ((q.shape[0],), (q.shape[2], k.shape[2])))
+      mesh, ("act_batch", "act_heads"), ((q.shape[0],), (q.shape[2], k.shape[2]))
+  )
   if batch_axes is None and head_axes is None:
     return call(q, k, v, segment_ids, kv_segment_ids, prefix_len)
   qkv = P(batch_axes, None, head_axes, None)
   rows = P(batch_axes, None)
-  specs = (qkv, qkv, qkv, None if segment_ids is None else rows,
-           None if kv_segment_ids is None else rows, None if prefix_len is None else P(batch_axes))
+  specs = (
+      qkv,
+      qkv,
+      qkv,
+      None if segment_ids is None else rows,
+      None if kv_segment_ids is None else rows,
+      None if prefix_len is None else P(batch_axes),
+  )
   return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(
-      q, k, v, segment_ids, kv_segment_ids, prefix_len)
+      q, k, v, segment_ids, kv_segment_ids, prefix_len
+  )

@@ -16,6 +16,7 @@ interpret mode.
 Rows that see no key at all (padding) return 0 and get zero gradients; the contract leaves
 them unspecified (the XLA reference returns the mean of v there).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ class BlockSizes:
   """Tile sizes along the query (``block_q*``) and key (``block_k*``) axes, for the forward
   kernel, the dk/dv kernel and the dq kernel. They change speed, never results.
   ``BlockSizes.default(backend)`` gives the per-backend defaults."""
+
   block_q: int
   block_k: int
   block_q_dkv: int
@@ -64,8 +66,9 @@ class BlockSizes:
     try:
       return _DEFAULT_BLOCKS[backend]
     except KeyError:
-      raise ValueError(f"no default block sizes for backend {backend!r}; expected one of "
-                       f"{sorted(_DEFAULT_BLOCKS)}") from None
+      raise ValueError(
+          f"no default block sizes for backend {backend!r}; expected one of {sorted(_DEFAULT_BLOCKS)}"
+      ) from None
 
   def items(self):
     return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
@@ -78,16 +81,19 @@ class BlockSizes:
 
   def clip(self, t: int, s: int) -> BlockSizes:
     """Blocks no longer than the (already aligned) query length t / key length s."""
-    return BlockSizes(min(self.block_q, t), min(self.block_k, s), min(self.block_q_dkv, t),
-                      min(self.block_k_dkv, s), min(self.block_q_dq, t),
-                      min(self.block_k_dq, s))
+    return BlockSizes(
+        min(self.block_q, t),
+        min(self.block_k, s),
+        min(self.block_q_dkv, t),
+        min(self.block_k_dkv, s),
+        min(self.block_q_dq, t),
+        min(self.block_k_dq, s),
+    )
 
 
 _DEFAULT_BLOCKS = {
-    "tpu": BlockSizes(block_q=512, block_k=512, block_q_dkv=256, block_k_dkv=256,
-                      block_q_dq=256, block_k_dq=256),
-    "gpu": BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=64,
-                      block_q_dq=64, block_k_dq=64),
+    "tpu": BlockSizes(block_q=512, block_k=512, block_q_dkv=256, block_k_dkv=256, block_q_dq=256, block_k_dq=256),
+    "gpu": BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64),
     "cpu": BlockSizes.uniform(128),
 }
 
@@ -95,6 +101,7 @@ _DEFAULT_BLOCKS = {
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Everything static about one call (a custom_vjp non-differentiable argument)."""
+
   mask: fc.MaskInfo
   scale: float
   soft_cap: float | None
@@ -110,8 +117,8 @@ def _dispatch(name: str, cfg: _Config, *args):
   def branch(module, default_blocks: str, interpret: bool):
     blocks = cfg.blocks or BlockSizes.default(default_blocks)
     return lambda *a: getattr(module, name)(
-        *a, mask=cfg.mask, scale=cfg.scale, soft_cap=cfg.soft_cap, blocks=blocks,
-        interpret=interpret)
+        *a, mask=cfg.mask, scale=cfg.scale, soft_cap=cfg.soft_cap, blocks=blocks, interpret=interpret
+    )
 
   if cfg.backend == "tpu":
     return branch(flash_tpu, "tpu", cfg.interpret)(*args)
@@ -122,7 +129,8 @@ def _dispatch(name: str, cfg: _Config, *args):
       tpu=branch(flash_tpu, "tpu", cfg.interpret),
       cuda=branch(flash_gpu, "gpu", cfg.interpret),
       rocm=branch(flash_gpu, "gpu", cfg.interpret),
-      default=branch(flash_tpu, "cpu", True))
+      default=branch(flash_tpu, "cpu", True),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -156,10 +164,21 @@ def target_platform() -> str:
   return sharding.context_platform() or jax.default_backend()
 
 
-def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None,
-                    prefix_len=None, interpret: bool | None = None,
-                    logits_soft_cap: float | None = None, sliding_window: int | None = None,
-                    block_sizes: BlockSizes | None = None, backend: str | None = None):
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = True,
+    segment_ids=None,
+    kv_segment_ids=None,
+    prefix_len=None,
+    interpret: bool | None = None,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+):
   """Memory-efficient attention with the contract of ``mha_reference``; differentiable.
 
   Args:
@@ -181,8 +200,7 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segmen
     float[B, T, H, D] in q's dtype; softmax statistics are float32.
   """
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"expected q [B,T,H,D], k/v [B,S,K,D]; got {q.shape}, {k.shape}, "
-                     f"{v.shape}")
+    raise ValueError(f"expected q [B,T,H,D], k/v [B,S,K,D]; got {q.shape}, {k.shape}, {v.shape}")
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
@@ -209,8 +227,10 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segmen
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
     kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
     if segment_ids.shape != (b, t) or kv_segment_ids.shape != (b, s):
-      raise ValueError(f"segment ids must be int32[{b}, {t}] and int32[{b}, {s}], got "
-                       f"{segment_ids.shape} and {kv_segment_ids.shape}")
+      raise ValueError(
+          f"segment ids must be int32[{b}, {t}] and int32[{b}, {s}], got "
+          f"{segment_ids.shape} and {kv_segment_ids.shape}"
+      )
   if prefix_len is not None:
     if not causal:
       raise ValueError("prefix_len only makes sense with causal=True")
@@ -220,9 +240,20 @@ def flash_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segmen
   else:
     prefix = jnp.zeros((b,), jnp.int32)  # a scalar-prefetch operand either way
 
-  mask = fc.MaskInfo(causal=causal, q_offset=s - t, kv_len=s, sliding_window=sliding_window,
-                     segmented=segmented, prefixed=prefix_len is not None)
-  cfg = _Config(mask=mask, scale=1.0 / math.sqrt(d),
-                soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
-                blocks=block_sizes, backend=backend, interpret=bool(interpret))
+  mask = fc.MaskInfo(
+      causal=causal,
+      q_offset=s - t,
+      kv_len=s,
+      sliding_window=sliding_window,
+      segmented=segmented,
+      prefixed=prefix_len is not None,
+  )
+  cfg = _Config(
+      mask=mask,
+      scale=1.0 / math.sqrt(d),
+      soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+      blocks=block_sizes,
+      backend=backend,
+      interpret=bool(interpret),
+  )
   return _flash(q, k, v, segment_ids, kv_segment_ids, prefix, cfg)

@@ -11,6 +11,7 @@ Conventions: positions are in *key coordinates* (query row r sits at ``r + q_off
 ``MASK_VALUE`` (finite, as in ``reference.py``). A query row that sees no key at all gets
 output 0 and ``lse = EMPTY_ROW_LSE``, which makes its backward probabilities exactly 0.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,6 +49,7 @@ class MaskInfo:
     segmented: segment ids are passed (equal and non-zero ids attend).
     prefixed: ``prefix_len`` is passed (keys below it are visible to every query).
   """
+
   causal: bool
   q_offset: int
   kv_len: int
@@ -86,8 +88,7 @@ class MaskInfo:
       mask = both(mask, k_pos < self.kv_len)
     return mask
 
-  def kv_block_range(self, q_start, block_q: int, block_k: int, num_k_blocks: int,
-                     prefix=None):
+  def kv_block_range(self, q_start, block_q: int, block_k: int, num_k_blocks: int, prefix=None):
     """int32 (lo, hi): key blocks ``lo <= j < hi`` may hold a visible key for queries
     in rows ``[q_start, q_start + block_q)``; the other blocks are skipped."""
     lo, hi = 0, num_k_blocks
@@ -102,8 +103,7 @@ class MaskInfo:
         hi = jnp.maximum(hi, jnp.minimum(cdiv(prefix, block_k), num_k_blocks))
     return jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
 
-  def q_block_range(self, k_start, block_q: int, block_k: int, num_q_blocks: int,
-                    prefix=None):
+  def q_block_range(self, k_start, block_q: int, block_k: int, num_q_blocks: int, prefix=None):
     """int32 (lo, hi): query blocks ``lo <= i < hi`` may see a key in rows
     ``[k_start, k_start + block_k)``; the transpose of ``kv_block_range``."""
     lo, hi = 0, num_q_blocks
@@ -217,8 +217,15 @@ def pad_inputs(q, k, v, q_seg, kv_seg, blocks):
     (q, k, v, q_seg, kv_seg, Tp, Sp) padded.
   """
   tp, sp = padded_lengths(q.shape[1], k.shape[1], blocks.q_blocks(), blocks.k_blocks())
-  return (pad_axis(q, 1, tp), pad_axis(k, 1, sp), pad_axis(v, 1, sp),
-          pad_axis(q_seg, 1, tp), pad_axis(kv_seg, 1, sp), tp, sp)
+  return (
+      pad_axis(q, 1, tp),
+      pad_axis(k, 1, sp),
+      pad_axis(v, 1, sp),
+      pad_axis(q_seg, 1, tp),
+      pad_axis(kv_seg, 1, sp),
+      tp,
+      sp,
+  )
 
 
 def attention_delta(o, do):
@@ -230,7 +237,20 @@ def attention_delta(o, do):
 
 
 __all__ = [
-    "EMPTY_ROW_LSE", "MASK_VALUE", "MaskInfo", "apply_mask", "attention_delta", "cdiv",
-    "dot", "finalize", "init_stats", "online_softmax_step", "pad_axis", "pad_inputs",
-    "padded_lengths", "round_up", "score_grad", "scores",
+    "EMPTY_ROW_LSE",
+    "MASK_VALUE",
+    "MaskInfo",
+    "apply_mask",
+    "attention_delta",
+    "cdiv",
+    "dot",
+    "finalize",
+    "init_stats",
+    "online_softmax_step",
+    "pad_axis",
+    "pad_inputs",
+    "padded_lengths",
+    "round_up",
+    "score_grad",
+    "scores",
 ]

@@ -13,6 +13,7 @@ Grids:
   dk, dv   (S/bk, B, K)   loops over the G query heads of kv head K and the query
                           blocks, so dk/dv are summed over the group in registers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,23 @@ def _compiler_params(head_dim: int):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
-                mask: fc.MaskInfo, scale, soft_cap, block_q, block_k, num_k_blocks):
+def _fwd_kernel(
+    prefix_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    o_ref,
+    lse_ref,
+    *,
+    mask: fc.MaskInfo,
+    scale,
+    soft_cap,
+    block_q,
+    block_k,
+    num_k_blocks,
+):
   i = pl.program_id(0)
   prefix = prefix_ref[...] if mask.prefixed else None
   q = q_ref[...]
@@ -74,16 +90,16 @@ def _seq_specs(q_seg, block, full: bool, index):
   return pl.BlockSpec((None, q_seg.shape[1] if full else block), index)
 
 
-def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, block_q,
-                    block_k, interpret):
+def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, block_q, block_k, interpret):
   """q float[B, Tp, H, D], k/v float[B, Sp, K, D] (padded) ->
   (o float[B, Tp, H, D], lse float32[B, H, Tp])."""
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   group = h // kh
   nq, nk = t // block_q, s // block_k
-  kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap,
-                             block_q=block_q, block_k=block_k, num_k_blocks=nk)
+  kernel = functools.partial(
+      _fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_k_blocks=nk
+  )
   q_spec = pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, s, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, group), 0))
   return pl.pallas_call(
@@ -91,13 +107,14 @@ def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, bl
       grid=(nq, b, h),
       in_specs=[
           pl.BlockSpec((None,), lambda i, bi, hi: (bi,)),
-          q_spec, kv_spec, kv_spec,
+          q_spec,
+          kv_spec,
+          kv_spec,
           _seq_specs(q_seg, block_q, False, lambda i, bi, hi: (bi, i)),
           _seq_specs(kv_seg, block_k, True, lambda i, bi, hi: (bi, 0)),
       ],
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
       compiler_params=_compiler_params(d),
       interpret=interpret,
       name="flash_fwd_gpu",
@@ -107,9 +124,25 @@ def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, bl
 # ---------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, di_ref, do_ref,
-               dq_ref, *, mask: fc.MaskInfo, scale, soft_cap, block_q, block_k,
-               num_k_blocks):
+def _dq_kernel(
+    prefix_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    lse_ref,
+    di_ref,
+    do_ref,
+    dq_ref,
+    *,
+    mask: fc.MaskInfo,
+    scale,
+    soft_cap,
+    block_q,
+    block_k,
+    num_k_blocks,
+):
   i = pl.program_id(0)
   prefix = prefix_ref[...] if mask.prefixed else None
   q, do = q_ref[...], do_ref[...]
@@ -133,9 +166,27 @@ def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, di
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, di_ref, do_ref,
-                dk_ref, dv_ref, *, mask: fc.MaskInfo, scale, soft_cap, block_q, block_k,
-                num_q_blocks, group):
+def _dkv_kernel(
+    prefix_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    lse_ref,
+    di_ref,
+    do_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    mask: fc.MaskInfo,
+    scale,
+    soft_cap,
+    block_q,
+    block_k,
+    num_q_blocks,
+    group,
+):
   j = pl.program_id(0)
   prefix = prefix_ref[...] if mask.prefixed else None
   k, v = k_ref[...], v_ref[...]
@@ -154,8 +205,7 @@ def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, d
       s = fc.apply_mask(s, mask.visible(q_pos, k_pos, q_seg, kv_seg, prefix))
       p = jnp.exp(s - lse_ref[g, rows][:, None])
       dv = dv + fc.dot(p.astype(do.dtype), do, fc.TN_DIMS)
-      ds = fc.score_grad(p, fc.dot(do, v, fc.NT_DIMS), di_ref[g, rows][:, None], tanh_s,
-                         scale=scale)
+      ds = fc.score_grad(p, fc.dot(do, v, fc.NT_DIMS), di_ref[g, rows][:, None], tanh_s, scale=scale)
       return dk + fc.dot(ds.astype(q.dtype), q, fc.TN_DIMS), dv
 
     return lax.fori_loop(lo, hi, q_body, carry)
@@ -166,8 +216,7 @@ def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, d
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, scale,
-                     soft_cap, blocks, interpret):
+def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, scale, soft_cap, blocks, interpret):
   """Padded ``[B, L, heads, D]`` operands (see ``_forward_padded``); lse, delta
   float32[B, H, Tp]. Returns dq float[B, Tp, H, D], dk/dv float[B, Sp, K, D]."""
   b, t, h, d = q.shape
@@ -183,10 +232,17 @@ def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, sc
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_q=bq, block_k=bk, num_k_blocks=s // bk, **common),
       grid=(t // bq, b, h),
-      in_specs=[prefix_spec, q_spec, kv_spec, kv_spec,
-                _seq_specs(q_seg, bq, False, lambda i, bi, hi: (bi, i)),
-                _seq_specs(kv_seg, bk, True, lambda i, bi, hi: (bi, 0)),
-                row_spec, row_spec, q_spec],
+      in_specs=[
+          prefix_spec,
+          q_spec,
+          kv_spec,
+          kv_spec,
+          _seq_specs(q_seg, bq, False, lambda i, bi, hi: (bi, i)),
+          _seq_specs(kv_seg, bk, True, lambda i, bi, hi: (bi, 0)),
+          row_spec,
+          row_spec,
+          q_spec,
+      ],
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(d),
@@ -199,16 +255,21 @@ def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, sc
   kv_spec = pl.BlockSpec((None, bk, None, d), lambda j, bi, ki: (bi, j, ki, 0))
   rows_spec = pl.BlockSpec((None, group, t), lambda j, bi, ki: (bi, ki, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=bq, block_k=bk, num_q_blocks=t // bq,
-                        group=group, **common),
+      functools.partial(_dkv_kernel, block_q=bq, block_k=bk, num_q_blocks=t // bq, group=group, **common),
       grid=(s // bk, b, kh),
-      in_specs=[prefix_spec, group_spec, kv_spec, kv_spec,
-                _seq_specs(q_seg, bq, True, lambda j, bi, ki: (bi, 0)),
-                _seq_specs(kv_seg, bk, False, lambda j, bi, ki: (bi, j)),
-                rows_spec, rows_spec, group_spec],
+      in_specs=[
+          prefix_spec,
+          group_spec,
+          kv_spec,
+          kv_spec,
+          _seq_specs(q_seg, bq, True, lambda j, bi, ki: (bi, 0)),
+          _seq_specs(kv_seg, bk, False, lambda j, bi, ki: (bi, j)),
+          rows_spec,
+          rows_spec,
+          group_spec,
+      ],
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compiler_params(d),
       interpret=interpret,
       name="flash_bwd_dkv_gpu",
@@ -221,12 +282,10 @@ def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, sc
 
 def fit_blocks(blocks, t: int, s: int):
   """Clips blocks to the power-of-two-rounded lengths; Triton tiles must be powers of 2."""
-  blocks = blocks.clip(pl.next_power_of_2(max(t, MIN_BLOCK)),
-                       pl.next_power_of_2(max(s, MIN_BLOCK)))
+  blocks = blocks.clip(pl.next_power_of_2(max(t, MIN_BLOCK)), pl.next_power_of_2(max(s, MIN_BLOCK)))
   for name, value in blocks.items():
     if value & (value - 1) or value < MIN_BLOCK:
-      raise ValueError(f"GPU flash attention needs {name} to be a power of two >= "
-                       f"{MIN_BLOCK}, got {value}")
+      raise ValueError(f"GPU flash attention needs {name} to be a power of two >= {MIN_BLOCK}, got {value}")
   return blocks
 
 
@@ -236,8 +295,9 @@ def _pad_head_dim(*xs):
   return [fc.pad_axis(x, x.ndim - 1, dp) for x in xs]
 
 
-def forward(q, k, v, q_seg, kv_seg, prefix, *, mask: fc.MaskInfo, scale: float,
-            soft_cap: float | None, blocks, interpret: bool):
+def forward(
+    q, k, v, q_seg, kv_seg, prefix, *, mask: fc.MaskInfo, scale: float, soft_cap: float | None, blocks, interpret: bool
+):
   """Flash attention forward on GPU.
 
   Args:
@@ -251,14 +311,40 @@ def forward(q, k, v, q_seg, kv_seg, prefix, *, mask: fc.MaskInfo, scale: float,
   blocks = fit_blocks(blocks, t, s)
   q, k, v, q_seg, kv_seg, _, sp = fc.pad_inputs(q, k, v, q_seg, kv_seg, blocks)
   q, k, v = _pad_head_dim(q, k, v)
-  o, lse = _forward_padded(q, k, v, q_seg, kv_seg, prefix, mask=mask.padded(sp),
-                           scale=scale, soft_cap=soft_cap, block_q=blocks.block_q,
-                           block_k=blocks.block_k, interpret=interpret)
+  o, lse = _forward_padded(
+      q,
+      k,
+      v,
+      q_seg,
+      kv_seg,
+      prefix,
+      mask=mask.padded(sp),
+      scale=scale,
+      soft_cap=soft_cap,
+      block_q=blocks.block_q,
+      block_k=blocks.block_k,
+      interpret=interpret,
+  )
   return o[:, :t, :, :d], lse[:, :, :t]
 
 
-def backward(q, k, v, q_seg, kv_seg, prefix, o, lse, do, *, mask: fc.MaskInfo,
-             scale: float, soft_cap: float | None, blocks, interpret: bool):
+def backward(
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    prefix,
+    o,
+    lse,
+    do,
+    *,
+    mask: fc.MaskInfo,
+    scale: float,
+    soft_cap: float | None,
+    blocks,
+    interpret: bool,
+):
   """Flash attention backward on GPU (arguments as in ``forward``; o, do float[B, T, H, D],
   lse float32[B, H, T]). Returns dq float[B, T, H, D], dk, dv float[B, S, K, D]."""
   t, s, d = q.shape[1], k.shape[1], q.shape[3]
@@ -268,7 +354,20 @@ def backward(q, k, v, q_seg, kv_seg, prefix, o, lse, do, *, mask: fc.MaskInfo,
   lse = fc.pad_axis(lse, 2, tp, fc.EMPTY_ROW_LSE)
   delta = fc.pad_axis(delta, 2, tp)
   q, k, v, do = _pad_head_dim(q, k, v, fc.pad_axis(do, 1, tp))
-  dq, dk, dv = _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do,
-                                mask=mask.padded(sp), scale=scale, soft_cap=soft_cap,
-                                blocks=blocks, interpret=interpret)
+  dq, dk, dv = _backward_padded(
+      q,
+      k,
+      v,
+      q_seg,
+      kv_seg,
+      prefix,
+      lse,
+      delta,
+      do,
+      mask=mask.padded(sp),
+      scale=scale,
+      soft_cap=soft_cap,
+      blocks=blocks,
+      interpret=interpret,
+  )
   return dq[:, :t, :, :d], dk[:, :s, :, :d], dv[:, :s, :, :d]

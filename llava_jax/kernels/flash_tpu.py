@@ -17,6 +17,7 @@ Grids (the last axes are the reduction, "arbitrary"):
 The dk/dv kernel works on transposed tiles ``s.T = k q^T`` ([bk, bq]) so lse/delta are
 rows and no tile is transposed in VMEM (as splash attention does).
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,10 +60,26 @@ def _prefix(mask, prefix_ref, b):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref,  # inputs
-                o_ref, lse_ref,  # outputs
-                m_sc, l_sc, acc_sc,  # scratch
-                *, mask: fc.MaskInfo, scale, soft_cap, block_q, block_k, num_k_blocks):
+def _fwd_kernel(
+    prefix_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,  # inputs
+    o_ref,
+    lse_ref,  # outputs
+    m_sc,
+    l_sc,
+    acc_sc,  # scratch
+    *,
+    mask: fc.MaskInfo,
+    scale,
+    soft_cap,
+    block_q,
+    block_k,
+    num_k_blocks,
+):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   head_dim = acc_sc.shape[-1]
   prefix = _prefix(mask, prefix_ref, b)
@@ -86,8 +103,7 @@ def _fwd_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref,  # inputs
     q_seg = _lanes(qseg_ref[...], block_k) if mask.segmented else None
     kv_seg = kvseg_ref[:1, :] if mask.segmented else None
     s = fc.apply_mask(s, mask.visible(q_pos, k_pos, q_seg, kv_seg, prefix))
-    m_next, l_next, alpha, p = fc.online_softmax_step(
-        m_sc[...], l_sc[...], s, lambda x: _lanes(x, block_k))
+    m_next, l_next, alpha, p = fc.online_softmax_step(m_sc[...], l_sc[...], s, lambda x: _lanes(x, block_k))
     m_sc[...] = m_next
     l_sc[...] = l_next
     acc_sc[...] = acc_sc[...] * _lanes(alpha, head_dim) + fc.dot(p.astype(v.dtype), v)
@@ -110,14 +126,17 @@ def _segment_operands(q_seg, kv_seg, *, q_rows: bool):
   b, t = q_seg.shape
   s = kv_seg.shape[1]
   if q_rows:
-    return (lax.broadcast_in_dim(q_seg, (b, NUM_SUBLANES, t), (0, 2)),
-            lax.broadcast_in_dim(kv_seg, (b, s, NUM_LANES), (0, 1)))
-  return (lax.broadcast_in_dim(q_seg, (b, t, NUM_LANES), (0, 1)),
-          lax.broadcast_in_dim(kv_seg, (b, NUM_SUBLANES, s), (0, 2)))
+    return (
+        lax.broadcast_in_dim(q_seg, (b, NUM_SUBLANES, t), (0, 2)),
+        lax.broadcast_in_dim(kv_seg, (b, s, NUM_LANES), (0, 1)),
+    )
+  return (
+      lax.broadcast_in_dim(q_seg, (b, t, NUM_LANES), (0, 1)),
+      lax.broadcast_in_dim(kv_seg, (b, NUM_SUBLANES, s), (0, 2)),
+  )
 
 
-def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, block_q,
-                    block_k, interpret):
+def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, block_q, block_k, interpret):
   """q float[B, H, Tp, D], k/v float[B, K, Sp, D] (head-major, padded) ->
   (o float[B, H, Tp, D], lse float32[B, H, Tp])."""
   b, h, t, d = q.shape
@@ -126,23 +145,23 @@ def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, bl
   nq, nk = t // block_q, s // block_k
 
   def kv_block(bi, i, j, prefix_ref):
-    lo, hi = mask.kv_block_range(i * block_q, block_q, block_k, nk,
-                                 _prefix(mask, prefix_ref, bi))
+    lo, hi = mask.kv_block_range(i * block_q, block_q, block_k, nk, _prefix(mask, prefix_ref, bi))
     return _clamp(j, lo, hi, nk)
 
   q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, i, j, p: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, block_k, d),
-                         lambda bi, hi, i, j, p: (bi, lax.div(hi, group), kv_block(bi, i, j, p), 0))
+  kv_spec = pl.BlockSpec(
+      (None, None, block_k, d), lambda bi, hi, i, j, p: (bi, lax.div(hi, group), kv_block(bi, i, j, p), 0)
+  )
   q_seg_b, kv_seg_b = _segment_operands(q_seg, kv_seg, q_rows=False)
   seg_specs = [None, None]
   if q_seg is not None:
     seg_specs = [
         pl.BlockSpec((None, block_q, NUM_LANES), lambda bi, hi, i, j, p: (bi, i, 0)),
-        pl.BlockSpec((None, NUM_SUBLANES, block_k),
-                     lambda bi, hi, i, j, p: (bi, 0, kv_block(bi, i, j, p))),
+        pl.BlockSpec((None, NUM_SUBLANES, block_k), lambda bi, hi, i, j, p: (bi, 0, kv_block(bi, i, j, p))),
     ]
-  kernel = functools.partial(_fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap,
-                             block_q=block_q, block_k=block_k, num_k_blocks=nk)
+  kernel = functools.partial(
+      _fwd_kernel, mask=mask, scale=scale, soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_k_blocks=nk
+  )
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -151,16 +170,16 @@ def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, bl
           in_specs=[q_spec, kv_spec, kv_spec, *seg_specs],
           out_specs=[
               pl.BlockSpec((None, None, block_q, d), lambda bi, hi, i, j, p: (bi, hi, i, 0)),
-              pl.BlockSpec((None, None, NUM_SUBLANES, block_q),
-                           lambda bi, hi, i, j, p: (bi, hi, 0, i)),
+              pl.BlockSpec((None, None, NUM_SUBLANES, block_q), lambda bi, hi, i, j, p: (bi, hi, 0, i)),
           ],
-          scratch_shapes=[pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
-                          pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
-                          pltpu.VMEM((block_q, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, NUM_SUBLANES, t), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          scratch_shapes=[
+              pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
+              pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
+              pltpu.VMEM((block_q, d), jnp.float32),
+          ],
+      ),
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, NUM_SUBLANES, t), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="flash_fwd_tpu",
   )(prefix, q, k, v, q_seg_b, kv_seg_b)
@@ -170,9 +189,26 @@ def _forward_padded(q, k, v, q_seg, kv_seg, prefix, *, mask, scale, soft_cap, bl
 # ---------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, di_ref, do_ref,
-               dq_ref, dq_sc, *, mask: fc.MaskInfo, scale, soft_cap, block_q, block_k,
-               num_k_blocks):
+def _dq_kernel(
+    prefix_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    lse_ref,
+    di_ref,
+    do_ref,
+    dq_ref,
+    dq_sc,
+    *,
+    mask: fc.MaskInfo,
+    scale,
+    soft_cap,
+    block_q,
+    block_k,
+    num_k_blocks,
+):
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   prefix = _prefix(mask, prefix_ref, b)
 
@@ -204,9 +240,29 @@ def _dq_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, di
     dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, di_ref, do_ref,
-                dk_ref, dv_ref, dk_sc, dv_sc, *, mask: fc.MaskInfo, scale, soft_cap, block_q,
-                block_k, num_q_blocks, group):
+def _dkv_kernel(
+    prefix_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kvseg_ref,
+    lse_ref,
+    di_ref,
+    do_ref,
+    dk_ref,
+    dv_ref,
+    dk_sc,
+    dv_sc,
+    *,
+    mask: fc.MaskInfo,
+    scale,
+    soft_cap,
+    block_q,
+    block_k,
+    num_q_blocks,
+    group,
+):
   b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   prefix = _prefix(mask, prefix_ref, b)
 
@@ -240,8 +296,7 @@ def _dkv_kernel(prefix_ref, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, d
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, scale,
-                     soft_cap, blocks, interpret):
+def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, scale, soft_cap, blocks, interpret):
   """Head-major padded operands (see ``_forward_padded``); lse, delta float32[B, H, Tp].
   Returns dq float[B, H, Tp, D], dk/dv float[B, K, Sp, D]."""
   b, h, t, d = q.shape
@@ -258,16 +313,16 @@ def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, sc
     return _clamp(j, lo, hi, nk)
 
   q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j, p: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d),
-                         lambda bi, hi, i, j, p: (bi, lax.div(hi, group), kv_block(bi, i, j, p), 0))
+  kv_spec = pl.BlockSpec(
+      (None, None, bk, d), lambda bi, hi, i, j, p: (bi, lax.div(hi, group), kv_block(bi, i, j, p), 0)
+  )
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j, p: (bi, hi, 0, i))
   q_seg_b, kv_seg_b = _segment_operands(q_seg, kv_seg, q_rows=False)
   seg_specs = [None, None]
   if q_seg is not None:
     seg_specs = [
         pl.BlockSpec((None, bq, NUM_LANES), lambda bi, hi, i, j, p: (bi, i, 0)),
-        pl.BlockSpec((None, NUM_SUBLANES, bk),
-                     lambda bi, hi, i, j, p: (bi, 0, kv_block(bi, i, j, p))),
+        pl.BlockSpec((None, NUM_SUBLANES, bk), lambda bi, hi, i, j, p: (bi, 0, kv_block(bi, i, j, p))),
     ]
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_q=bq, block_k=bk, num_k_blocks=nk, **common),
@@ -276,10 +331,10 @@ def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, sc
           grid=(b, h, nq, nk),
           in_specs=[q_spec, kv_spec, kv_spec, *seg_specs, row_spec, row_spec, q_spec],
           out_specs=q_spec,
-          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+          scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+      ),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="flash_bwd_dq_tpu",
   )(prefix, q, k, v, q_seg_b, kv_seg_b, lse[:, :, None, :], delta[:, :, None, :], do)
@@ -292,37 +347,32 @@ def _backward_padded(q, k, v, q_seg, kv_seg, prefix, lse, delta, do, *, mask, sc
     lo, hi = mask.q_block_range(j * bk, bq, bk, nq, _prefix(mask, prefix_ref, bi))
     return _clamp(i, lo, hi, nq)
 
-  q_spec = pl.BlockSpec(
-      (None, None, bq, d),
-      lambda bi, ki, j, g, i, p: (bi, ki * group + g, q_block(bi, j, i, p), 0))
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, ki, j, g, i, p: (bi, ki * group + g, q_block(bi, j, i, p), 0))
   kv_spec = pl.BlockSpec((None, None, bk, d), lambda bi, ki, j, g, i, p: (bi, ki, j, 0))
   rows_spec = pl.BlockSpec(
-      (None, None, NUM_SUBLANES, bq),
-      lambda bi, ki, j, g, i, p: (bi, ki * group + g, 0, q_block(bi, j, i, p)))
+      (None, None, NUM_SUBLANES, bq), lambda bi, ki, j, g, i, p: (bi, ki * group + g, 0, q_block(bi, j, i, p))
+  )
   q_seg_b, kv_seg_b = _segment_operands(q_seg, kv_seg, q_rows=True)
   seg_specs = [None, None]
   if q_seg is not None:
     seg_specs = [
-        pl.BlockSpec((None, NUM_SUBLANES, bq),
-                     lambda bi, ki, j, g, i, p: (bi, 0, q_block(bi, j, i, p))),
+        pl.BlockSpec((None, NUM_SUBLANES, bq), lambda bi, ki, j, g, i, p: (bi, 0, q_block(bi, j, i, p))),
         pl.BlockSpec((None, bk, NUM_LANES), lambda bi, ki, j, g, i, p: (bi, j, 0)),
     ]
   rows = lambda x: lax.broadcast_in_dim(x, (b, h, NUM_SUBLANES, t), (0, 1, 3))  # noqa: E731
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, block_q=bq, block_k=bk, num_q_blocks=nq, group=group,
-                        **common),
+      functools.partial(_dkv_kernel, block_q=bq, block_k=bk, num_q_blocks=nq, group=group, **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(b, kh, nk, group, nq),
           in_specs=[q_spec, kv_spec, kv_spec, *seg_specs, rows_spec, rows_spec, q_spec],
           out_specs=[kv_spec, kv_spec],
-          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32),
-                          pltpu.VMEM((bk, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+      ),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary",
-                               "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+      ),
       interpret=interpret,
       name="flash_bwd_dkv_tpu",
   )(prefix, q, k, v, q_seg_b, kv_seg_b, rows(lse), rows(delta), do)
@@ -340,8 +390,7 @@ def fit_blocks(blocks, t: int, s: int, interpret: bool):
   if not interpret:
     for name, value in blocks.items():
       if value % NUM_LANES:
-        raise ValueError(f"TPU flash attention needs {name} to be a multiple of "
-                         f"{NUM_LANES}, got {value}")
+        raise ValueError(f"TPU flash attention needs {name} to be a multiple of {NUM_LANES}, got {value}")
   return blocks
 
 
@@ -349,8 +398,9 @@ def _to_heads(x):  # float[B, T, H, D] -> float[B, H, T, D]
   return jnp.swapaxes(x, 1, 2)
 
 
-def forward(q, k, v, q_seg, kv_seg, prefix, *, mask: fc.MaskInfo, scale: float,
-            soft_cap: float | None, blocks, interpret: bool):
+def forward(
+    q, k, v, q_seg, kv_seg, prefix, *, mask: fc.MaskInfo, scale: float, soft_cap: float | None, blocks, interpret: bool
+):
   """Flash attention forward on TPU.
 
   Args:
@@ -364,14 +414,39 @@ def forward(q, k, v, q_seg, kv_seg, prefix, *, mask: fc.MaskInfo, scale: float,
   blocks = fit_blocks(blocks, t, s, interpret)
   q, k, v, q_seg, kv_seg, tp, sp = fc.pad_inputs(q, k, v, q_seg, kv_seg, blocks)
   o, lse = _forward_padded(
-      _to_heads(q), _to_heads(k), _to_heads(v), q_seg, kv_seg, prefix,
-      mask=mask.padded(sp), scale=scale, soft_cap=soft_cap, block_q=blocks.block_q,
-      block_k=blocks.block_k, interpret=interpret)
+      _to_heads(q),
+      _to_heads(k),
+      _to_heads(v),
+      q_seg,
+      kv_seg,
+      prefix,
+      mask=mask.padded(sp),
+      scale=scale,
+      soft_cap=soft_cap,
+      block_q=blocks.block_q,
+      block_k=blocks.block_k,
+      interpret=interpret,
+  )
   return _to_heads(o)[:, :t], lse[:, :, :t]
 
 
-def backward(q, k, v, q_seg, kv_seg, prefix, o, lse, do, *, mask: fc.MaskInfo,
-             scale: float, soft_cap: float | None, blocks, interpret: bool):
+def backward(
+    q,
+    k,
+    v,
+    q_seg,
+    kv_seg,
+    prefix,
+    o,
+    lse,
+    do,
+    *,
+    mask: fc.MaskInfo,
+    scale: float,
+    soft_cap: float | None,
+    blocks,
+    interpret: bool,
+):
   """Flash attention backward on TPU (arguments as in ``forward``; o, do float[B, T, H, D],
   lse float32[B, H, T]). Returns dq float[B, T, H, D], dk, dv float[B, S, K, D]."""
   t, s = q.shape[1], k.shape[1]
@@ -382,7 +457,19 @@ def backward(q, k, v, q_seg, kv_seg, prefix, o, lse, do, *, mask: fc.MaskInfo,
   delta = fc.pad_axis(delta, 2, tp)
   do = fc.pad_axis(do, 1, tp)
   dq, dk, dv = _backward_padded(
-      _to_heads(q), _to_heads(k), _to_heads(v), q_seg, kv_seg, prefix, lse, delta,
-      _to_heads(do), mask=mask.padded(sp), scale=scale, soft_cap=soft_cap, blocks=blocks,
-      interpret=interpret)
+      _to_heads(q),
+      _to_heads(k),
+      _to_heads(v),
+      q_seg,
+      kv_seg,
+      prefix,
+      lse,
+      delta,
+      _to_heads(do),
+      mask=mask.padded(sp),
+      scale=scale,
+      soft_cap=soft_cap,
+      blocks=blocks,
+      interpret=interpret,
+  )
   return _to_heads(dq)[:, :t], _to_heads(dk)[:, :s], _to_heads(dv)[:, :s]

@@ -3,6 +3,7 @@
 Einsum letters: B batch, T query length, S key length, K kv heads, G query heads per kv
 head (H = K * G), D head dim.
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,8 +15,16 @@ import numpy as np
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
-def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None, kv_segment_ids=None,
-                   prefix_len=None, sliding_window: int | None = None):
+def attention_mask(
+    t: int,
+    s: int,
+    *,
+    causal: bool,
+    segment_ids=None,
+    kv_segment_ids=None,
+    prefix_len=None,
+    sliding_window: int | None = None,
+):
   """bool[B|1, T, S]: True where query t may attend key s.
 
   Causal alignment is bottom-right: query i sits at key position ``i + s - t``, so a
@@ -45,9 +54,18 @@ def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None, kv_segment
   return mask
 
 
-def mha_reference(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None,
-                  prefix_len=None, logits_soft_cap: float | None = None,
-                  sliding_window: int | None = None):
+def mha_reference(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = True,
+    segment_ids=None,
+    kv_segment_ids=None,
+    prefix_len=None,
+    logits_soft_cap: float | None = None,
+    sliding_window: int | None = None,
+):
   """Multi-head attention with GQA, in XLA.
 
   Args:
@@ -67,11 +85,16 @@ def mha_reference(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_
   logits = logits.astype(jnp.float32) * (1.0 / np.sqrt(d))
   if logits_soft_cap is not None:
     logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
-  mask = attention_mask(t, s, causal=causal, segment_ids=segment_ids,
-                        kv_segment_ids=kv_segment_ids, prefix_len=prefix_len,
-                        sliding_window=sliding_window)
+  mask = attention_mask(
+      t,
+      s,
+      causal=causal,
+      segment_ids=segment_ids,
+      kv_segment_ids=kv_segment_ids,
+      prefix_len=prefix_len,
+      sliding_window=sliding_window,
+  )
   logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, h, d).astype(q.dtype)

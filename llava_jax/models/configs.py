@@ -3,6 +3,7 @@
 Configs are plain frozen dataclasses so they can be static arguments of ``jax.jit`` and
 round-trip through JSON (``to_dict`` / ``from_dict``) next to checkpoints.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ def _check(ok: bool, what: str):
 class VisionConfig:
   """ViT tower. ``kind="clip"``: class token, pre-LN, quick_gelu; ``"siglip"``: no class
   token, tanh-GELU, optional MAP head."""
+
   kind: str = "clip"
   image_size: int = 336
   patch_size: int = 14
@@ -28,20 +30,20 @@ class VisionConfig:
   mlp_dim: int = 4096
   num_heads: int = 16
   layer_norm_eps: float = 1e-5
-  act: str = "quick_gelu"         # "quick_gelu" | "gelu_tanh" | "gelu"
+  act: str = "quick_gelu"  # "quick_gelu" | "gelu_tanh" | "gelu"
   class_token: bool = True
-  pre_norm: bool = True           # CLIP's `pre_layrnorm`
-  patch_bias: bool = False        # CLIP's patch conv has no bias, SigLIP's has
-  head: bool = False              # SigLIP MAP (attention-pooling) head
+  pre_norm: bool = True  # CLIP's `pre_layrnorm`
+  patch_bias: bool = False  # CLIP's patch conv has no bias, SigLIP's has
+  head: bool = False  # SigLIP MAP (attention-pooling) head
   # LLaVA feature selection: hidden state index as in HF `hidden_states[select_layer]`
   # (0 = embeddings, -1 = last layer); only the layers needed are computed.
   select_layer: int = -2
-  select_feature: str = "patch"   # "patch" drops the class token, "cls_patch" keeps it
-  feature_norm: bool = False      # apply post_layernorm to the selected features (PaliGemma)
+  select_feature: str = "patch"  # "patch" drops the class token, "cls_patch" keeps it
+  feature_norm: bool = False  # apply post_layernorm to the selected features (PaliGemma)
   attn_impl: str = "xla"
   scan: bool = False
-  remat: str = "none"             # "none" | "full" | "dots" (checkpoint policy)
-  dtype: str = "float32"          # compute dtype; params stay float32
+  remat: str = "none"  # "none" | "full" | "dots" (checkpoint policy)
+  dtype: str = "float32"  # compute dtype; params stay float32
 
   def __post_init__(self):
     _check(self.kind in ("clip", "siglip"), f"vision kind {self.kind!r}")
@@ -51,8 +53,10 @@ class VisionConfig:
     # (a VALID conv drops the remainder), as big_vision and HF do.
     _check(self.width % self.num_heads == 0, f"width {self.width} % heads {self.num_heads}")
     _check(self.dtype in _DTYPES, f"dtype {self.dtype!r}")
-    _check(-self.depth - 1 <= self.select_layer <= self.depth,
-           f"select_layer {self.select_layer} out of range for depth {self.depth}")
+    _check(
+        -self.depth - 1 <= self.select_layer <= self.depth,
+        f"select_layer {self.select_layer} out of range for depth {self.depth}",
+    )
 
   @property
   def num_patches(self) -> int:
@@ -72,21 +76,24 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
-  kind: str = "mlp2x_gelu"        # "linear" | "mlp2x_gelu" | "identity"
+  kind: str = "mlp2x_gelu"  # "linear" | "mlp2x_gelu" | "identity"
   in_dim: int = 1024
   out_dim: int = 4096
   bias: bool = True
 
   def __post_init__(self):
     _check(self.kind in ("linear", "mlp2x_gelu", "identity"), f"projector kind {self.kind!r}")
-    _check(self.kind != "identity" or self.in_dim == self.out_dim,
-           f"identity projector needs in_dim == out_dim, got {self.in_dim} vs {self.out_dim}")
+    _check(
+        self.kind != "identity" or self.in_dim == self.out_dim,
+        f"identity projector needs in_dim == out_dim, got {self.in_dim} vs {self.out_dim}",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama-3 (``kind="llama3"``) or linear position-interpolation RoPE scaling."""
-  kind: str = "llama3"            # "llama3" | "linear"
+
+  kind: str = "llama3"  # "llama3" | "linear"
   factor: float = 8.0
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
@@ -98,21 +105,22 @@ class LLMConfig:
   """Decoder LLM; families are flags, not subclasses:
   Llama/Vicuna (defaults), Mistral (``sliding_window``), Qwen2 (``qkv_bias``),
   Gemma (``embed_scale``, ``norm_plus_one``, ``act="gelu_tanh"``, ``head_dim``, tied)."""
+
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
   num_layers: int = 32
   num_heads: int = 32
   num_kv_heads: int = 32
-  head_dim: int | None = None     # default hidden_size // num_heads
+  head_dim: int | None = None  # default hidden_size // num_heads
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling | None = None
   rms_norm_eps: float = 1e-5
-  act: str = "silu"               # "silu" (SwiGLU) | "gelu_tanh" (GeGLU) | "gelu"
+  act: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" (GeGLU) | "gelu"
   qkv_bias: bool = False
   tie_embeddings: bool = False
-  embed_scale: bool = False       # Gemma: embeddings * sqrt(hidden_size)
-  norm_plus_one: bool = False     # Gemma: RMSNorm weight applied as (1 + w)
+  embed_scale: bool = False  # Gemma: embeddings * sqrt(hidden_size)
+  norm_plus_one: bool = False  # Gemma: RMSNorm weight applied as (1 + w)
   sliding_window: int | None = None
   max_position_embeddings: int = 4096
   attn_impl: str = "xla"
@@ -121,8 +129,10 @@ class LLMConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
-    _check(self.num_heads % self.num_kv_heads == 0,
-           f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+    _check(
+        self.num_heads % self.num_kv_heads == 0,
+        f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}",
+    )
     _check(self.act in ("silu", "gelu_tanh", "gelu"), f"llm act {self.act!r}")
     _check(self.dtype in _DTYPES, f"dtype {self.dtype!r}")
     _check(self.remat in ("none", "full", "dots"), f"remat {self.remat!r}")
@@ -144,10 +154,14 @@ class LlavaConfig:
   check_image_tokens: bool = True
 
   def __post_init__(self):
-    _check(self.projector.in_dim == self.vision.width,
-           f"projector in_dim {self.projector.in_dim} != vision width {self.vision.width}")
-    _check(self.projector.out_dim == self.llm.hidden_size,
-           f"projector out_dim {self.projector.out_dim} != llm hidden {self.llm.hidden_size}")
+    _check(
+        self.projector.in_dim == self.vision.width,
+        f"projector in_dim {self.projector.in_dim} != vision width {self.vision.width}",
+    )
+    _check(
+        self.projector.out_dim == self.llm.hidden_size,
+        f"projector out_dim {self.projector.out_dim} != llm hidden {self.llm.hidden_size}",
+    )
 
   @property
   def num_image_tokens(self) -> int:
@@ -162,62 +176,149 @@ class LlavaConfig:
     if llm.get("rope_scaling") is not None:
       llm["rope_scaling"] = RopeScaling(**llm["rope_scaling"])
     rest = {k: v for k, v in d.items() if k not in ("vision", "projector", "llm")}
-    return cls(vision=VisionConfig(**d["vision"]), projector=ProjectorConfig(**d["projector"]),
-               llm=LLMConfig(**llm), **rest)
+    return cls(
+        vision=VisionConfig(**d["vision"]), projector=ProjectorConfig(**d["projector"]), llm=LLMConfig(**llm), **rest
+    )
 
 
-
-_CLIP = dict(kind="clip", act="quick_gelu", class_token=True, pre_norm=True, patch_bias=False,
-             layer_norm_eps=1e-5, head=False, select_feature="patch")
-_SIGLIP = dict(kind="siglip", act="gelu_tanh", class_token=False, pre_norm=False,
-               patch_bias=True, layer_norm_eps=1e-6, head=True, select_feature="cls_patch")
+_CLIP = dict(
+    kind="clip",
+    act="quick_gelu",
+    class_token=True,
+    pre_norm=True,
+    patch_bias=False,
+    layer_norm_eps=1e-5,
+    head=False,
+    select_feature="patch",
+)
+_SIGLIP = dict(
+    kind="siglip",
+    act="gelu_tanh",
+    class_token=False,
+    pre_norm=False,
+    patch_bias=True,
+    layer_norm_eps=1e-6,
+    head=True,
+    select_feature="cls_patch",
+)
 
 VISION_VARIANTS: dict[str, VisionConfig] = {
-    "clip-L/14-336": VisionConfig(**_CLIP, image_size=336, patch_size=14, width=1024,
-                                  depth=24, mlp_dim=4096, num_heads=16),
-    "clip-L/14": VisionConfig(**_CLIP, image_size=224, patch_size=14, width=1024, depth=24,
-                              mlp_dim=4096, num_heads=16),
-    "siglip-So400m/14-384": VisionConfig(**_SIGLIP, image_size=384, patch_size=14,
-                                         width=1152, depth=27, mlp_dim=4304, num_heads=16,
-                                         select_layer=-1),
-    "siglip-B/16-224": VisionConfig(**_SIGLIP, image_size=224, patch_size=16, width=768,
-                                    depth=12, mlp_dim=3072, num_heads=12, select_layer=-1),
-    "clip-tiny": VisionConfig(**_CLIP, image_size=28, patch_size=7, width=64, depth=3,
-                              mlp_dim=128, num_heads=4),
-    "siglip-tiny": VisionConfig(**_SIGLIP, image_size=28, patch_size=7, width=64, depth=3,
-                                mlp_dim=128, num_heads=4, select_layer=-1),
+    "clip-L/14-336": VisionConfig(
+        **_CLIP, image_size=336, patch_size=14, width=1024, depth=24, mlp_dim=4096, num_heads=16
+    ),
+    "clip-L/14": VisionConfig(**_CLIP, image_size=224, patch_size=14, width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "siglip-So400m/14-384": VisionConfig(
+        **_SIGLIP, image_size=384, patch_size=14, width=1152, depth=27, mlp_dim=4304, num_heads=16, select_layer=-1
+    ),
+    "siglip-B/16-224": VisionConfig(
+        **_SIGLIP, image_size=224, patch_size=16, width=768, depth=12, mlp_dim=3072, num_heads=12, select_layer=-1
+    ),
+    "clip-tiny": VisionConfig(**_CLIP, image_size=28, patch_size=7, width=64, depth=3, mlp_dim=128, num_heads=4),
+    "siglip-tiny": VisionConfig(
+        **_SIGLIP, image_size=28, patch_size=7, width=64, depth=3, mlp_dim=128, num_heads=4, select_layer=-1
+    ),
 }
 
 LLM_VARIANTS: dict[str, LLMConfig] = {
-    "vicuna-7b": LLMConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                           num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5),
-    "vicuna-13b": LLMConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                            num_layers=40, num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5),
-    "mistral-7b": LLMConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                            num_layers=32, num_heads=32, num_kv_heads=8, sliding_window=4096,
-                            max_position_embeddings=32768),
-    "qwen2-7b": LLMConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                          num_layers=28, num_heads=28, num_kv_heads=4, qkv_bias=True,
-                          rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768),
-    "qwen2-0.5b": LLMConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                            num_layers=24, num_heads=14, num_kv_heads=2, qkv_bias=True,
-                            rope_theta=1e6, rms_norm_eps=1e-6, tie_embeddings=True,
-                            max_position_embeddings=32768),
-    "gemma-2b": LLMConfig(vocab_size=256000, hidden_size=2048, intermediate_size=16384,
-                          num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,
-                          act="gelu_tanh", tie_embeddings=True, embed_scale=True,
-                          norm_plus_one=True, rms_norm_eps=1e-6, max_position_embeddings=8192),
-    "llama3-8b": LLMConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                           num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
-                           rope_scaling=RopeScaling(), max_position_embeddings=131072),
-    "tiny": LLMConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, max_position_embeddings=512),
+    "vicuna-7b": LLMConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        rms_norm_eps=1e-5,
+    ),
+    "vicuna-13b": LLMConfig(
+        vocab_size=32000,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        rms_norm_eps=1e-5,
+    ),
+    "mistral-7b": LLMConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+    ),
+    "qwen2-7b": LLMConfig(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        qkv_bias=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+    ),
+    "qwen2-0.5b": LLMConfig(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        qkv_bias=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    "gemma-2b": LLMConfig(
+        vocab_size=256000,
+        hidden_size=2048,
+        intermediate_size=16384,
+        num_layers=18,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=256,
+        act="gelu_tanh",
+        tie_embeddings=True,
+        embed_scale=True,
+        norm_plus_one=True,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=8192,
+    ),
+    "llama3-8b": LLMConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(),
+        max_position_embeddings=131072,
+    ),
+    "tiny": LLMConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+    ),
 }
 
 
-def llava_config(vision: str | VisionConfig, llm: str | LLMConfig, *,
-                 projector: str = "mlp2x_gelu", image_token_id: int | None = None,
-                 **overrides: Any) -> LlavaConfig:
+def llava_config(
+    vision: str | VisionConfig,
+    llm: str | LLMConfig,
+    *,
+    projector: str = "mlp2x_gelu",
+    image_token_id: int | None = None,
+    **overrides: Any,
+) -> LlavaConfig:
   """Builds a LlavaConfig from variant names, e.g. ``llava_config("clip-L/14-336", "vicuna-7b")``."""
   v = VISION_VARIANTS[vision] if isinstance(vision, str) else vision
   l = LLM_VARIANTS[llm] if isinstance(llm, str) else llm

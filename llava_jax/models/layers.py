@@ -3,6 +3,7 @@ activations, RoPE, and the scanned / rematerialised layer stack.
 
 Einsum letters: B batch, T sequence, E embed, F mlp, H heads, K kv heads, D head dim.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,11 +20,11 @@ Array = jax.Array
 
 # Logical axes of activations, for ``nn.with_logical_constraint`` (``sharding.LOGICAL_RULES``
 # maps them onto the mesh). Written once here so every module constrains alike.
-ACT = ("act_batch", "act_seq", "act_embed")                          # float[B, T, E]
-ACT_HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")    # float[B, T, H, D]
-ACT_MLP = ("act_batch", "act_seq", "act_mlp")                        # float[B, T, F]
-ACT_LOGITS = ("act_batch", "act_seq", "act_vocab")                   # float32[B, T, V]
-ACT_TOKENS = ("act_batch", "act_seq")                                # int32[B, T] (segment ids)
+ACT = ("act_batch", "act_seq", "act_embed")  # float[B, T, E]
+ACT_HEADS = ("act_batch", "act_seq", "act_heads", "act_head_dim")  # float[B, T, H, D]
+ACT_MLP = ("act_batch", "act_seq", "act_mlp")  # float[B, T, F]
+ACT_LOGITS = ("act_batch", "act_seq", "act_vocab")  # float32[B, T, V]
+ACT_TOKENS = ("act_batch", "act_seq")  # int32[B, T] (segment ids)
 # One layer's cache k/v float[B, S, K, D]; the stacked cache adds a leading (unsharded) layer axis.
 CACHE_AXES = ("act_batch", "act_seq", "act_kv_heads", "act_head_dim")
 
@@ -43,6 +44,7 @@ class DenseGeneral(nn.Module):
   (flax.linen.DenseGeneral creates the kernel flat and reshapes it afterwards, which
   breaks logical-sharding constraints on multi-dimensional kernels under a mesh.)
   """
+
   features: tuple[int, ...]
   axis: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
@@ -56,48 +58,64 @@ class DenseGeneral(nn.Module):
     in_shape = tuple(x.shape[a] for a in axis)
     n_in, n_out = len(in_shape), len(self.features)
     init = nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
-        out_axis=tuple(range(n_in, n_in + n_out)))
-    kernel = self.param("kernel", logical(init, self.kernel_axes), in_shape + self.features,
-                        jnp.float32)
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out))
+    )
+    kernel = self.param("kernel", logical(init, self.kernel_axes), in_shape + self.features, jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if axis == tuple(range(x.ndim - n_in, x.ndim)):
       # Trailing contraction: one 2-D matmul [N, I] @ [I, O]. The same math, but XLA:CPU
       # then finds the weight-gradient dot (x^T @ dy) without transposing dy first (the
       # N-D form costs an extra transpose copy of each [B, T, F] activation gradient).
       # Merging major-most dims keeps every sharding expressible.
-      batch_shape = x.shape[:x.ndim - n_in]
-      y = jnp.dot(x.reshape(-1, int(np.prod(in_shape))),
-                  kernel.reshape(int(np.prod(in_shape)), -1))
+      batch_shape = x.shape[: x.ndim - n_in]
+      y = jnp.dot(x.reshape(-1, int(np.prod(in_shape))), kernel.reshape(int(np.prod(in_shape)), -1))
       y = y.reshape(batch_shape + self.features)
     else:
       y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
     if self.use_bias:
-      bias = self.param("bias", logical(nn.initializers.zeros_init(), self.bias_axes),
-                        self.features, jnp.float32)
+      bias = self.param("bias", logical(nn.initializers.zeros_init(), self.bias_axes), self.features, jnp.float32)
       y = y + bias.astype(self.dtype)
     return y
 
 
-def dense(features: int | Sequence[int], axes: Sequence[str | None], *, name: str,
-          use_bias: bool = True, axis: int | Sequence[int] = -1, dtype=jnp.float32,
-          bias_axes: Sequence[str | None] | None = None) -> DenseGeneral:
+def dense(
+    features: int | Sequence[int],
+    axes: Sequence[str | None],
+    *,
+    name: str,
+    use_bias: bool = True,
+    axis: int | Sequence[int] = -1,
+    dtype=jnp.float32,
+    bias_axes: Sequence[str | None] | None = None,
+) -> DenseGeneral:
   """A dense layer whose kernel (and bias) carry logical axis names (float32 params)."""
   feats = (features,) if isinstance(features, int) else tuple(features)
   axis = (axis,) if isinstance(axis, int) else tuple(axis)
-  return DenseGeneral(features=feats, axis=axis, kernel_axes=tuple(axes),
-                      bias_axes=tuple(bias_axes or axes[-len(feats):]), use_bias=use_bias,
-                      dtype=dtype, name=name)
+  return DenseGeneral(
+      features=feats,
+      axis=axis,
+      kernel_axes=tuple(axes),
+      bias_axes=tuple(bias_axes or axes[-len(feats) :]),
+      use_bias=use_bias,
+      dtype=dtype,
+      name=name,
+  )
 
 
 def layer_norm(eps: float, name: str, dtype=jnp.float32) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
-                      scale_init=logical(nn.initializers.ones_init(), ("norm",)),
-                      bias_init=logical(nn.initializers.zeros_init(), ("norm",)))
+  return nn.LayerNorm(
+      epsilon=eps,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      name=name,
+      scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+      bias_init=logical(nn.initializers.zeros_init(), ("norm",)),
+  )
 
 
 class RMSNorm(nn.Module):
   """x / rms(x) * w, computed in float32 (as HF Llama/Gemma); Gemma applies (1 + w)."""
+
   eps: float = 1e-6
   plus_one: bool = False
   dtype: Any = jnp.float32
@@ -139,8 +157,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
   high_wavelen = scaling.original_max_position / scaling.high_freq_factor
   wavelen = 2 * math.pi / inv
   scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
-  smooth = ((scaling.original_max_position / wavelen - scaling.low_freq_factor)
-            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor
+  )
   smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
   medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
   return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -180,6 +199,7 @@ class LayerStack(nn.Module):
   and the call returns ``(x, new_layer_state)`` with the new states stacked the same way
   (scanned input and output under ``scan=True``).
   """
+
   block_cls: Any
   cfg: Any
   depth: int
@@ -195,8 +215,7 @@ class LayerStack(nn.Module):
     if has_state:
       for leaf in jax.tree.leaves(layer_state):
         if leaf.shape[0] != n:
-          raise ValueError(f"layer_state leaves need a leading axis of {n} layers, got "
-                           f"shape {leaf.shape}")
+          raise ValueError(f"layer_state leaves need a leading axis of {n} layers, got shape {leaf.shape}")
       args = args + (layer_state,)
     block = self.block_cls
     if self.remat != "none":
@@ -215,12 +234,16 @@ class LayerStack(nn.Module):
     if n == 0:
       return (x, layer_state) if has_state else x
     in_axes = (nn.broadcast,) * (len(args) - has_state) + ((0,) if has_state else ())
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=in_axes, length=n,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=in_axes,
+        length=n,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     if n != self.depth:
       # Run a prefix of the stored layers: slice the stacked params on the way in.
-      scanned = nn.map_variables(scanned, "params", init=False,
-                                 trans_in_fn=lambda t: jax.tree.map(lambda a: a[:n], t))
+      scanned = nn.map_variables(scanned, "params", init=False, trans_in_fn=lambda t: jax.tree.map(lambda a: a[:n], t))
     x, new_states = scanned(self.cfg, name="layers")(x, *args)
     return (x, new_states) if has_state else x

@@ -6,6 +6,7 @@ Param tree: ``{"img": …, "projector": …, "llm": …}`` (as PaliGemma), so re
 Einsum letters: B batch, T text length, I images in the batch, N image tokens per
 image, E LLM embed, V vocab.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -35,16 +36,17 @@ def check_image_tokens(placeholders_per_row, num_images: int, tokens_per_image: 
     i, n = bad_rows[0]
     raise ValueError(
         f"sample {i} of the batch has {n} image placeholder tokens, not a multiple of the "
-        f"{tokens_per_image} features per image (rows with a remainder: {bad_rows})")
+        f"{tokens_per_image} features per image (rows with a remainder: {bad_rows})"
+    )
   if int(counts.sum()) != expected:
     raise ValueError(
         f"image placeholder/feature count mismatch: the batch has {int(counts.sum())} image "
         f"placeholder tokens (per sample {counts.tolist()}) but {num_images} images x "
-        f"{tokens_per_image} features = {expected} image features")
+        f"{tokens_per_image} features = {expected} image features"
+    )
 
 
-def merge_image_features(text_embeds, input_ids, image_features, image_token_id: int,
-                         image_mask=None):
+def merge_image_features(text_embeds, input_ids, image_features, image_token_id: int, image_mask=None):
   """Writes image features, in order, into the placeholder positions.
 
   Args:
@@ -112,11 +114,17 @@ class Llava(nn.Module):
       if self.is_initializing():
         self.embed_image(jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)))
       return embeds
-    return merge_image_features(embeds, input_ids, self.embed_image(pixel_values),
-                                c.image_token_id, image_mask)
+    return merge_image_features(embeds, input_ids, self.embed_image(pixel_values), c.image_token_id, image_mask)
 
-  def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
-               image_mask=None, hidden_only: bool = False):
+  def __call__(
+      self,
+      input_ids,
+      pixel_values=None,
+      attention_mask=None,
+      positions=None,
+      image_mask=None,
+      hidden_only: bool = False,
+  ):
     """LLaVA forward.
 
     Args:
@@ -148,8 +156,9 @@ class Llava(nn.Module):
 def init_params(cfg: LlavaConfig, rng, *, batch: int = 1, seq_len: int = 8, boxed: bool = False):
   """Random params for ``cfg`` (plain nested dicts; ``boxed`` keeps logical-axis metadata)."""
   n = cfg.num_image_tokens
-  ids = jnp.concatenate([jnp.full((batch, n), cfg.image_token_id, jnp.int32),
-                         jnp.ones((batch, seq_len), jnp.int32)], axis=1)
+  ids = jnp.concatenate(
+      [jnp.full((batch, n), cfg.image_token_id, jnp.int32), jnp.ones((batch, seq_len), jnp.int32)], axis=1
+  )
   px = jnp.zeros((batch, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
   variables = Llava(cfg).init(rng, ids, px)
   return variables["params"] if boxed else nn.unbox(variables["params"])

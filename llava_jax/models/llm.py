@@ -7,6 +7,7 @@ tied or untied embeddings. Param names follow HF (``embed_tokens``, ``decoder/la
 Einsum letters: B batch, T sequence, E embed, F mlp, H heads, K kv heads, D head dim,
 V vocab.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -16,9 +17,22 @@ import numpy as np
 
 from llava_jax.kernels.attention import attention
 from llava_jax.models.configs import LLMConfig
-from llava_jax.models.layers import (ACT, ACT_HEADS, ACT_LOGITS, ACT_MLP, ACT_TOKENS, CACHE_AXES,
-                                     LayerStack, RMSNorm, activation, apply_rope, dense, dtype_of,
-                                     logical, rope_inv_freq)
+from llava_jax.models.layers import (
+    ACT,
+    ACT_HEADS,
+    ACT_LOGITS,
+    ACT_MLP,
+    ACT_TOKENS,
+    CACHE_AXES,
+    LayerStack,
+    RMSNorm,
+    activation,
+    apply_rope,
+    dense,
+    dtype_of,
+    logical,
+    rope_inv_freq,
+)
 
 
 def _norm(c: LLMConfig, name: str) -> RMSNorm:
@@ -29,8 +43,7 @@ class Attention(nn.Module):
   cfg: LLMConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, kv_cache=None, cache_segment_ids=None,
-               cache_index=None):
+  def __call__(self, x, positions, segment_ids, kv_cache=None, cache_segment_ids=None, cache_index=None):
     """Self-attention, optionally reading and extending a KV cache.
 
     Args:
@@ -45,34 +58,33 @@ class Attention(nn.Module):
     """
     c, dt = self.cfg, dtype_of(self.cfg.dtype)
     d = c.dim_per_head
-    q = dense((c.num_heads, d), ("embed", "heads", "head_dim"), name="q_proj",
-              use_bias=c.qkv_bias, dtype=dt)(x)
-    k = dense((c.num_kv_heads, d), ("embed", "kv_heads", "head_dim"), name="k_proj",
-              use_bias=c.qkv_bias, dtype=dt)(x)
-    v = dense((c.num_kv_heads, d), ("embed", "kv_heads", "head_dim"), name="v_proj",
-              use_bias=c.qkv_bias, dtype=dt)(x)
+    q = dense((c.num_heads, d), ("embed", "heads", "head_dim"), name="q_proj", use_bias=c.qkv_bias, dtype=dt)(x)
+    k = dense((c.num_kv_heads, d), ("embed", "kv_heads", "head_dim"), name="k_proj", use_bias=c.qkv_bias, dtype=dt)(x)
+    v = dense((c.num_kv_heads, d), ("embed", "kv_heads", "head_dim"), name="v_proj", use_bias=c.qkv_bias, dtype=dt)(x)
     inv_freq = rope_inv_freq(d, c.rope_theta, c.rope_scaling)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     q = nn.with_logical_constraint(q, ACT_HEADS)
     new_cache = None
     if kv_cache is None or cache_index is None:
-      o = attention(q, k, v, causal=True, segment_ids=segment_ids, impl=c.attn_impl,
-                    sliding_window=c.sliding_window)
+      o = attention(q, k, v, causal=True, segment_ids=segment_ids, impl=c.attn_impl, sliding_window=c.sliding_window)
     else:
       o = _attend_to_cache(c, q, k, v, segment_ids, kv_cache, cache_segment_ids, cache_index)
     if kv_cache is not None:
       start = 0 if cache_index is None else cache_index
-      new_cache = {name: nn.with_logical_constraint(
-          jax.lax.dynamic_update_slice_in_dim(kv_cache[name], new.astype(kv_cache[name].dtype),
-                                              start, axis=1), CACHE_AXES)
-                   for name, new in (("k", k), ("v", v))}
-    out = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), name="o_proj",
-                use_bias=False, dtype=dt)(o)
+      new_cache = {
+          name: nn.with_logical_constraint(
+              jax.lax.dynamic_update_slice_in_dim(kv_cache[name], new.astype(kv_cache[name].dtype), start, axis=1),
+              CACHE_AXES,
+          )
+          for name, new in (("k", k), ("v", v))
+      }
+    out = dense(c.hidden_size, ("heads", "head_dim", "embed"), axis=(-2, -1), name="o_proj", use_bias=False, dtype=dt)(
+        o
+    )
     return out, new_cache
 
 
-def _attend_to_cache(c: LLMConfig, q, k, v, segment_ids, kv_cache, cache_segment_ids,
-                     cache_index):
+def _attend_to_cache(c: LLMConfig, q, k, v, segment_ids, kv_cache, cache_segment_ids, cache_index):
   """Attention of T new tokens over [cache slots ; the T new keys].
 
   The new keys are appended after all S slots, so the dispatcher's bottom-right causal
@@ -92,9 +104,16 @@ def _attend_to_cache(c: LLMConfig, q, k, v, segment_ids, kv_cache, cache_segment
   keys = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)
   values = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)
   kv_seg = jnp.concatenate([cseg.astype(jnp.int32), seg], axis=1)
-  return attention(q, keys.astype(q.dtype), values.astype(q.dtype), causal=True,
-                   segment_ids=seg, kv_segment_ids=kv_seg, impl=c.attn_impl,
-                   sliding_window=c.sliding_window)
+  return attention(
+      q,
+      keys.astype(q.dtype),
+      values.astype(q.dtype),
+      causal=True,
+      segment_ids=seg,
+      kv_segment_ids=kv_seg,
+      impl=c.attn_impl,
+      sliding_window=c.sliding_window,
+  )
 
 
 class MLP(nn.Module):
@@ -113,13 +132,12 @@ class DecoderLayer(nn.Module):
   cfg: LLMConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache_segment_ids=None, cache_index=None,
-               kv_cache=None):
+  def __call__(self, x, positions, segment_ids, cache_segment_ids=None, cache_index=None, kv_cache=None):
     """One pre-norm block: float[B, T, E] -> (float[B, T, E], new layer cache or None)."""
     c = self.cfg
     h, new_cache = Attention(c, name="self_attn")(
-        _norm(c, "input_layernorm")(x), positions, segment_ids, kv_cache, cache_segment_ids,
-        cache_index)
+        _norm(c, "input_layernorm")(x), positions, segment_ids, kv_cache, cache_segment_ids, cache_index
+    )
     x = x + h
     x = x + MLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x))
     return nn.with_logical_constraint(x, ACT), new_cache
@@ -127,25 +145,38 @@ class DecoderLayer(nn.Module):
 
 class Decoder(nn.Module):
   """Token embedding, decoder layers, final norm and LM head."""
+
   cfg: LLMConfig
 
   def setup(self):
     c = self.cfg
     self.embed_tokens = nn.Embed(
-        c.vocab_size, c.hidden_size, dtype=dtype_of(c.dtype), param_dtype=jnp.float32,
-        embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")))
+        c.vocab_size,
+        c.hidden_size,
+        dtype=dtype_of(c.dtype),
+        param_dtype=jnp.float32,
+        embedding_init=logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+    )
     self.decoder = LayerStack(DecoderLayer, c, depth=c.num_layers, scan=c.scan, remat=c.remat)
     self.norm = _norm(c, "norm")
     if not c.tie_embeddings:
-      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False,
-                           dtype=dtype_of(c.dtype))
+      self.lm_head = dense(c.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False, dtype=dtype_of(c.dtype))
 
   def embed(self, input_ids):
     """int32[B, T] -> float[B, T, E] (unscaled; Gemma's sqrt(E) is applied in __call__)."""
     return self.embed_tokens(input_ids)
 
-  def __call__(self, inputs_embeds, positions, segment_ids=None, cache=None, cache_index=None,
-               *, last_only: bool = False, hidden_only: bool = False):
+  def __call__(
+      self,
+      inputs_embeds,
+      positions,
+      segment_ids=None,
+      cache=None,
+      cache_index=None,
+      *,
+      last_only: bool = False,
+      hidden_only: bool = False,
+  ):
     """Decoder forward, optionally with a KV cache (see ``init_cache``).
 
     Args:
@@ -174,15 +205,17 @@ class Decoder(nn.Module):
       x = self.decoder(x, positions, segment_ids)
     else:
       _check_cache(c, cache, x.shape, cache_index)
-      seg = (jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None
-             else segment_ids.astype(jnp.int32))
-      x, kv = self.decoder(x, positions, seg, cache["segment_ids"], cache_index,
-                           layer_state={"k": cache["k"], "v": cache["v"]})
+      seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+      x, kv = self.decoder(
+          x, positions, seg, cache["segment_ids"], cache_index, layer_state={"k": cache["k"], "v": cache["v"]}
+      )
       start = 0 if cache_index is None else cache_index
       new_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg, start, axis=1)
-      new_cache = {"k": nn.with_logical_constraint(kv["k"], (None,) + CACHE_AXES),
-                   "v": nn.with_logical_constraint(kv["v"], (None,) + CACHE_AXES),
-                   "segment_ids": nn.with_logical_constraint(new_seg, ACT_TOKENS)}
+      new_cache = {
+          "k": nn.with_logical_constraint(kv["k"], (None,) + CACHE_AXES),
+          "v": nn.with_logical_constraint(kv["v"], (None,) + CACHE_AXES),
+          "segment_ids": nn.with_logical_constraint(new_seg, ACT_TOKENS),
+      }
     if hidden_only:
       if cache is not None:
         raise ValueError("hidden_only is for training forwards (no cache)")
@@ -208,9 +241,11 @@ def init_cache(cfg: LLMConfig, batch: int, max_len: int, dtype=None) -> dict:
   dt = jnp.dtype(dtype or cfg.dtype)
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
   axes = (None,) + CACHE_AXES
-  return {"k": nn.with_logical_constraint(jnp.zeros(shape, dt), axes),
-          "v": nn.with_logical_constraint(jnp.zeros(shape, dt), axes),
-          "segment_ids": nn.with_logical_constraint(jnp.zeros((batch, max_len), jnp.int32), ACT_TOKENS)}
+  return {
+      "k": nn.with_logical_constraint(jnp.zeros(shape, dt), axes),
+      "v": nn.with_logical_constraint(jnp.zeros(shape, dt), axes),
+      "segment_ids": nn.with_logical_constraint(jnp.zeros((batch, max_len), jnp.int32), ACT_TOKENS),
+  }
 
 
 def _check_cache(c: LLMConfig, cache, x_shape, cache_index):
@@ -222,16 +257,20 @@ def _check_cache(c: LLMConfig, cache, x_shape, cache_index):
   want = (c.num_layers, b, None, c.num_kv_heads, c.dim_per_head)
   got = tuple(cache["k"].shape)
   if len(got) != 5 or any(w is not None and w != g for w, g in zip(want, got)):
-    raise ValueError(f"cache k has shape {got}; expected [L={c.num_layers}, B={b}, S, "
-                     f"K={c.num_kv_heads}, D={c.dim_per_head}]")
+    raise ValueError(
+        f"cache k has shape {got}; expected [L={c.num_layers}, B={b}, S, K={c.num_kv_heads}, D={c.dim_per_head}]"
+    )
   s = got[2]
   if cache["v"].shape != cache["k"].shape or tuple(cache["segment_ids"].shape) != (b, s):
-    raise ValueError(f"cache v {cache['v'].shape} / segment_ids {cache['segment_ids'].shape} "
-                     f"do not match k {got} (segment_ids should be [{b}, {s}])")
+    raise ValueError(
+        f"cache v {cache['v'].shape} / segment_ids {cache['segment_ids'].shape} "
+        f"do not match k {got} (segment_ids should be [{b}, {s}])"
+    )
   start = 0 if cache_index is None else cache_index
   if not isinstance(start, jax.core.Tracer) and int(start) + t > s:
-    raise ValueError(f"cache overflow: {t} new tokens at slot {int(start)} need "
-                     f"{int(start) + t} slots, the cache has {s}")
+    raise ValueError(
+        f"cache overflow: {t} new tokens at slot {int(start)} need {int(start) + t} slots, the cache has {s}"
+    )
 
 
 def init_llm(cfg: LLMConfig, rng, *, boxed: bool = False) -> dict:

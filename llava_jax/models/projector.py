@@ -2,6 +2,7 @@
 
 Names follow HF's ``multi_modal_projector``: ``linear_1`` (and ``linear_2``).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -25,5 +26,4 @@ class Projector(nn.Module):
     if c.kind == "linear":
       return x
     x = jax.nn.gelu(x, approximate=False)  # LLaVA uses nn.GELU(): the exact erf form
-    return dense(c.out_dim, ("mlp", "embed"), name="linear_2", use_bias=c.bias,
-                 dtype=dt)(x)
+    return dense(c.out_dim, ("mlp", "embed"), name="linear_2", use_bias=c.bias, dtype=dt)(x)

@@ -4,6 +4,7 @@ Einsum letters: B batch, N image tokens, E width, H heads, D head dim, F mlp.
 Param names follow Hugging Face (``embeddings/patch_embedding``, ``encoder/layers``,
 ``self_attn/q_proj`` …) so converters map name to name.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from llava_jax.models.layers import ACT, LayerStack, activation, dense, dtype_of
 
 class Attention(nn.Module):
   """Bidirectional multi-head attention with biased q/k/v/out projections."""
+
   cfg: VisionConfig
 
   @nn.compact
@@ -27,8 +29,7 @@ class Attention(nn.Module):
     proj = lambda name: dense((h, d), ("embed", "heads", "head_dim"), name=name, dtype=dt)
     q, k, v = proj("q_proj")(x), proj("k_proj")(kv), proj("v_proj")(kv)
     o = attention(q, k, v, causal=False, impl=c.attn_impl)
-    return dense(c.width, ("heads", "head_dim", "embed"), axis=(-2, -1), name="out_proj",
-                 dtype=dt)(o)
+    return dense(c.width, ("heads", "head_dim", "embed"), axis=(-2, -1), name="out_proj", dtype=dt)(o)
 
 
 class MLP(nn.Module):
@@ -47,6 +48,7 @@ class MLP(nn.Module):
 
 class EncoderLayer(nn.Module):
   """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
   cfg: VisionConfig
 
   @nn.compact
@@ -60,17 +62,20 @@ class EncoderLayer(nn.Module):
 
 class MAPHead(nn.Module):
   """SigLIP multi-head attention pooling: a learned probe attends over all tokens."""
+
   cfg: VisionConfig
 
   @nn.compact
   def __call__(self, x):
     """x float[B, N, E] -> float[B, E]."""
     c = self.cfg
-    probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")),
-                       (1, 1, c.width), jnp.float32)
+    probe = self.param(
+        "probe", logical(nn.initializers.xavier_uniform(), (None, None, "embed")), (1, 1, c.width), jnp.float32
+    )
     h = Attention(c, name="attention")(jnp.broadcast_to(probe, (x.shape[0], 1, c.width)), x)
     h = h + MLP(c.width, c.mlp_dim, c.act, c.dtype, name="mlp")(
-        layer_norm(c.layer_norm_eps, "layernorm", dtype_of(c.dtype))(h))
+        layer_norm(c.layer_norm_eps, "layernorm", dtype_of(c.dtype))(h)
+    )
     return h[:, 0]
 
 
@@ -82,28 +87,34 @@ class VisionTransformer(nn.Module):
   ``select_feature="patch"``; only the layers needed are computed.
   ``tower`` returns HF's ``(last_hidden_state, pooler_output)`` for the full tower.
   """
+
   cfg: VisionConfig
 
   def setup(self):
     c = self.cfg
     dt = dtype_of(c.dtype)
     self.patch_embedding = nn.Conv(
-        c.width, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
-        padding="VALID", use_bias=c.patch_bias, dtype=dt, param_dtype=jnp.float32,
+        c.width,
+        (c.patch_size, c.patch_size),
+        strides=(c.patch_size, c.patch_size),
+        padding="VALID",
+        use_bias=c.patch_bias,
+        dtype=dt,
+        param_dtype=jnp.float32,
         kernel_init=logical(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
-        bias_init=logical(nn.initializers.zeros_init(), ("embed",)))
+        bias_init=logical(nn.initializers.zeros_init(), ("embed",)),
+    )
     n_pos = c.num_patches + int(c.class_token)
     self.position_embedding = self.param(
-        "position_embedding", logical(nn.initializers.normal(0.02), (None, "embed")),
-        (n_pos, c.width), jnp.float32)
+        "position_embedding", logical(nn.initializers.normal(0.02), (None, "embed")), (n_pos, c.width), jnp.float32
+    )
     if c.class_token:
       self.class_embedding = self.param(
-          "class_embedding", logical(nn.initializers.normal(0.02), ("embed",)), (c.width,),
-          jnp.float32)
+          "class_embedding", logical(nn.initializers.normal(0.02), ("embed",)), (c.width,), jnp.float32
+      )
     if c.pre_norm:
       self.pre_layrnorm = layer_norm(c.layer_norm_eps, "pre_layrnorm", dt)
-    self.encoder = LayerStack(EncoderLayer, c, depth=c.depth, scan=c.scan, remat=c.remat,
-                              name="encoder")
+    self.encoder = LayerStack(EncoderLayer, c, depth=c.depth, scan=c.scan, remat=c.remat, name="encoder")
     self.post_layernorm = layer_norm(c.layer_norm_eps, "post_layernorm", dt)
     if c.head:
       self.head = MAPHead(c, name="head")
@@ -112,8 +123,9 @@ class VisionTransformer(nn.Module):
     """float32[B, S, S, 3] (normalised, NHWC) -> float[B, N(+1), E] encoder input."""
     c = self.cfg
     if pixel_values.shape[1:] != (c.image_size, c.image_size, 3):
-      raise ValueError(f"pixel_values shape {pixel_values.shape}: expected "
-                       f"[B, {c.image_size}, {c.image_size}, 3] (NHWC)")
+      raise ValueError(
+          f"pixel_values shape {pixel_values.shape}: expected [B, {c.image_size}, {c.image_size}, 3] (NHWC)"
+      )
     x = self.patch_embedding(pixel_values.astype(dtype_of(c.dtype)))
     x = x.reshape(x.shape[0], -1, c.width)
     if c.class_token:

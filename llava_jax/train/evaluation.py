@@ -10,6 +10,7 @@ preprocessing, mesh). Every process reads its rows of each global eval batch (a 
 pass that keeps every slot, so all processes run the same number of steps); the counts
 are reduced on device, so each process gets the global figures.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,41 +46,51 @@ def eval_batch_size(requested: int, mesh, rules=None) -> int:
   return -(-requested // unit) * unit
 
 
-def make_eval_fn(cfg, params_shardings, mesh, rules, batches: Callable[[], Iterable[dict]],
-                 global_rows: int) -> Callable[[Any, int], dict]:
+def make_eval_fn(
+    cfg, params_shardings, mesh, rules, batches: Callable[[], Iterable[dict]], global_rows: int
+) -> Callable[[Any, int], dict]:
   """``eval_fn(params, step)`` over the (process-local) batches of ``batches()``.
 
   Each local batch holds ``global_rows / process_count`` rows; it becomes a global array
   on ``mesh`` and one jitted pass returns the summed statistics, replicated.
   """
-  batch_shardings = {k: sharding.batch_sharding(mesh, 2 if k != "pixel_values" else 5, rules)
-                     for k in MODEL_KEYS}
+  batch_shardings = {k: sharding.batch_sharding(mesh, 2 if k != "pixel_values" else 5, rules) for k in MODEL_KEYS}
 
   def stats(params, batch):
-    logits = Llava(cfg).apply({"params": params}, batch["input_ids"], batch["pixel_values"],
-                              batch["attention_mask"], positions=batch.get("positions"),
-                              image_mask=batch["image_mask"])
+    logits = Llava(cfg).apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["pixel_values"],
+        batch["attention_mask"],
+        positions=batch.get("positions"),
+        image_mask=batch["image_mask"],
+    )
     nll, w, correct = token_loss(logits, batch["labels"], batch["attention_mask"])
     answers, right = answer_counts(w, correct)
     return jnp.stack([(nll * w).sum(), w.sum(), (correct * w).sum(), answers, right])
 
-  forward = jax.jit(stats, in_shardings=(params_shardings, batch_shardings),
-                    out_shardings=sharding.replicated(mesh))
+  forward = jax.jit(stats, in_shardings=(params_shardings, batch_shardings), out_shardings=sharding.replicated(mesh))
 
   def eval_fn(params, step):
     del step
     total = jnp.zeros((5,), jnp.float32)
     for batch in batches():
       local = {k: batch[k] for k in MODEL_KEYS}
-      global_batch = {k: jax.make_array_from_process_local_data(
-          batch_shardings[k], v, (global_rows,) + v.shape[1:]) for k, v in local.items()}
+      global_batch = {
+          k: jax.make_array_from_process_local_data(batch_shardings[k], v, (global_rows,) + v.shape[1:])
+          for k, v in local.items()
+      }
       with sharding.use_mesh(mesh, rules):
         total = total + forward(params, global_batch)
     nll_sum, tokens, right_tokens, answers, right_answers = (float(x) for x in jax.device_get(total))
     if not answers:
       raise ValueError("evaluation data has no answer tokens (all labels are IGNORE)")
-    return {"val_loss": nll_sum / tokens, "val_token_accuracy": right_tokens / tokens,
-            "answer_exact_match": right_answers / answers, "val_answers": int(answers)}
+    return {
+        "val_loss": nll_sum / tokens,
+        "val_token_accuracy": right_tokens / tokens,
+        "answer_exact_match": right_answers / answers,
+        "val_answers": int(answers),
+    }
 
   return eval_fn
 
@@ -87,22 +98,34 @@ def make_eval_fn(cfg, params_shardings, mesh, rules, batches: Callable[[], Itera
 def make_eval(config, cfg, tokenizer, image_config, params_shardings, mesh, rules) -> Callable | None:
   """The held-out evaluation named by ``config.data.val`` (None if absent or eval_every=0)."""
   from llava_jax.train import run_config
+
   config = run_config.parse(config)
   d = config.data
   if not d.val or not config.train.eval_every:
     return None
   from llava_jax.data import pipeline, sources
+
   source = sources.open_source(d.val, image_root=d.image_root)
-  rows = eval_batch_size(config.train.eval_batch_size or config.train.batch_size,
-                         mesh, rules)
+  rows = eval_batch_size(config.train.eval_batch_size or config.train.batch_size, mesh, rules)
 
   def batches():
     it = pipeline.make_dataset(
-        source, tokenizer=tokenizer, template=d.template, image_config=image_config,
-        image_token_id=cfg.image_token_id, num_image_tokens=cfg.num_image_tokens,
-        max_len=d.max_len, max_images=d.max_images, batch_size=rows, seed=0,
-        shuffle=False, num_epochs=1, policy=d.policy, drop_remainder=False,
-        read_threads=d.read_threads or pipeline.default_read_threads(d.val, d.image_root))
+        source,
+        tokenizer=tokenizer,
+        template=d.template,
+        image_config=image_config,
+        image_token_id=cfg.image_token_id,
+        num_image_tokens=cfg.num_image_tokens,
+        max_len=d.max_len,
+        max_images=d.max_images,
+        batch_size=rows,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        policy=d.policy,
+        drop_remainder=False,
+        read_threads=d.read_threads or pipeline.default_read_threads(d.val, d.image_root),
+    )
     try:
       yield from it
     finally:

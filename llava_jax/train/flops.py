@@ -7,6 +7,7 @@ about 12x). Conventions: a multiply-add is 2 FLOPs; a group whose weights train 
 gradients must flow through costs 2x, a frozen group with nothing trainable before it
 costs 1x; remat recomputation is not counted (model FLOPs, not hardware FLOPs).
 """
+
 from __future__ import annotations
 
 from llava_jax.models.configs import LLMConfig, LlavaConfig, VisionConfig
@@ -24,20 +25,24 @@ def llm_forward_flops_per_token(c: LLMConfig, context: int) -> float:
 def vit_forward_flops_per_image(c: VisionConfig) -> float:
   n = c.num_patches + int(c.class_token)
   per_token = 2 * (4 * c.width * c.width + 2 * c.width * c.mlp_dim) + 2 * 2 * c.width * n
-  patch = 2 * (c.patch_size ** 2 * 3) * c.width * c.num_patches
+  patch = 2 * (c.patch_size**2 * 3) * c.width * c.num_patches
   return c.num_layers_used * per_token * n + patch
 
 
-def train_step_flops(cfg: LlavaConfig, *, tokens: int, seq_len: int, images: int,
-                     train_img: bool, train_projector: bool, train_llm: bool) -> float:
+def train_step_flops(
+    cfg: LlavaConfig, *, tokens: int, seq_len: int, images: int, train_img: bool, train_projector: bool, train_llm: bool
+) -> float:
   """Model FLOPs of one optimizer step over ``tokens`` (B*T) tokens and ``images`` images."""
   llm_mult = 3 if train_llm else 2  # gradients always flow through the LLM (to its inputs)
   proj_mult = 3 if train_projector else (2 if train_img else 1)
   img_mult = 3 if train_img else 1
   n_feat = cfg.num_image_tokens
   p = cfg.projector
-  proj = 0 if p.kind == "identity" else 2 * n_feat * (
-      p.in_dim * p.out_dim + (p.out_dim * p.out_dim if p.kind == "mlp2x_gelu" else 0))
+  proj = (
+      0
+      if p.kind == "identity"
+      else 2 * n_feat * (p.in_dim * p.out_dim + (p.out_dim * p.out_dim if p.kind == "mlp2x_gelu" else 0))
+  )
   flops = llm_mult * tokens * llm_forward_flops_per_token(cfg.llm, max(seq_len // 2, 1))
   flops += images * (proj_mult * proj + img_mult * vit_forward_flops_per_image(cfg.vision))
   return float(flops)

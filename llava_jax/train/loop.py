@@ -17,6 +17,7 @@ first global batch no process had started (``pipeline.resume_batch``). With seve
 processes (a pod; ``llava_jax.distributed``) every process runs this same function on
 its own rows of each global batch; only process 0 writes metrics and ``run.json``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,11 +47,19 @@ from llava_jax.train import preemption
 from llava_jax.train import run_config
 from llava_jax.train.setup import TrainSetup, build_setup, model_config  # noqa: F401 (re-export)
 
-
 # Config keys naming files the run reads, and (second set) directories it writes.
-INPUT_KEYS = ("data.train", "data.val", "data.tokenizer", "data.image_root", "data.eval_questions",
-              "data.eval_annotations", "init.hf_llava", "init.vision_hf", "init.llm_hf",
-              "init.from_run")
+INPUT_KEYS = (
+    "data.train",
+    "data.val",
+    "data.tokenizer",
+    "data.image_root",
+    "data.eval_questions",
+    "data.eval_annotations",
+    "init.hf_llava",
+    "init.vision_hf",
+    "init.llm_hf",
+    "init.from_run",
+)
 OUTPUT_KEYS = ("data.synthetic.dir",)
 
 
@@ -94,6 +103,7 @@ def prepare_synthetic(config) -> None:
     if storage.exists(marker):
       return
     from llava_jax.data.synthetic import write_synthetic
+
     kwargs = {k: v for k, v in syn.items() if k != "dir"}
     logging.info("writing the embedded synthetic dataset to %s", syn["dir"])
     write_synthetic(syn["dir"], **kwargs)
@@ -105,8 +115,7 @@ def prepare_synthetic(config) -> None:
     write()
 
 
-def initial_params(init: run_config.InitOptions, cfg: LlavaConfig,
-                   params_sharding=None) -> dict[str, Any]:
+def initial_params(init: run_config.InitOptions, cfg: LlavaConfig, params_sharding=None) -> dict[str, Any]:
   """Weights to start from, by ``/``-joined param name: a HF LLaVA, converted HF towers,
   and/or a previous run's params matching ``init.from_run_params``. Empty: random init.
 
@@ -123,23 +132,33 @@ def initial_params(init: run_config.InitOptions, cfg: LlavaConfig,
 
   if init.hf_llava:
     from llava_jax.checkpoint.convert.hf import load_hf_llava
-    loaded_cfg, p = load_hf_llava(init.hf_llava, vision_overrides={"scan": cfg.vision.scan},
-                                  llm_overrides={"scan": cfg.llm.scan})
+
+    loaded_cfg, p = load_hf_llava(
+        init.hf_llava, vision_overrides={"scan": cfg.vision.scan}, llm_overrides={"scan": cfg.llm.scan}
+    )
     if loaded_cfg.llm.vocab_size != cfg.llm.vocab_size:
       raise ValueError(f"{init.hf_llava}: vocab {loaded_cfg.llm.vocab_size} != config {cfg.llm.vocab_size}")
     add("", p)
   if init.vision_hf:
     from llava_jax.checkpoint.convert.hf import load_hf_vision
-    add("img/", load_hf_vision(init.vision_hf, select_layer=cfg.vision.select_layer,
-                               select_feature=cfg.vision.select_feature, scan=cfg.vision.scan)[1])
+
+    add(
+        "img/",
+        load_hf_vision(
+            init.vision_hf,
+            select_layer=cfg.vision.select_layer,
+            select_feature=cfg.vision.select_feature,
+            scan=cfg.vision.scan,
+        )[1],
+    )
   if init.llm_hf:
     from llava_jax.checkpoint.convert.hf import load_hf_llm
+
     add("llm/", load_hf_llm(init.llm_hf, scan=cfg.llm.scan, remat=cfg.llm.remat)[1])
   if init.from_run:
     step, prev = ckpt.restore_params(init.from_run, cfg, shardings=params_sharding)
     add("", prev, init.from_run_params)
-    logging.info("initialising params matching %r from %s (step %d)", init.from_run_params,
-                 init.from_run, step)
+    logging.info("initialising params matching %r from %s (step %d)", init.from_run_params, init.from_run, step)
   return out
 
 
@@ -166,6 +185,7 @@ def place_params(params, overrides: dict[str, Any]):
 @dataclasses.dataclass(frozen=True)
 class Run:
   """What ``_prepare_run`` reads once: the config's tokenizer, model and image preprocessing."""
+
   tokenizer: Any
   cfg: LlavaConfig
   image_config: images_lib.ImageConfig
@@ -173,32 +193,49 @@ class Run:
 
 def _prepare_run(config, workdir: str) -> Run:
   from llava_jax.tokenizer import load_tokenizer
+
   prepare_synthetic(config)
   tokenizer = load_tokenizer(config.data.tokenizer, template=config.data.template)
   cfg = model_config(config, tokenizer)
-  image_config = images_lib.image_config_for(cfg.vision.kind, cfg.vision.image_size,
-                                             config.data.image_mode)
+  image_config = images_lib.image_config_for(cfg.vision.kind, cfg.vision.image_size, config.data.image_mode)
   ckpt.check_run_info(workdir, cfg)  # every process: refuse before any work
   if distributed.is_primary():
-    ckpt.write_run_info(workdir, model=cfg, tokenizer=config.data.tokenizer,
-                        template=config.data.template, image=image_config,
-                        config=run_config.to_dict(config))
+    ckpt.write_run_info(
+        workdir,
+        model=cfg,
+        tokenizer=config.data.tokenizer,
+        template=config.data.template,
+        image=image_config,
+        config=run_config.to_dict(config),
+    )
   return Run(tokenizer, cfg, image_config)
 
 
 def make_train_iterator(config, run: Run, *, start_batch: int = 0):
   """This process's rows of each global training batch (``data.pipeline``)."""
   from llava_jax.data import pipeline, sources
+
   d = config.data
   source = sources.open_source(d.train, image_root=d.image_root)
   threads = d.read_threads or pipeline.default_read_threads(d.train, d.image_root)
   return pipeline.make_dataset(
-      source, tokenizer=run.tokenizer, template=d.template, image_config=run.image_config,
-      image_token_id=run.cfg.image_token_id, num_image_tokens=run.cfg.num_image_tokens,
-      max_len=d.max_len, max_images=d.max_images, batch_size=config.train.batch_size,
-      seed=config.seed, policy=d.policy, worker_count=d.workers, pack=d.pack,
-      pack_bins=d.pack_bins, start_batch=start_batch,
-      read_threads=threads)
+      source,
+      tokenizer=run.tokenizer,
+      template=d.template,
+      image_config=run.image_config,
+      image_token_id=run.cfg.image_token_id,
+      num_image_tokens=run.cfg.num_image_tokens,
+      max_len=d.max_len,
+      max_images=d.max_images,
+      batch_size=config.train.batch_size,
+      seed=config.seed,
+      policy=d.policy,
+      worker_count=d.workers,
+      pack=d.pack,
+      pack_bins=d.pack_bins,
+      start_batch=start_batch,
+      read_threads=threads,
+  )
 
 
 def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Checkpointer):
@@ -211,7 +248,8 @@ def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Che
       state = state.replace(params=place_params(state.params, overrides))
     return state, make_train_iterator(config, run)
   state, saved, step = checkpointer.restore_intact(
-      setup.abstract_state(), on_corrupt=config.train.on_corrupt_checkpoint)
+      setup.abstract_state(), on_corrupt=config.train.on_corrupt_checkpoint
+  )
   if step is None:  # every checkpoint was corrupt and moved aside: start over
     return _restore_or_init(config, run, setup, checkpointer)
   return state, _resume_data(config, run, saved, step)
@@ -219,6 +257,7 @@ def _restore_or_init(config, run: Run, setup: TrainSetup, checkpointer: ckpt.Che
 
 def _resume_data(config, run: Run, saved, step: int):
   from llava_jax.data import pipeline
+
   processes = saved.get("processes") if isinstance(saved, dict) else None
   n, me = jax.process_count(), jax.process_index()
   if processes is None:  # no data state, or one saved before per-process states
@@ -231,8 +270,13 @@ def _resume_data(config, run: Run, saved, step: int):
     data.set_state(mine)
   else:
     start = pipeline.resume_batch(processes)
-    logging.info("checkpoint %d was written by %d processes, resuming on %d: data continues at "
-                 "global batch %d", step, len(processes), n, start)
+    logging.info(
+        "checkpoint %d was written by %d processes, resuming on %d: data continues at global batch %d",
+        step,
+        len(processes),
+        n,
+        start,
+    )
     data = make_train_iterator(config, run, start_batch=start)
   logging.info("resumed from checkpoint %d", step)
   return data
@@ -284,28 +328,38 @@ def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
   run = _prepare_run(config, workdir)
   setup = build_setup(config, run.cfg)
   trainable, total = setup.param_counts()
-  logging.info("model: %s trainable of %s params; mesh %s over %d processes", f"{trainable:,}",
-               f"{total:,}", dict(setup.mesh.shape), jax.process_count())
+  logging.info(
+      "model: %s trainable of %s params; mesh %s over %d processes",
+      f"{trainable:,}",
+      f"{total:,}",
+      dict(setup.mesh.shape),
+      jax.process_count(),
+  )
   t = config.train
-  checkpointer = ckpt.Checkpointer(workdir, keep=t.keep, every=t.ckpt_every,
-                                   async_save=t.async_checkpoint)
+  checkpointer = ckpt.Checkpointer(workdir, keep=t.keep, every=t.ckpt_every, async_save=t.async_checkpoint)
   state, data = _restore_or_init(config, run, setup, checkpointer)
   start = int(state.step)
   compiled = _compile(setup, state, config)
-  eval_fn = evaluation.make_eval(config, run.cfg, run.tokenizer, run.image_config,
-                                 setup.shardings.params, setup.mesh, setup.rules)
+  eval_fn = evaluation.make_eval(
+      config, run.cfg, run.tokenizer, run.image_config, setup.shardings.params, setup.mesh, setup.rules
+  )
   peak = (t.peak_tflops or 0) * 1e12 or metrics_lib.measure_matmul_peak()
   throughput = metrics_lib.Throughput(setup.step_flops(config), peak, jax.device_count())
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard,
-                                    resume_step=start)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, resume_step=start)
   guard = NonFiniteGuard(t.on_nonfinite, t.max_nonfinite)
   log_every, eval_every = t.log_every, t.eval_every
   crash_after = t.crash_after_step  # fault injection for resume tests
   primary = distributed.is_primary()
   last: dict = {}
   # A live bar on a terminal; in log files (pods, CI) a plain line per logged step instead.
-  bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0,
-             disable=None if t.progress and primary else True)
+  bar = tqdm(
+      total=t.steps,
+      initial=start,
+      desc="train",
+      dynamic_ncols=True,
+      mininterval=1.0,
+      disable=None if t.progress and primary else True,
+  )
   t_start = time.perf_counter()
   try:
     for step in range(start + 1, t.steps + 1):
@@ -317,26 +371,37 @@ def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
       final = step == t.steps
       if step % log_every == 0 or final or step == start + 1:
         guard.check()
-        last = {**_log(step, jax.device_get(m), config, setup, throughput, data, mask),
-                "skipped/nonfinite_steps": guard.skipped}
+        last = {
+            **_log(step, jax.device_get(m), config, setup, throughput, data, mask),
+            "skipped/nonfinite_steps": guard.skipped,
+        }
         writer.write(step, last)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['token_accuracy']:.3f}")
         if bar.disable and primary:
           per_step = (time.perf_counter() - t_start) / (step - start)
-          logging.info("step %d/%d loss %.4f token_acc %.3f %.0f tokens/s, ETA %s", step, t.steps,
-                       last["loss"], last["token_accuracy"], last["tokens_per_s"],
-                       _hms(per_step * (t.steps - step)))
+          logging.info(
+              "step %d/%d loss %.4f token_acc %.3f %.0f tokens/s, ETA %s",
+              step,
+              t.steps,
+              last["loss"],
+              last["token_accuracy"],
+              last["tokens_per_s"],
+              _hms(per_step * (t.steps - step)),
+          )
       bar.update(1)
       stopping = stop.should_stop(step)
       save = stopping and t.checkpoint_on_stop
       if checkpointer.due(step, force=final or save):
         guard.check()  # never a checkpoint after an update that was not finite
-        checkpointer.save(step, state, distributed.gather_json(data.get_state()),
-                          force=final or save)
+        checkpointer.save(step, state, distributed.gather_json(data.get_state()), force=final or save)
       if stopping:
         checkpointer.wait()
-        logging.warning("stopped by %s after step %d%s", _signal_name(stop.signum), step,
-                        f"; checkpoint {step} written" if save else "")
+        logging.warning(
+            "stopped by %s after step %d%s",
+            _signal_name(stop.signum),
+            step,
+            f"; checkpoint {step} written" if save else "",
+        )
         stop.stop()
       if eval_fn is not None and eval_every and (step % eval_every == 0 or final):
         results = eval_fn(state.params, step)
@@ -361,8 +426,12 @@ def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
   return last
 
 
-_STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-                   errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied"}
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EROFS: "the file system is read-only",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EACCES: "permission denied",
+}
 
 
 def _explain(error: BaseException, workdir: str) -> None:
@@ -374,15 +443,20 @@ def _explain(error: BaseException, workdir: str) -> None:
     if why is None and "No space left on device" in str(e):
       why = _STORAGE_ERRORS[errno.ENOSPC]
     if why is not None:
-      logging.error("cannot write under %s: %s (%s). Checkpoints already committed are intact; "
-                    "free space or fix permissions, then rerun the same command to resume.",
-                    workdir, why, str(e)[:200])
+      logging.error(
+          "cannot write under %s: %s (%s). Checkpoints already committed are intact; "
+          "free space or fix permissions, then rerun the same command to resume.",
+          workdir,
+          why,
+          str(e)[:200],
+      )
       return
     e = e.__cause__ or e.__context__
 
 
 def _signal_name(signum) -> str:
   import signal
+
   return signal.Signals(signum).name if signum else "a signal"
 
 
@@ -415,24 +489,33 @@ class NonFiniteGuard:
         raise FloatingPointError(
             f"non-finite {what}. The update was not applied and no checkpoint was written "
             "after it. Lower optim.lr (or optim.grad_clip), or set "
-            "train.on_nonfinite=skip to drop such updates (at most train.max_nonfinite).")
+            "train.on_nonfinite=skip to drop such updates (at most train.max_nonfinite)."
+        )
       logging.warning("non-finite %s: update skipped (%d so far)", what, self.skipped)
       if self.skipped > self.max_skips:
-        raise FloatingPointError(f"{self.skipped} non-finite updates skipped, more than "
-                                 f"train.max_nonfinite={self.max_skips} (last: {what})")
+        raise FloatingPointError(
+            f"{self.skipped} non-finite updates skipped, more than "
+            f"train.max_nonfinite={self.max_skips} (last: {what})"
+        )
 
 
 def _log(step, m, config, setup: TrainSetup, throughput, data, mask) -> dict:
   """One metrics row; counters summed over processes (every process must call this)."""
   counts = data.counts()
-  report = throughput.report(reduce=distributed.sum_over_processes, extra=list(counts.values())
-                             + [float(np.count_nonzero(mask)), float(mask.size)])
+  report = throughput.report(
+      reduce=distributed.sum_over_processes,
+      extra=list(counts.values()) + [float(np.count_nonzero(mask)), float(mask.size)],
+  )
   extra = report.pop("extra")
-  skipped = dict(zip(counts, (int(v) for v in extra[:len(counts)])))
+  skipped = dict(zip(counts, (int(v) for v in extra[: len(counts)])))
   fill = extra[len(counts)] / max(extra[len(counts) + 1], 1.0)
-  return {**{k: float(v) for k, v in m.items()},
-          "lr": float(optim.current_lr(setup.optim, step - 1)), **report, "batch_fill": fill,
-          **{f"skipped/{k}": v for k, v in skipped.items()}}
+  return {
+      **{k: float(v) for k, v in m.items()},
+      "lr": float(optim.current_lr(setup.optim, step - 1)),
+      **report,
+      "batch_fill": fill,
+      **{f"skipped/{k}": v for k, v in skipped.items()},
+  }
 
 
 def _hms(seconds: float) -> str:
@@ -441,5 +524,4 @@ def _hms(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}"
 
 
-__all__ = ["train", "prepare_synthetic", "initial_params", "place_params", "make_train_iterator",
-           "model_config"]
+__all__ = ["train", "prepare_synthetic", "initial_params", "place_params", "make_train_iterator", "model_config"]

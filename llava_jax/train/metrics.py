@@ -7,6 +7,7 @@ The workdir may be local or ``gs://`` (``llava_jax.storage``): each row of
 ``metrics.jsonl`` is appended and published at once (on a bucket, one atomic compose
 per row, so the object only ever holds whole rows), and ``eval.json`` is replaced whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def measure_matmul_peak(n: int = 1024, reps: int = 5) -> float:
     t = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 class MetricWriter:
@@ -98,7 +99,7 @@ def repair_metrics(path: str, keep_through: int | None = None) -> None:
     try:
       row = json.loads(line)
     except ValueError:
-      if i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1:]):
+      if i == len(lines) - 1 or all(not rest.strip() for rest in lines[i + 1 :]):
         dropped_tail = True  # the write a kill cut short
         continue
       raise ValueError(f"{path}: line {i + 1} is not JSON (and not the last): {line[:200]!r}")
@@ -109,9 +110,12 @@ def repair_metrics(path: str, keep_through: int | None = None) -> None:
   if not dropped_tail and not dropped_rows and raw.endswith(b"\n") or not raw:
     return
   storage.write_atomic(path, b"".join(line + b"\n" for line in keep))
-  logging.warning("%s: %s%s", path, "dropped a partly written last line; " if dropped_tail else "",
-                  f"dropped {dropped_rows} rows after step {keep_through} (logged again on resume)"
-                  if dropped_rows else "")
+  logging.warning(
+      "%s: %s%s",
+      path,
+      "dropped a partly written last line; " if dropped_tail else "",
+      f"dropped {dropped_rows} rows after step {keep_through} (logged again on resume)" if dropped_rows else "",
+  )
 
 
 def _scalar(v):
@@ -146,8 +150,11 @@ class Throughput:
     if reduce is not None:
       counts = np.asarray(reduce(counts))
     tokens, examples = counts[0], counts[1]
-    out = {"tokens_per_s": float(tokens) / dt, "examples_per_s": float(examples) / dt,
-           "step_time_s": dt / max(self._steps, 1)}
+    out = {
+        "tokens_per_s": float(tokens) / dt,
+        "examples_per_s": float(examples) / dt,
+        "step_time_s": dt / max(self._steps, 1),
+    }
     if extra is not None:
       out["extra"] = [float(x) for x in counts[2:]]
     if self.flops_per_step and self.peak:

@@ -10,6 +10,7 @@ collective, so all must stop at the same step; jax's preemption sync manager (se
 (``multihost_utils.reached_preemption_sync_point``, as MaxText uses it), and SIGINT is
 turned into SIGTERM so both take that path. A second Ctrl-C interrupts at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,7 @@ class StopSignal:
     if self.signum == signal.SIGINT and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now
     self.signum = signum
-    logging.warning("received %s: stopping after this step (with a checkpoint)",
-                    signal.Signals(signum).name)
+    logging.warning("received %s: stopping after this step (with a checkpoint)", signal.Signals(signum).name)
 
   def _forward_sigint(self, signum, frame):
     del frame
@@ -43,8 +43,11 @@ class StopSignal:
     os.kill(os.getpid(), signal.SIGTERM)  # into jax's preemption notifier
 
   def __enter__(self):
-    handlers = ({signal.SIGINT: self._forward_sigint} if self._multi
-                else {signal.SIGINT: self._record, signal.SIGTERM: self._record})
+    handlers = (
+        {signal.SIGINT: self._forward_sigint}
+        if self._multi
+        else {signal.SIGINT: self._record, signal.SIGTERM: self._record}
+    )
     for signum, handler in handlers.items():
       try:
         self._old[signum] = signal.signal(signum, handler)
@@ -61,6 +64,7 @@ class StopSignal:
     """True on every process at the same step once a stop was requested anywhere."""
     if self._multi:
       from jax.experimental import multihost_utils
+
       if multihost_utils.reached_preemption_sync_point(step):
         self.signum = self.signum or signal.SIGTERM
         return True

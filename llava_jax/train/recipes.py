@@ -7,6 +7,7 @@ Every config file starts from ``run_config.skeleton()`` (each key with its one
 default); this recipe sets what LLaVA-1.5 training on a TPU pod changes: bf16 towers
 with scan + full remat and Pallas attention, FSDP over every chip, 16 grain workers.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -14,16 +15,26 @@ import ml_collections
 from llava_jax.train.run_config import skeleton
 
 
-def llava_recipe(*, vision: str, llm: str, data: dict, template: str, lr: float, batch_size: int,
-                 steps: int, max_len: int, init: dict, lr_rules,
-                 image_mode: str = "pad") -> ml_collections.ConfigDict:
+def llava_recipe(
+    *,
+    vision: str,
+    llm: str,
+    data: dict,
+    template: str,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    max_len: int,
+    init: dict,
+    lr_rules,
+    image_mode: str = "pad",
+) -> ml_collections.ConfigDict:
   c = skeleton()
   # Pallas flash attention in both towers: XLA's attention holds each layer's [T, T]
   # scores, 2.4 GiB more per chip for 13B stage 2 on a v5e-32 (15.5 of 15.75 GiB, 98%)
   # and over a v4-32's HBM. On CPU it runs in interpret mode (slow; "xla" for CPU runs).
   c.model.update(vision=vision, llm=llm)
-  c.model.vision_overrides = dict(select_layer=-2, scan=True, remat="full", dtype="bfloat16",
-                                  attn_impl="pallas")
+  c.model.vision_overrides = dict(select_layer=-2, scan=True, remat="full", dtype="bfloat16", attn_impl="pallas")
   c.model.llm_overrides = dict(scan=True, remat="full", dtype="bfloat16", attn_impl="pallas")
   # Packing (llava_jax/data/packing.py): several conversations per max_len row, no
   # padding compute. Off to keep the paper's recipe (batch_size counts examples); to
@@ -34,8 +45,7 @@ def llava_recipe(*, vision: str, llm: str, data: dict, template: str, lr: float,
   # target_fraction: LM head + loss only at up to this fraction of each row's positions
   # (llava_jax.train.step.StepConfig); e.g. 0.5 for stage 2, where image tokens and
   # prompts carry no loss. None (the default): every position.
-  c.train.update(steps=steps, batch_size=batch_size, ckpt_every=500, keep=3,
-                 eval_batch_size=batch_size)
+  c.train.update(steps=steps, batch_size=batch_size, ckpt_every=500, keep=3, eval_batch_size=batch_size)
   c.init.update({k: v for k, v in init.items() if v is not None})
   # FSDP over every chip. Compiled for TPU by benchmarks/aot.py (benchmarks/RESULTS.md;
   # GiB per chip of the HBM the compiler allows: v5e 15.75, v4 30.75, v5p 95.7):

@@ -19,6 +19,7 @@ inspector read it once through ``parse``, which
 
 The result is frozen: a run's settings cannot drift while it runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,54 +40,57 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-  vision: str                                  # models.configs.VISION_VARIANTS key
-  llm: str                                     # models.configs.LLM_VARIANTS key
-  projector: str = "mlp2x_gelu"                # "linear" | "mlp2x_gelu"
-  vocab_from_tokenizer: bool = False           # LLM vocabulary = the tokenizer's
-  image_token: Union[str, int] = "<image>"     # placeholder token (or its id)
+  vision: str  # models.configs.VISION_VARIANTS key
+  llm: str  # models.configs.LLM_VARIANTS key
+  projector: str = "mlp2x_gelu"  # "linear" | "mlp2x_gelu"
+  vocab_from_tokenizer: bool = False  # LLM vocabulary = the tokenizer's
+  image_token: Union[str, int] = "<image>"  # placeholder token (or its id)
   vision_overrides: dict = dataclasses.field(default_factory=dict)  # VisionConfig fields
-  llm_overrides: dict = dataclasses.field(default_factory=dict)     # LLMConfig fields
+  llm_overrides: dict = dataclasses.field(default_factory=dict)  # LLMConfig fields
 
   def __post_init__(self):
     from llava_jax.models.configs import LLMConfig, VisionConfig
+
     for key, cls in (("vision_overrides", VisionConfig), ("llm_overrides", LLMConfig)):
       known = {f.name for f in dataclasses.fields(cls)}
       for name in getattr(self, key):
         if name not in known:
-          raise ConfigError(f"unknown config key model.{key}.{name}"
-                            f"{_suggest(name, known, f'model.{key}.')}; "
-                            f"{cls.__name__} has {sorted(known)}")
+          raise ConfigError(
+              f"unknown config key model.{key}.{name}"
+              f"{_suggest(name, known, f'model.{key}.')}; "
+              f"{cls.__name__} has {sorted(known)}"
+          )
 
 
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-  train: str                                   # LLaVA JSON/JSONL, array_record dir or tfds:name
-  tokenizer: str                               # sentencepiece model / HF tokenizer dir
-  template: str                                # data.templates name (or "hf")
-  max_len: int                                 # tokens per row
-  val: str = ""                                # held-out set for the teacher-forced eval
-  image_root: str = ""                         # folder the records' image paths are under
-  eval_questions: str = ""                     # demo / llava_jax.evaluate inputs
+  train: str  # LLaVA JSON/JSONL, array_record dir or tfds:name
+  tokenizer: str  # sentencepiece model / HF tokenizer dir
+  template: str  # data.templates name (or "hf")
+  max_len: int  # tokens per row
+  val: str = ""  # held-out set for the teacher-forced eval
+  image_root: str = ""  # folder the records' image paths are under
+  eval_questions: str = ""  # demo / llava_jax.evaluate inputs
   eval_annotations: str = ""
-  max_images: int = 1                          # image slots per row (packed: per row too)
-  policy: Literal["skip", "raise"] = "skip"    # a bad record is counted and skipped, or stops
-  workers: int = 0                             # grain worker processes (0: in-process)
-  read_threads: Union[int, None] = None        # parallel image reads (None: by storage)
+  max_images: int = 1  # image slots per row (packed: per row too)
+  policy: Literal["skip", "raise"] = "skip"  # a bad record is counted and skipped, or stops
+  workers: int = 0  # grain worker processes (0: in-process)
+  read_threads: Union[int, None] = None  # parallel image reads (None: by storage)
   image_mode: Union[Literal["square", "pad", "resize"], None] = None  # None: the tower's
-  pack: bool = False                           # several conversations per row
-  pack_bins: Union[int, None] = None           # packing look-ahead (None: the packer's)
-  synthetic: Union[dict, None] = None          # write_synthetic(dir=..., **kwargs) first
+  pack: bool = False  # several conversations per row
+  pack_bins: Union[int, None] = None  # packing look-ahead (None: the packer's)
+  synthetic: Union[dict, None] = None  # write_synthetic(dir=..., **kwargs) first
 
   def __post_init__(self):
     if self.synthetic is not None:
       import inspect
 
       from llava_jax.data.synthetic import write_synthetic
+
       known = {"dir"} | set(inspect.signature(write_synthetic).parameters) - {"out_dir"}
       for name in self.synthetic:
         if name not in known:
-          raise ConfigError(f"unknown config key data.synthetic.{name}"
-                            f"{_suggest(name, known, 'data.synthetic.')}")
+          raise ConfigError(f"unknown config key data.synthetic.{name}{_suggest(name, known, 'data.synthetic.')}")
       if not self.synthetic.get("dir"):
         raise ConfigError("data.synthetic needs a dir (where the embedded dataset is written)")
 
@@ -98,30 +102,30 @@ class OptimOptions:
   final_lr_ratio: float = OptimConfig.final_lr_ratio
   weight_decay: float = OptimConfig.weight_decay
   grad_clip: float = OptimConfig.grad_clip
-  lr_rules: Pairs = OptimConfig.lr_rules       # (regex, multiplier); unmatched params freeze
+  lr_rules: Pairs = OptimConfig.lr_rules  # (regex, multiplier); unmatched params freeze
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainOptions:
   steps: int
-  batch_size: int                              # global: over every process and device
+  batch_size: int  # global: over every process and device
   grad_accum: int = StepConfig.grad_accum
   loss_norm: Literal["token", "example"] = StepConfig.loss_norm
   target_fraction: Union[float, None] = StepConfig.target_fraction
   log_every: int = 10
   ckpt_every: int = 1000
-  keep: int = 2                                # checkpoints kept
+  keep: int = 2  # checkpoints kept
   async_checkpoint: bool = True
-  eval_every: int = 0                          # 0: no held-out evaluation during training
-  eval_batch_size: Union[int, None] = None     # None: batch_size
-  peak_tflops: Union[float, None] = None       # per chip, for MFU; None: measured
+  eval_every: int = 0  # 0: no held-out evaluation during training
+  eval_batch_size: Union[int, None] = None  # None: batch_size
+  peak_tflops: Union[float, None] = None  # per chip, for MFU; None: measured
   tensorboard: bool = True
-  progress: bool = True                        # a live bar on a terminal
+  progress: bool = True  # a live bar on a terminal
   on_nonfinite: Literal["stop", "skip"] = "stop"
-  max_nonfinite: int = 10                      # skipped updates allowed under "skip"
-  checkpoint_on_stop: bool = True              # SIGTERM/SIGINT: checkpoint, then exit
+  max_nonfinite: int = 10  # skipped updates allowed under "skip"
+  checkpoint_on_stop: bool = True  # SIGTERM/SIGINT: checkpoint, then exit
   on_corrupt_checkpoint: Literal["fallback", "raise"] = "fallback"
-  crash_after_step: Union[int, None] = None    # fault injection (tests): exit 42 after it
+  crash_after_step: Union[int, None] = None  # fault injection (tests): exit 42 after it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,7 @@ class MeshOptions:
 
   ``dcn_*`` split an axis across slices (multi-slice TPU; see ``sharding.make_mesh``).
   """
+
   data: int = 1
   fsdp: int = 1
   tensor: int = 1
@@ -139,16 +144,19 @@ class MeshOptions:
 
   def ici(self) -> dict[str, int]:
     from llava_jax.sharding import MESH_AXES
+
     return {a: getattr(self, a) for a in MESH_AXES}
 
   def dcn(self) -> dict[str, int]:
     from llava_jax.sharding import MESH_AXES
+
     return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
 
 
 @dataclasses.dataclass(frozen=True)
 class InitOptions:
   """Weights to start from (``train.loop.initial_params``); none set: random init."""
+
   hf_llava: Union[str, None] = None
   vision_hf: Union[str, None] = None
   llm_hf: Union[str, None] = None
@@ -166,7 +174,7 @@ class RunConfig:
   mesh: MeshOptions = MeshOptions(data=-1)
   init: InitOptions = InitOptions()
   seed: int = 0
-  sharding_rules: Pairs = ()                   # logical-axis rule overrides (sharding.py)
+  sharding_rules: Pairs = ()  # logical-axis rule overrides (sharding.py)
 
 
 def skeleton():
@@ -252,14 +260,15 @@ def _suggest(name: str, known, prefix: str = "") -> str:
 
 def _build(cls, d: Any, prefix: str):
   if not isinstance(d, dict):
-    raise ConfigError(f"config {prefix.rstrip('.') or 'root'}: expected a section (dict), "
-                      f"got {type(d).__name__} {d!r}")
+    raise ConfigError(f"config {prefix.rstrip('.') or 'root'}: expected a section (dict), got {type(d).__name__} {d!r}")
   fields = {f.name: f for f in dataclasses.fields(cls)}
   hints = typing.get_type_hints(cls)
   for key in d:
     if key not in fields:
-      raise ConfigError(f"unknown config key {prefix}{key}{_suggest(key, fields, prefix)}; "
-                        f"{prefix.rstrip('.') or 'the config'} takes {sorted(fields)}")
+      raise ConfigError(
+          f"unknown config key {prefix}{key}{_suggest(key, fields, prefix)}; "
+          f"{prefix.rstrip('.') or 'the config'} takes {sorted(fields)}"
+      )
   kwargs = {}
   for name, f in fields.items():
     if d.get(name) is None and type(None) not in typing.get_args(hints[name]):
@@ -283,8 +292,11 @@ def _value(hint, value, key: str):
         return _value(option, value, key)
       except ConfigError as e:
         errors.append(str(e))
-    raise ConfigError(errors[-1] if len(errors) == 1 else f"config key {key}: {value!r} is none "
-                      f"of the accepted kinds ({'; '.join(errors)})")
+    raise ConfigError(
+        errors[-1]
+        if len(errors) == 1
+        else f"config key {key}: {value!r} is none of the accepted kinds ({'; '.join(errors)})"
+    )
   if origin is Literal:
     if value not in args:
       raise ConfigError(f"config key {key}: {value!r}; expected one of {list(args)}")
@@ -292,8 +304,7 @@ def _value(hint, value, key: str):
   if dataclasses.is_dataclass(hint):
     return _build(hint, value, key + ".")
   if origin is tuple:  # Pairs: a list of (name, value) pairs
-    if not isinstance(value, (list, tuple)) or any(
-        not isinstance(p, (list, tuple)) or len(p) != 2 for p in value):
+    if not isinstance(value, (list, tuple)) or any(not isinstance(p, (list, tuple)) or len(p) != 2 for p in value):
       raise ConfigError(f"config key {key}: expected a list of (name, value) pairs, got {value!r}")
     return tuple(tuple(p) for p in value)
   if hint is dict:
@@ -304,7 +315,6 @@ def _value(hint, value, key: str):
     return float(value)
   if hint in (int, float, str, bool):
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-      raise ConfigError(f"config key {key}: expected {hint.__name__}, got "
-                        f"{type(value).__name__} {value!r}")
+      raise ConfigError(f"config key {key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
   raise TypeError(f"run_config: no rule for {hint!r} ({key})")  # a schema bug, not the user's

@@ -12,6 +12,7 @@ Training lowers it with real arrays, compiling ahead of time lowers it with the
 abstract state and batch spec: the compiled program is the trained one by construction.
 No parameter is allocated here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,23 +56,26 @@ def model_config(config, tokenizer=None) -> LlavaConfig:
   if image_token_id is None:
     image_token_id = llm.vocab_size  # outside the vocabulary: placeholders map to row 0
   pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-  return llava_config(vision, llm, projector=m.projector,
-                      image_token_id=image_token_id, pad_token_id=pad)
+  return llava_config(vision, llm, projector=m.projector, image_token_id=image_token_id, pad_token_id=pad)
 
 
 def optim_config(config) -> optim.OptimConfig:
   run = run_config.parse(config)
   o = run.optim
   return optim.OptimConfig(
-      learning_rate=o.lr, warmup_ratio=o.warmup_ratio, final_lr_ratio=o.final_lr_ratio,
-      total_steps=run.train.steps, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-      lr_rules=o.lr_rules)
+      learning_rate=o.lr,
+      warmup_ratio=o.warmup_ratio,
+      final_lr_ratio=o.final_lr_ratio,
+      total_steps=run.train.steps,
+      weight_decay=o.weight_decay,
+      grad_clip=o.grad_clip,
+      lr_rules=o.lr_rules,
+  )
 
 
 def step_config(config) -> StepConfig:
   t = run_config.parse(config).train
-  return StepConfig(grad_accum=t.grad_accum, loss_norm=t.loss_norm,
-                    target_fraction=t.target_fraction)
+  return StepConfig(grad_accum=t.grad_accum, loss_norm=t.loss_norm, target_fraction=t.target_fraction)
 
 
 def mesh_from_config(config, devices=None) -> Mesh:
@@ -98,43 +102,45 @@ def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> di
   run = run_config.parse(config)
   b = batch_size or run.train.batch_size
   t, m, s = run.data.max_len, run.data.max_images, cfg.vision.image_size
-  return {"input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
-          "labels": jax.ShapeDtypeStruct((b, t), jnp.int32),
-          "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
-          "positions": jax.ShapeDtypeStruct((b, t), jnp.int32),
-          "pixel_values": jax.ShapeDtypeStruct((b, m, s, s, 3), jnp.float32),
-          "image_mask": jax.ShapeDtypeStruct((b, m), jnp.bool_)}
+  return {
+      "input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
+      "labels": jax.ShapeDtypeStruct((b, t), jnp.int32),
+      "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+      "positions": jax.ShapeDtypeStruct((b, t), jnp.int32),
+      "pixel_values": jax.ShapeDtypeStruct((b, m, s, s, 3), jnp.float32),
+      "image_mask": jax.ShapeDtypeStruct((b, m), jnp.bool_),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
   """Everything that fixes the compiled train step (see the module docstring)."""
+
   cfg: LlavaConfig
   mesh: Mesh
   rules: tuple[tuple[str, Any], ...]
   optim: optim.OptimConfig
   step_cfg: StepConfig
   optimizer: optax.GradientTransformation
-  trainable: Any                       # bool tree over params
-  shardings: TrainState                # NamedSharding per state leaf
+  trainable: Any  # bool tree over params
+  shardings: TrainState  # NamedSharding per state leaf
   batch_shardings: dict[str, NamedSharding]
   global_batch_size: int
-  train_step: Callable                 # jitted (state, batch) -> (state, metrics)
+  train_step: Callable  # jitted (state, batch) -> (state, metrics)
 
   def abstract_params(self):
     return jax.eval_shape(lambda: init_params(self.cfg, jax.random.key(0)))
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs of the train state, carrying their shardings (restore/AOT targets)."""
-    shapes = jax.eval_shape(lambda: init_state(init_params(self.cfg, jax.random.key(0)),
-                                               self.optimizer, jax.random.key(0)))
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes, self.shardings)
+    shapes = jax.eval_shape(
+        lambda: init_state(init_params(self.cfg, jax.random.key(0)), self.optimizer, jax.random.key(0))
+    )
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings)
 
   def batch_spec(self, config) -> dict[str, jax.ShapeDtypeStruct]:
     spec = batch_spec(config, self.cfg, batch_size=self.global_batch_size)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
-            for k, v in spec.items()}
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k]) for k, v in spec.items()}
 
   def global_batch(self, local: dict) -> dict[str, jax.Array]:
     """This process's rows of a batch (numpy, ``data.pipeline``) -> global arrays.
@@ -166,12 +172,18 @@ class TrainSetup:
   def step_flops(self, config) -> float:
     """Analytic model FLOPs of one step over the global batch (``train.flops``)."""
     from llava_jax.train import flops as flops_lib
+
     groups = self.trainable_groups()
     spec = batch_spec(config, self.cfg, batch_size=self.global_batch_size)
     return flops_lib.train_step_flops(
-        self.cfg, tokens=int(np.prod(spec["input_ids"].shape)),
-        seq_len=spec["input_ids"].shape[1], images=int(np.prod(spec["image_mask"].shape)),
-        train_img=groups["img"], train_projector=groups["projector"], train_llm=groups["llm"])
+        self.cfg,
+        tokens=int(np.prod(spec["input_ids"].shape)),
+        seq_len=spec["input_ids"].shape[1],
+        images=int(np.prod(spec["image_mask"].shape)),
+        train_img=groups["img"],
+        train_projector=groups["projector"],
+        train_llm=groups["llm"],
+    )
 
   def param_counts(self) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
@@ -198,18 +210,38 @@ def build_setup(config, cfg: LlavaConfig, *, devices=None) -> TrainSetup:
   optimizer = optim.make_optimizer(ocfg, abstract)
   trainable = optim.trainable_mask(abstract, ocfg)
   shardings = state_lib.state_shardings(cfg, optimizer, mesh, rules)
-  batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape), rules)
-                     for k, v in batch_spec(config, cfg).items()}
-  step = jax.jit(make_train_step(cfg, optimizer, trainable, step_cfg),
-                 in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  setup = TrainSetup(cfg=cfg, mesh=mesh, rules=rules, optim=ocfg, step_cfg=step_cfg,
-                     optimizer=optimizer, trainable=trainable, shardings=shardings,
-                     batch_shardings=batch_shardings,
-                     global_batch_size=config.train.batch_size, train_step=step)
+  batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape), rules) for k, v in batch_spec(config, cfg).items()}
+  step = jax.jit(
+      make_train_step(cfg, optimizer, trainable, step_cfg),
+      in_shardings=(shardings, batch_shardings),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,),
+  )
+  setup = TrainSetup(
+      cfg=cfg,
+      mesh=mesh,
+      rules=rules,
+      optim=ocfg,
+      step_cfg=step_cfg,
+      optimizer=optimizer,
+      trainable=trainable,
+      shardings=shardings,
+      batch_shardings=batch_shardings,
+      global_batch_size=config.train.batch_size,
+      train_step=step,
+  )
   validate.check_setup(config, setup)
   return setup
 
 
-__all__ = ["TrainSetup", "build_setup", "batch_spec", "model_config", "mesh_from_config",
-           "optim_config", "step_config", "sharding_overrides", "MODEL_KEYS"]
+__all__ = [
+    "TrainSetup",
+    "build_setup",
+    "batch_spec",
+    "model_config",
+    "mesh_from_config",
+    "optim_config",
+    "step_config",
+    "sharding_overrides",
+    "MODEL_KEYS",
+]

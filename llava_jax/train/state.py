@@ -5,6 +5,7 @@ optimizer-state leaves (Adam's mu/nu …) take the sharding of the param they mi
 scalars (counts) are replicated (``sharding.mirror_shardings``). The same code runs on a
 1-device mesh and on a pod.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -27,8 +28,7 @@ def param_specs(cfg: LlavaConfig) -> Any:
   return nn.get_partition_spec(boxed)
 
 
-def state_shardings(cfg: LlavaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules=None) -> TrainState:
+def state_shardings(cfg: LlavaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules=None) -> TrainState:
   """NamedShardings for every leaf of the TrainState."""
   p_shard = sharding.logical_to_sharding(param_specs(cfg), mesh, rules)
   abstract_params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
@@ -38,8 +38,9 @@ def state_shardings(cfg: LlavaConfig, optimizer: optax.GradientTransformation, m
   return TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
 
 
-def create_state(cfg: LlavaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rng,
-                 params: Any | None = None, rules=None) -> tuple[TrainState, TrainState]:
+def create_state(
+    cfg: LlavaConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rng, params: Any | None = None, rules=None
+) -> tuple[TrainState, TrainState]:
   """Initialises (or places given ``params``) directly into their shards.
 
   Returns ``(state, shardings)``. Random init runs under jit with ``out_shardings`` so a
@@ -53,13 +54,16 @@ def create_state(cfg: LlavaConfig, optimizer: optax.GradientTransformation, mesh
     return state, shardings
   params = jax.device_put(params, shardings.params)
   with sharding.use_mesh(mesh, rules):
-    state = jax.jit(lambda p, r: init_state(p, optimizer, r),
-                    out_shardings=shardings)(params, rng)
+    state = jax.jit(lambda p, r: init_state(p, optimizer, r), out_shardings=shardings)(params, rng)
   return state, shardings
 
 
 def jit_train_step(train_step: Callable, shardings: TrainState, mesh: Mesh, batch_example: dict):
   """``jax.jit`` with state/batch shardings and the old state's buffers donated."""
   batch_shardings = {k: sharding.batch_sharding(mesh, jnp.ndim(v)) for k, v in batch_example.items()}
-  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  return jax.jit(
+      train_step,
+      in_shardings=(shardings, batch_shardings),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,),
+  )

@@ -6,6 +6,7 @@ int32[B, T]`` (IGNORE = -100 except assistant answers), ``attention_mask int32[B
 int32[B, T]`` (optional; RoPE positions restarting per example),
 ``pixel_values float32[B, M, S, S, 3]``, ``image_mask bool[B, M]``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,16 +26,16 @@ MODEL_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_value
 
 
 class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array        # int32[]
+  step: jax.Array  # int32[]
   params: Any
   opt_state: Any
-  rng: jax.Array         # uint32[2] raw key data (checkpointable)
+  rng: jax.Array  # uint32[2] raw key data (checkpointable)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  grad_accum: int = 1             # microbatches per optimizer step (scan, one update)
-  loss_norm: str = "token"        # "token": mean over target tokens; "example": mean of per-example means
+  grad_accum: int = 1  # microbatches per optimizer step (scan, one update)
+  loss_norm: str = "token"  # "token": mean over target tokens; "example": mean of per-example means
   # LM head + loss only at target positions: at most ceil(target_fraction * T) per row
   # (a batch with a fuller row runs the full head instead; no target is ever dropped).
   # Instruction data learns on a minority of positions (never on image tokens), and the
@@ -106,11 +107,14 @@ def sparse_token_loss(head: Callable, hidden, labels, attention_mask, k: int):
 
   def gathered(hidden):
     pos = target_positions(weights, k)
-    nll_k, correct_k = _cross_entropy(head(jnp.take_along_axis(hidden, pos[..., None], axis=1)),
-                                      jnp.take_along_axis(targets, pos, axis=1))
+    nll_k, correct_k = _cross_entropy(
+        head(jnp.take_along_axis(hidden, pos[..., None], axis=1)), jnp.take_along_axis(targets, pos, axis=1)
+    )
     rows = jnp.arange(b)[:, None]
-    return (jnp.zeros((b, t), jnp.float32).at[rows, pos].set(nll_k),
-            jnp.zeros((b, t), bool).at[rows, pos].set(correct_k))
+    return (
+        jnp.zeros((b, t), jnp.float32).at[rows, pos].set(nll_k),
+        jnp.zeros((b, t), bool).at[rows, pos].set(correct_k),
+    )
 
   def full(hidden):
     return _cross_entropy(head(hidden), targets)
@@ -137,10 +141,15 @@ def loss_fn(params, batch, cfg: LlavaConfig, step_cfg: StepConfig):
   model_batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
   mask = model_batch.get("attention_mask")
   model = Llava(cfg)
-  out = model.apply({"params": params}, model_batch["input_ids"], model_batch.get("pixel_values"),
-                    mask, positions=model_batch.get("positions"),
-                    image_mask=model_batch.get("image_mask"),
-                    hidden_only=step_cfg.target_fraction is not None)
+  out = model.apply(
+      {"params": params},
+      model_batch["input_ids"],
+      model_batch.get("pixel_values"),
+      mask,
+      positions=model_batch.get("positions"),
+      image_mask=model_batch.get("image_mask"),
+      hidden_only=step_cfg.target_fraction is not None,
+  )
   if step_cfg.target_fraction is None:
     nll, w, correct = token_loss(out, model_batch["labels"], mask)
   else:
@@ -150,9 +159,13 @@ def loss_fn(params, batch, cfg: LlavaConfig, step_cfg: StepConfig):
   tokens = jnp.sum(w)
   per_example = per_example_sums(w, mask)
   example_nll = per_example_sums(nll * w, mask)
-  aux = {"nll_sum": jnp.sum(nll * w), "tokens": tokens, "correct": jnp.sum(correct * w),
-         "example_loss_sum": jnp.sum(example_nll / jnp.maximum(per_example, 1.0)),
-         "examples": jnp.sum(per_example > 0).astype(jnp.float32)}
+  aux = {
+      "nll_sum": jnp.sum(nll * w),
+      "tokens": tokens,
+      "correct": jnp.sum(correct * w),
+      "example_loss_sum": jnp.sum(example_nll / jnp.maximum(per_example, 1.0)),
+      "examples": jnp.sum(per_example > 0).astype(jnp.float32),
+  }
   return _normalised(aux, step_cfg), aux
 
 
@@ -164,14 +177,16 @@ def _normalised(aux, step_cfg: StepConfig):
   raise ValueError(f"loss_norm {step_cfg.loss_norm!r}: expected 'token' or 'example'")
 
 
-def make_train_step(cfg: LlavaConfig, optimizer: optax.GradientTransformation, trainable: Any,
-                    step_cfg: StepConfig = StepConfig()) -> Callable:
+def make_train_step(
+    cfg: LlavaConfig, optimizer: optax.GradientTransformation, trainable: Any, step_cfg: StepConfig = StepConfig()
+) -> Callable:
   """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
   ``trainable`` is a bool tree over params; frozen leaves go through ``stop_gradient``.
   With ``grad_accum = k`` the batch is split into k microbatches along B and summed
   statistics give exactly the same loss normalisation as one big batch.
   """
+
   def freeze(params):
     return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
@@ -180,6 +195,7 @@ def make_train_step(cfg: LlavaConfig, optimizer: optax.GradientTransformation, t
       _, aux = loss_fn(freeze(p), batch, cfg, step_cfg)
       key = "nll_sum" if step_cfg.loss_norm == "token" else "example_loss_sum"
       return aux[key], aux
+
     return jax.grad(raw, has_aux=True)(params)
 
   def train_step(state: TrainState, batch):
@@ -209,24 +225,35 @@ def make_train_step(cfg: LlavaConfig, optimizer: optax.GradientTransformation, t
     # selects return the updated state bit for bit.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = {"loss": loss,
-               "token_accuracy": aux["correct"] / jnp.maximum(aux["tokens"], 1.0),
-               "target_tokens": aux["tokens"], "examples_with_targets": aux["examples"],
-               "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    return state.replace(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state)), metrics
+    metrics = {
+        "loss": loss,
+        "token_accuracy": aux["correct"] / jnp.maximum(aux["tokens"], 1.0),
+        "target_tokens": aux["tokens"],
+        "examples_with_targets": aux["examples"],
+        "grad_norm": grad_norm,
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
+    return (
+        state.replace(
+            step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state)
+        ),
+        metrics,
+    )
 
   return train_step
 
 
 def make_eval_step(cfg: LlavaConfig, step_cfg: StepConfig = StepConfig()) -> Callable:
   """``eval_step(params, batch) -> {"loss", "tokens"}`` (teacher-forced loss)."""
+
   def eval_step(params, batch):
     loss, aux = loss_fn(params, batch, cfg, step_cfg)
     return {"loss": loss, "tokens": aux["tokens"]}
+
   return eval_step
 
 
 def init_state(params, optimizer: optax.GradientTransformation, rng) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=jax.random.key_data(rng)
+  )

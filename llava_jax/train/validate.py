@@ -7,6 +7,7 @@ was expected, what was found, and which config key to change:
     check_mesh(config, devices)   # before the mesh is built: mesh.* against the devices
     check_setup(config, setup)    # after build_setup: param shardings and the global batch
 """
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ class SetupError(ValueError):
 def _mesh_entries(config) -> tuple[dict[str, int], dict[str, int]]:
   """(ICI, DCN) factors per mesh axis from ``config.mesh`` (``run_config.MeshOptions``)."""
   from llava_jax.train import run_config
+
   m = run_config.parse(config).mesh
   return m.ici(), m.dcn()
 
@@ -48,7 +50,8 @@ def check_mesh(config, devices: Sequence[jax.Device], *, what: str = "the job") 
   if n_dcn != slices:
     raise SetupError(
         f"config mesh: {keys('mesh.dcn_', dcn)} = {n_dcn} slices, but {what} has {slices} "
-        f"slice(s) of {n // slices} devices; set the mesh.dcn_* factors to multiply to {slices}")
+        f"slice(s) of {n // slices} devices; set the mesh.dcn_* factors to multiply to {slices}"
+    )
   per_slice = n // slices
   if list(ici.values()).count(-1) > 1:
     raise SetupError(f"config mesh: {keys('mesh.', ici)}: at most one entry may be -1")
@@ -63,7 +66,8 @@ def check_mesh(config, devices: Sequence[jax.Device], *, what: str = "the job") 
         f"config mesh: {keys('mesh.', ici)} needs "
         f"{'a multiple of ' if -1 in ici.values() else ''}{fixed} devices, but {what} has "
         f"{where}; change mesh.data/mesh.fsdp/mesh.tensor so they multiply to {per_slice} "
-        f"(e.g. --config.mesh.fsdp=-1 takes every remaining device)")
+        f"(e.g. --config.mesh.fsdp=-1 takes every remaining device)"
+    )
 
 
 def _path(path) -> str:
@@ -84,6 +88,7 @@ def check_params(setup) -> None:
   names the param, its dimension, the logical axis and the mesh axis with its size.
   """
   from llava_jax.train import state as state_lib  # heavy (model code); imported on use
+
   logical = state_lib.param_specs(setup.cfg)
   shapes = setup.abstract_params()
   mesh = setup.mesh
@@ -96,23 +101,35 @@ def check_params(setup) -> None:
       if ways > 1 and shape.shape[dim] % ways:
         name = spec[dim] if spec is not None and dim < len(spec) else None
         over = " x ".join(f"'{a}' (size {mesh.shape[a]})" for a in axes)
-        problems.append((name, (
-            f"param {_path(path)} {shape.dtype}{list(shape.shape)}: dimension {dim} "
-            f"(logical axis '{name}', size {shape.shape[dim]}) is sharded over mesh axis "
-            f"{over}, {ways} ways, which does not divide {shape.shape[dim]}")))
+        problems.append(
+            (
+                name,
+                (
+                    f"param {_path(path)} {shape.dtype}{list(shape.shape)}: dimension {dim} "
+                    f"(logical axis '{name}', size {shape.shape[dim]}) is sharded over mesh axis "
+                    f"{over}, {ways} ways, which does not divide {shape.shape[dim]}"
+                ),
+            )
+        )
 
   jax.tree_util.tree_map_with_path(
-      visit, logical, shapes, setup.shardings.params,
-      is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec))
+      visit,
+      logical,
+      shapes,
+      setup.shardings.params,
+      is_leaf=lambda x: x is None or isinstance(x, jax.sharding.PartitionSpec),
+  )
   if problems:
     more = len(problems) - _MAX_LISTED
     names = sorted({str(name) for name, _ in problems})
     raise SetupError(
-        "param shardings do not divide:\n  " + "\n  ".join(m for _, m in problems[:_MAX_LISTED])
+        "param shardings do not divide:\n  "
+        + "\n  ".join(m for _, m in problems[:_MAX_LISTED])
         + (f"\n  ... and {more} more" if more > 0 else "")
         + f"\nchange the mesh (mesh.data/mesh.fsdp/mesh.tensor, now "
         f"{dict(mesh.shape)}) or keep these logical axes whole with config.sharding_rules, "
-        f"e.g. {[(n, None) for n in names]}")
+        f"e.g. {[(n, None) for n in names]}"
+    )
 
 
 def check_batch(config, setup) -> None:
@@ -123,14 +140,14 @@ def check_batch(config, setup) -> None:
   ``data`` x ``fsdp``).
   """
   from llava_jax.train import run_config
+
   t = run_config.parse(config).train
   b, k = t.batch_size, t.grad_accum
   mesh, rules = setup.mesh, setup.rules
   axes = _axes_tuple(sharding.batch_axes(rules))
   shards = sharding.batch_shards(mesh, rules)
   if k < 1 or b % k:
-    raise SetupError(f"train.batch_size={b} is not a multiple of train.grad_accum={k}; "
-                     f"change one of them")
+    raise SetupError(f"train.batch_size={b} is not a multiple of train.grad_accum={k}; change one of them")
   micro = b // k
   if micro % shards:
     split = " x ".join(f"{a}={mesh.shape[a]}" for a in axes) or "none"
@@ -141,7 +158,8 @@ def check_batch(config, setup) -> None:
         f"split over the batch mesh axes {axes} ({split}: {shards} shards); set "
         f"train.batch_size to a multiple of {shards * k} (e.g. {suggest}), lower "
         f"train.grad_accum, or split the batch over fewer devices (mesh.data/mesh.fsdp, or "
-        f"the 'batch' rule in config.sharding_rules)")
+        f"the 'batch' rule in config.sharding_rules)"
+    )
 
 
 def check_setup(config, setup) -> None:

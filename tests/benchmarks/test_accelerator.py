@@ -5,6 +5,7 @@ in a fresh interpreter where the data/tokenizer packages a lent GPU machine lack
 imported (a ``sitecustomize`` meta-path finder raises ImportError for them), so the
 script and every llava_jax module it imports must do without them.
 """
+
 import json
 import math
 import os
@@ -21,9 +22,21 @@ import accelerator_report as report_lib  # noqa: E402
 
 # Not on the lent GPU machine (grain, tfds, ml_collections, array_record, sentencepiece),
 # or there but not needed by the checks (torch, transformers, ...): neither may be imported.
-HIDDEN = ("grain", "tensorflow", "tensorflow_datasets", "ml_collections", "array_record",
-          "sentencepiece", "PIL", "jinja2", "tokenizers", "safetensors", "torch",
-          "transformers", "orbax")
+HIDDEN = (
+    "grain",
+    "tensorflow",
+    "tensorflow_datasets",
+    "ml_collections",
+    "array_record",
+    "sentencepiece",
+    "PIL",
+    "jinja2",
+    "tokenizers",
+    "safetensors",
+    "torch",
+    "transformers",
+    "orbax",
+)
 
 SITECUSTOMIZE = textwrap.dedent("""
     import atexit, json, os, sys, traceback
@@ -56,14 +69,30 @@ def smoke(tmp_path_factory):
   hook, out = tmp / "hook", tmp / "out"
   hook.mkdir()
   (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-  env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(hook), "JAX_PLATFORMS": "cpu",
-         "HIDE_MODULES": ",".join(HIDDEN), "HIDE_REPORT": str(tmp / "hidden.json")}
-  proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "accelerator.sh"), str(out), "--smoke"],
-                        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+  env = {
+      **os.environ,
+      "PYTHON": sys.executable,
+      "PYTHONPATH": str(hook),
+      "JAX_PLATFORMS": "cpu",
+      "HIDE_MODULES": ",".join(HIDDEN),
+      "HIDE_REPORT": str(tmp / "hidden.json"),
+  }
+  proc = subprocess.run(
+      ["bash", os.path.join(ROOT, "benchmarks", "accelerator.sh"), str(out), "--smoke"],
+      cwd=tmp,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-  return (json.loads((out / "results.json").read_text()), (out / "results.md").read_text(),
-          (out / "log.txt").read_text(), json.loads((tmp / "hidden.json").read_text()),
-          sorted(p.name for p in out.iterdir()))
+  return (
+      json.loads((out / "results.json").read_text()),
+      (out / "results.md").read_text(),
+      (out / "log.txt").read_text(),
+      json.loads((tmp / "hidden.json").read_text()),
+      sorted(p.name for p in out.iterdir()),
+  )
 
 
 @pytest.mark.slow
@@ -98,8 +127,7 @@ def test_smoke_measures_and_checks_every_section(smoke):
   check, speed = res["decode"]
   assert check["what"] == "check" and check["check_ok"] and check["err_logits"] < accelerator.LOGIT_TOL
   assert speed["what"] == "speed" and speed["decode_tokens_per_s"] > 0 and speed["prefill_tokens_per_s"] > 0
-  for heading in ("## Attention", "## Train step", "## Greedy decode", "## Errors",
-                  "## Row for benchmarks/RESULTS.md"):
+  for heading in ("## Attention", "## Train step", "## Greedy decode", "## Errors", "## Row for benchmarks/RESULTS.md"):
     assert heading in md
   progress = [line for line in log.splitlines() if line.startswith("[")]
   assert len(progress) == len(res["attention"]) + len(res["train"]) + len(res["decode"])
@@ -125,10 +153,20 @@ def test_budget_shares_and_estimates():
   assert budget.spent("train") and not budget.spent("attention")
 
 
-@pytest.mark.parametrize("kind, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10G", 70e12),
-    ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("cpu", None)])
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A10G", 70e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5p", 459e12),
+        ("cpu", None),
+    ],
+)
 def test_chip_peak(kind, peak):
   assert report_lib.chip_peak_flops(kind) == peak
 
@@ -136,21 +174,45 @@ def test_chip_peak(kind, peak):
 def test_report_rewritten_after_each_row(tmp_path):
   """A run cut short keeps what it measured: both files are complete after every row,
   and errors or skipped cells render next to figures."""
-  env = {"mode": "default", "command": "bash benchmarks/accelerator.sh OUT", "platform": "gpu",
-         "device_kind": "NVIDIA H200", "device_count": 1, "driver": "NVRM 570", "jax": "0.11.2",
-         "jaxlib": "0.11.2", "plugins": {}, "flax": "x", "optax": "y", "python": "3.12",
-         "peak_bf16_flops": 989e12, "pallas_gpu_lowerings": {"triton": True},
-         "project_gpu_lowering": "triton"}
+  env = {
+      "mode": "default",
+      "command": "bash benchmarks/accelerator.sh OUT",
+      "platform": "gpu",
+      "device_kind": "NVIDIA H200",
+      "device_count": 1,
+      "driver": "NVRM 570",
+      "jax": "0.11.2",
+      "jaxlib": "0.11.2",
+      "plugins": {},
+      "flax": "x",
+      "optax": "y",
+      "python": "3.12",
+      "peak_bf16_flops": 989e12,
+      "pallas_gpu_lowerings": {"triton": True},
+      "project_gpu_lowering": "triton",
+  }
   report = report_lib.Report(str(tmp_path), env, report_lib.Budget(100.0))
-  att = dict(mask="causal", T=4096, B=4, err_out=1e-3, err_grad=2e-3, check_ok=True, fwd_ms=1.0,
-             fwd_bwd_ms=3.0)
+  att = dict(mask="causal", T=4096, B=4, err_out=1e-3, err_grad=2e-3, check_ok=True, fwd_ms=1.0, fwd_bwd_ms=3.0)
   report.add("attention", {**att, "impl": "pallas", "fwd_tflops": 400.0, "fwd_bwd_tflops": 360.0}, "x")
   assert "| causal | 4096 | 4 | pallas | 400.0 | 360.0 |" in (tmp_path / "results.md").read_text()
   report.add("attention", {**att, "impl": "cudnn", "fwd_tflops": 500.0, "fwd_bwd_tflops": 400.0}, "x")
-  report.add("train", {"impl": "pallas", "remat": "none", "B": 4, "T": 2048, "params_M": 1202.9,
-                       "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory"}, "x")
-  report.add("decode", {"what": "speed", "impl": "xla", "B": 64, "prompt": 257, "new_tokens": 128,
-                        "skipped": "time budget"}, "x")
+  report.add(
+      "train",
+      {
+          "impl": "pallas",
+          "remat": "none",
+          "B": 4,
+          "T": 2048,
+          "params_M": 1202.9,
+          "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory",
+      },
+      "x",
+  )
+  report.add(
+      "decode",
+      {"what": "speed", "impl": "xla", "B": 64, "prompt": 257, "new_tokens": 128, "skipped": "time budget"},
+      "x",
+  )
   md = (tmp_path / "results.md").read_text()
   assert "INCOMPLETE" in md and "RESOURCE_EXHAUSTED" in md and "skipped (time budget)" in md
   assert "4k 0.90x" in md  # Pallas / cuDNN fwd+bwd in the RESULTS.md row

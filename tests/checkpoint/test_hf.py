@@ -1,5 +1,6 @@
 """HF LLaVA converter: round trip through transformers, both key layouts, sharded
 directories, and key-coverage errors."""
+
 import json
 import os
 
@@ -31,20 +32,20 @@ def _inputs(cfg):
 
 def _hf_logits(model, ids, px):
   with torch.no_grad():
-    return model(input_ids=torch.from_numpy(ids).long(),
-                 pixel_values=tiny_hf.to_torch_pixels(px)).logits.numpy()
+    return model(input_ids=torch.from_numpy(ids).long(), pixel_values=tiny_hf.to_torch_pixels(px)).logits.numpy()
 
 
 @pytest.mark.parametrize("vision,llm,scan", [("clip-tiny", "tiny", True), ("siglip-tiny", "tiny", False)])
 def test_save_loads_in_transformers_with_same_logits(tmp_path, vision, llm, scan):
   import dataclasses
   from llava_jax.models.configs import LLM_VARIANTS
+
   cfg = llava_config(vision, dataclasses.replace(LLM_VARIANTS[llm], scan=scan))
   params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(1)))
   # Non-trivial norms and biases so a dropped or transposed one shows up.
   params = jax.tree_util.tree_map_with_path(
-      lambda p, a: a + 0.1 * np.random.default_rng(len(str(p))).normal(size=a.shape).astype(a.dtype),
-      params)
+      lambda p, a: a + 0.1 * np.random.default_rng(len(str(p))).normal(size=a.shape).astype(a.dtype), params
+  )
   save_hf_llava(cfg, params, str(tmp_path))
   model, info = tf.LlavaForConditionalGeneration.from_pretrained(str(tmp_path), output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -61,14 +62,19 @@ def test_both_key_layouts_and_vision_model_prefix(hf_dir, tmp_path):
   cfg, params = load_hf_llava(path)
   tensors = common.read_checkpoint_dir(path)
   assert any(k.startswith("language_model.model.") for k in tensors)  # transformers' save layout
-  renames = [("vision_tower.", "model.vision_tower.vision_model."),
-             ("multi_modal_projector.", "model.multi_modal_projector."),
-             ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")]
+  renames = [
+      ("vision_tower.", "model.vision_tower.vision_model."),
+      ("multi_modal_projector.", "model.multi_modal_projector."),
+      ("language_model.model.", "model.language_model."),
+      ("language_model.lm_head.", "lm_head."),
+  ]
+
   def rename(k):
     for old, new in renames:
       if k.startswith(old):
-        return new + k[len(old):]
+        return new + k[len(old) :]
     return k
+
   common.write_safetensors_dir({rename(k): np.asarray(v) for k, v in tensors.items()}, str(tmp_path))
   (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
   cfg2, params2 = load_hf_llava(str(tmp_path))
@@ -117,8 +123,10 @@ def test_missing_key_is_an_error_listing_it(hf_dir, tmp_path):
 
 def test_wrong_shape_is_an_error(hf_dir, tmp_path):
   _, path = hf_dir
+
   def shrink(t):
     t["multi_modal_projector.linear_2.bias"] = t["multi_modal_projector.linear_2.bias"][:-1]
+
   _rewrite(path, str(tmp_path), shrink)
   with pytest.raises(ValueError, match="shape mismatches.*projector/linear_2/bias"):
     load_hf_llava(str(tmp_path))
@@ -135,8 +143,15 @@ def test_old_buffers_are_skipped(hf_dir, tmp_path):
   """Older transformers saved position_ids / inv_freq buffers with the weights."""
   _, path = hf_dir
   cfg, params = load_hf_llava(path)
-  _rewrite(path, str(tmp_path), lambda t: t.update({
-      "vision_tower.embeddings.position_ids": np.arange(17)[None],
-      "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+  _rewrite(
+      path,
+      str(tmp_path),
+      lambda t: t.update(
+          {
+              "vision_tower.embeddings.position_ids": np.arange(17)[None],
+              "language_model.model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32),
+          }
+      ),
+  )
   _, params2 = load_hf_llava(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, params2, params)

@@ -1,5 +1,6 @@
 """Original haotian-liu/LLaVA checkpoints, checked against HF LlavaForConditionalGeneration
 built from the same weights (float32, whole model 1e-4, projector alone 1e-5)."""
+
 import json
 
 import numpy as np
@@ -9,10 +10,13 @@ import transformers as tf
 from safetensors.numpy import save_file
 
 import tiny_hf
-from llava_jax.checkpoint.convert.llava_original import (IMAGE_TOKEN_INDEX,
-                                                         expand_image_placeholders,
-                                                         load_llava_original,
-                                                         load_llava_projector, prompt_options)
+from llava_jax.checkpoint.convert.llava_original import (
+    IMAGE_TOKEN_INDEX,
+    expand_image_placeholders,
+    load_llava_original,
+    load_llava_projector,
+    prompt_options,
+)
 from llava_jax.models.llava import Llava
 from llava_jax.models.projector import Projector
 
@@ -26,19 +30,35 @@ def _np(t) -> np.ndarray:
 
 def _original_config(lm_cfg, tower, **mm) -> dict:
   """config.json as original LLaVA (transformers 4.31 LlamaConfig fields + mm_*) writes it."""
-  return {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
-          "vocab_size": lm_cfg.vocab_size, "hidden_size": lm_cfg.hidden_size,
-          "intermediate_size": lm_cfg.intermediate_size,
-          "num_hidden_layers": lm_cfg.num_hidden_layers,
-          "num_attention_heads": lm_cfg.num_attention_heads,
-          "num_key_value_heads": lm_cfg.num_key_value_heads, "hidden_act": "silu",
-          "max_position_embeddings": lm_cfg.max_position_embeddings,
-          "rms_norm_eps": lm_cfg.rms_norm_eps, "rope_scaling": None, "rope_theta": 10000.0,
-          "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-          "mm_vision_tower": tower, "mm_hidden_size": 64, "mm_vision_select_layer": -2,
-          "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
-          "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
-          "mm_use_im_patch_token": False, "use_mm_proj": True, **mm}
+  return {
+      "architectures": ["LlavaLlamaForCausalLM"],
+      "model_type": "llava",
+      "vocab_size": lm_cfg.vocab_size,
+      "hidden_size": lm_cfg.hidden_size,
+      "intermediate_size": lm_cfg.intermediate_size,
+      "num_hidden_layers": lm_cfg.num_hidden_layers,
+      "num_attention_heads": lm_cfg.num_attention_heads,
+      "num_key_value_heads": lm_cfg.num_key_value_heads,
+      "hidden_act": "silu",
+      "max_position_embeddings": lm_cfg.max_position_embeddings,
+      "rms_norm_eps": lm_cfg.rms_norm_eps,
+      "rope_scaling": None,
+      "rope_theta": 10000.0,
+      "tie_word_embeddings": False,
+      "pad_token_id": 0,
+      "bos_token_id": 1,
+      "eos_token_id": 2,
+      "mm_vision_tower": tower,
+      "mm_hidden_size": 64,
+      "mm_vision_select_layer": -2,
+      "mm_vision_select_feature": "patch",
+      "mm_projector_type": "mlp2x_gelu",
+      "image_aspect_ratio": "pad",
+      "mm_use_im_start_end": False,
+      "mm_use_im_patch_token": False,
+      "use_mm_proj": True,
+      **mm,
+  }
 
 
 def _projector(kind: str, seed: int) -> dict:
@@ -46,8 +66,12 @@ def _projector(kind: str, seed: int) -> dict:
   w = lambda *s: (0.1 * rng.normal(size=s)).astype(np.float32)
   if kind == "linear":
     return {"mm_projector.weight": w(LLM_WIDTH, 64), "mm_projector.bias": w(LLM_WIDTH)}
-  return {"mm_projector.0.weight": w(LLM_WIDTH, 64), "mm_projector.0.bias": w(LLM_WIDTH),
-          "mm_projector.2.weight": w(LLM_WIDTH, LLM_WIDTH), "mm_projector.2.bias": w(LLM_WIDTH)}
+  return {
+      "mm_projector.0.weight": w(LLM_WIDTH, 64),
+      "mm_projector.0.bias": w(LLM_WIDTH),
+      "mm_projector.2.weight": w(LLM_WIDTH, LLM_WIDTH),
+      "mm_projector.2.bias": w(LLM_WIDTH),
+  }
 
 
 def _write_original(path, config: dict, lm, proj: dict, tower=None):
@@ -60,8 +84,7 @@ def _write_original(path, config: dict, lm, proj: dict, tower=None):
   tensors.update({"model." + k: v for k, v in proj.items()})
   if tower is not None:
     # LLaVA's CLIPVisionTower wraps a transformers-4.x CLIPVisionModel (``vision_model.``).
-    tensors.update({"model.vision_tower.vision_tower.vision_model." + k: _np(v)
-                    for k, v in tower.state_dict().items()})
+    tensors.update({"model.vision_tower.vision_tower.vision_model." + k: _np(v) for k, v in tower.state_dict().items()})
   save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
   (path / "config.json").write_text(json.dumps(config))
   return str(path)
@@ -77,14 +100,18 @@ def parts(tmp_path_factory):
 
 
 def _hf_llava(clip, lm, proj: dict) -> tf.LlavaForConditionalGeneration:
-  cfg = tf.LlavaConfig(vision_config=tiny_hf.clip_vision_config(),
-                       text_config=tiny_hf.text_config("llama", hidden_size=LLM_WIDTH),
-                       image_token_index=HF_IMAGE_TOKEN, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default")
+  cfg = tf.LlavaConfig(
+      vision_config=tiny_hf.clip_vision_config(),
+      text_config=tiny_hf.text_config("llama", hidden_size=LLM_WIDTH),
+      image_token_index=HF_IMAGE_TOKEN,
+      vision_feature_layer=-2,
+      vision_feature_select_strategy="default",
+  )
   model = tf.LlavaForConditionalGeneration(cfg).eval()
   sd = {"model.vision_tower." + k: v for k, v in clip.state_dict().items()}
-  sd.update({"model.language_model." + k[len("model."):]: v for k, v in lm.state_dict().items()
-             if k.startswith("model.")})
+  sd.update(
+      {"model.language_model." + k[len("model.") :]: v for k, v in lm.state_dict().items() if k.startswith("model.")}
+  )
   sd["lm_head.weight"] = lm.state_dict()["lm_head.weight"]
   for i, n in ((0, "linear_1"), (2, "linear_2")):
     for leaf in ("weight", "bias"):
@@ -95,8 +122,7 @@ def _hf_llava(clip, lm, proj: dict) -> tf.LlavaForConditionalGeneration:
 
 def _original_ids(seed: int) -> list[list[int]]:
   rng = np.random.default_rng(seed)
-  return [[1, *rng.integers(3, 120, 3), IMAGE_TOKEN_INDEX, *rng.integers(3, 120, 5)]
-          for _ in range(2)]
+  return [[1, *rng.integers(3, 120, 3), IMAGE_TOKEN_INDEX, *rng.integers(3, 120, 5)] for _ in range(2)]
 
 
 def _compare_with_hf(cfg, params, hf_model, seed=0) -> float:
@@ -105,8 +131,7 @@ def _compare_with_hf(cfg, params, hf_model, seed=0) -> float:
   px = tiny_hf.random_pixels(2, seed=seed + 10)
   hf_ids = np.where(ids == cfg.image_token_id, HF_IMAGE_TOKEN, ids)
   with torch.no_grad():
-    ref = hf_model(input_ids=torch.from_numpy(hf_ids).long(),
-                   pixel_values=tiny_hf.to_torch_pixels(px)).logits.numpy()
+    ref = hf_model(input_ids=torch.from_numpy(hf_ids).long(), pixel_values=tiny_hf.to_torch_pixels(px)).logits.numpy()
   out = np.asarray(Llava(cfg).apply({"params": params}, ids, px))
   return float(np.abs(out - ref).max())
 
@@ -151,17 +176,18 @@ def test_missing_tower_is_a_clear_error(parts, tmp_path):
   _, _, lm = parts
   config = _original_config(lm.config, "openai/clip-vit-large-patch14-336")
   path = _write_original(tmp_path / "llava", config, lm, _projector("mlp2x_gelu", 3))
-  with pytest.raises(FileNotFoundError,
-                     match="'openai/clip-vit-large-patch14-336'.*not a local directory.*"
-                           "vision_tower_path"):
+  with pytest.raises(
+      FileNotFoundError, match="'openai/clip-vit-large-patch14-336'.*not a local directory.*vision_tower_path"
+  ):
     load_llava_original(path)
 
 
 def test_linear_projector_cls_patch(parts, tmp_path):
   clip, clip_dir, lm = parts
   proj = _projector("linear", seed=6)
-  config = _original_config(lm.config, clip_dir, mm_projector_type="linear",
-                            mm_vision_select_feature="cls_patch", mm_vision_select_layer=-1)
+  config = _original_config(
+      lm.config, clip_dir, mm_projector_type="linear", mm_vision_select_feature="cls_patch", mm_vision_select_layer=-1
+  )
   path = _write_original(tmp_path / "llava", config, lm, proj)
   cfg, params = load_llava_original(path)
   assert cfg.projector.kind == "linear" and cfg.num_image_tokens == 17
@@ -183,8 +209,12 @@ def test_unexpected_key_and_anyres_are_errors(parts, tmp_path):
   path = _write_original(tmp_path / "mlp3x", _original_config(lm.config, clip_dir), lm, proj_extra)
   with pytest.raises(KeyError, match="mm_projector.4.weight"):
     load_llava_original(path)
-  path = _write_original(tmp_path / "next", _original_config(
-      lm.config, clip_dir, image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad"), lm, proj)
+  path = _write_original(
+      tmp_path / "next",
+      _original_config(lm.config, clip_dir, image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad"),
+      lm,
+      proj,
+  )
   with pytest.raises(ValueError, match="anyres"):
     load_llava_original(path)
 
@@ -197,9 +227,8 @@ def test_stage1_projector(tmp_path, prefix):
   cfg, params = load_llava_projector(file)
   assert (cfg.kind, cfg.in_dim, cfg.out_dim) == ("mlp2x_gelu", 64, LLM_WIDTH)
   x = np.random.default_rng(0).normal(size=(2, 5, 64)).astype(np.float32)
-  ref = torch.nn.Sequential(torch.nn.Linear(64, LLM_WIDTH), torch.nn.GELU(),
-                            torch.nn.Linear(LLM_WIDTH, LLM_WIDTH))
-  ref.load_state_dict({k[len("mm_projector."):]: torch.from_numpy(v) for k, v in proj.items()})
+  ref = torch.nn.Sequential(torch.nn.Linear(64, LLM_WIDTH), torch.nn.GELU(), torch.nn.Linear(LLM_WIDTH, LLM_WIDTH))
+  ref.load_state_dict({k[len("mm_projector.") :]: torch.from_numpy(v) for k, v in proj.items()})
   with torch.no_grad():
     want = ref(torch.from_numpy(x)).numpy()
   got = np.asarray(Projector(cfg).apply({"params": params}, x))
@@ -213,8 +242,12 @@ def test_stage1_projector(tmp_path, prefix):
 def test_prompt_options_and_placeholders(parts, tmp_path):
   _, clip_dir, lm = parts
   d = _original_config(lm.config, clip_dir)
-  assert prompt_options(d) == {"image_aspect_ratio": "pad", "mm_use_im_start_end": False,
-                               "mm_use_im_patch_token": False, "image_token_index": -200}
+  assert prompt_options(d) == {
+      "image_aspect_ratio": "pad",
+      "mm_use_im_start_end": False,
+      "mm_use_im_patch_token": False,
+      "image_token_index": -200,
+  }
   path = _write_original(tmp_path / "llava", d, lm, _projector("mlp2x_gelu", 3))
   cfg, _ = load_llava_original(path)
   ids = expand_image_placeholders([1, 5, IMAGE_TOKEN_INDEX, 7, IMAGE_TOKEN_INDEX], cfg)

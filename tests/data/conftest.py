@@ -1,4 +1,5 @@
 """Fixtures shared by the data tests: a small LLaVA JSON / JSONL file pair and its images."""
+
 import json
 
 import numpy as np
@@ -11,10 +12,23 @@ TRICKY = 'say "hi" [a, {b}] \\ , ] } \u00e9'  # structure characters and escapes
 def _records():
   recs = []
   for i in range(5):
-    recs.append({"id": f"r{i}", "image": f"img{i}.png", "conversations": [
-        {"from": "human", "value": f"<image>\n{TRICKY} {i}"}, {"from": "gpt", "value": f"answer, {i}"}]})
-  recs.append({"id": "multi", "image": ["img0.png", "img1.png"], "conversations": [
-      {"from": "human", "value": "<image>\n<image>\nsame?"}, {"from": "gpt", "value": "no"}]})
+    recs.append(
+        {
+            "id": f"r{i}",
+            "image": f"img{i}.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{TRICKY} {i}"},
+                {"from": "gpt", "value": f"answer, {i}"},
+            ],
+        }
+    )
+  recs.append(
+      {
+          "id": "multi",
+          "image": ["img0.png", "img1.png"],
+          "conversations": [{"from": "human", "value": "<image>\n<image>\nsame?"}, {"from": "gpt", "value": "no"}],
+      }
+  )
   recs.append({"id": 17, "images": ["img2.png"], "conversations": []})  # "images" key, numeric id
   recs.append({"conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}]})
   return recs

@@ -1,4 +1,5 @@
 """Writing array_record shards (tfds layout) and reading them back with sources.ArrayRecordLlavaSource."""
+
 import io
 import json
 import os
@@ -21,7 +22,8 @@ def test_array_record_round_trip(llava_files):
   report = AR.write_array_record(recs, out, image_root=d, num_shards=3, split="train")
   assert report.written == len(recs) and report.skipped == {}
   assert sorted(os.listdir(out)) == ["dataset_info.json", "features.json"] + [
-      f"llava-train.array_record-0000{k}-of-00003" for k in range(3)]
+      f"llava-train.array_record-0000{k}-of-00003" for k in range(3)
+  ]
   assert report.shard_lengths == [3, 3, 3]  # record k -> shard k % 3
   src = S.ArrayRecordLlavaSource(out, "train")
   got = {r["id"]: r for r in src}
@@ -45,9 +47,11 @@ def test_array_record_is_readable_by_array_record_and_tfds(llava_files):
   AR.write_array_record(recs[:4], out, image_root=d, num_shards=2, split="train")
   AR.write_array_record(recs[4:6], out, image_root=d, num_shards=1, split="validation")  # keeps "train"
   from array_record.python.array_record_data_source import ArrayRecordDataSource
+
   raw = ArrayRecordDataSource(S.find_shards(out, "train"))
   assert sorted(S.decode_record(raw[i])["id"] for i in range(len(raw))) == ["r0", "r1", "r2", "r3"]
   import tensorflow_datasets as tfds
+
   builder = tfds.builder_from_directory(os.fspath(out))
   assert set(builder.info.splits) == {"train", "validation"}
   ds = builder.as_data_source("validation")
@@ -61,8 +65,10 @@ def test_array_record_is_readable_by_array_record_and_tfds(llava_files):
 def test_conversion_counts_missing_and_bad_images(llava_files, caplog):
   d, recs = llava_files
   (d / "junk.gif").write_bytes(b"GIF89a not really")
-  recs = recs[:3] + [{"id": "gone", "image": "nothere.png", "conversations": []},
-                     {"id": "junk", "image": "junk.gif", "conversations": []}]
+  recs = recs[:3] + [
+      {"id": "gone", "image": "nothere.png", "conversations": []},
+      {"id": "junk", "image": "junk.gif", "conversations": []},
+  ]
   report = AR.write_array_record(recs, d / "ar", image_root=d, split="train")
   assert report.written == 3
   assert report.skipped == {"missing_image": 1, "bad_image": 1}

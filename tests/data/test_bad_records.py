@@ -23,16 +23,33 @@ def _file(paths, tmp_path):
     good = f.readlines()[:6]
   path = tmp_path / "mixed.jsonl"
   with open(path, "wb") as f:
-    f.writelines(good[:2] + [b'{"id": "latin1", "conversations": "caf\xe9"}\n'] + good[2:4]
-                 + [b"[1, 2]\n"] + good[4:] + [b'{"id": "cut", "conversations": [{"from": "hu'])
+    f.writelines(
+        good[:2]
+        + [b'{"id": "latin1", "conversations": "caf\xe9"}\n']
+        + good[2:4]
+        + [b"[1, 2]\n"]
+        + good[4:]
+        + [b'{"id": "cut", "conversations": [{"from": "hu']
+    )
   return str(path)
 
 
 def _kw(tok, **over):
-  kw = dict(tokenizer=tok, template="llava_v1", image_config=image_config_for("clip", 28),
-            image_token_id=tok.token_to_id(sy.IMAGE_TOKEN), num_image_tokens=4, max_len=160,
-            max_images=1, batch_size=3, seed=0, shuffle=False, num_epochs=1, process_index=0,
-            process_count=1)
+  kw = dict(
+      tokenizer=tok,
+      template="llava_v1",
+      image_config=image_config_for("clip", 28),
+      image_token_id=tok.token_to_id(sy.IMAGE_TOKEN),
+      num_image_tokens=4,
+      max_len=160,
+      max_images=1,
+      batch_size=3,
+      seed=0,
+      shuffle=False,
+      num_epochs=1,
+      process_index=0,
+      process_count=1,
+  )
   kw.update(over)
   return kw
 

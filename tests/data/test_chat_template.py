@@ -1,4 +1,5 @@
 """template="hf": real chat templates (testdata/chat_templates) give transformers' ids and assistant masks."""
+
 import os
 import pickle
 import random
@@ -16,9 +17,25 @@ transformers = pytest.importorskip("transformers")
 
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 IMG = 9999
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<image>", "<s>",
-            "</s>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<bos>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<image>",
+    "<s>",
+    "</s>",
+    "<|vision_start|>",
+    "<|image_pad|>",
+    "<|vision_end|>",
+]
 WORDS = "the a dog cat runs sits on mat red blue what is this color of picture black white man yes no".split()
 # template -> (bos, eos) of the model family it comes from
 FAMILY = {"llama3": ("<|begin_of_text|>", "<|eot_id|>"), "qwen2_5": (None, "<|im_end|>"), "gemma": ("<bos>", "<eos>")}
@@ -36,17 +53,26 @@ def bpe():
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + rng.choice([".", "?", "\n"])
-           for _ in range(800)]
-  tok.train_from_iterator(sents, trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=SPECIALS,
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  sents = [
+      " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + rng.choice([".", "?", "\n"]) for _ in range(800)
+  ]
+  tok.train_from_iterator(
+      sents,
+      trainers.BpeTrainer(
+          vocab_size=400,
+          show_progress=False,
+          special_tokens=SPECIALS,
+          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      ),
+  )
   return tok
 
 
 def _pair(tok, template, bos, eos):
   """(transformers' fast tokenizer, ours) on the same tokenizers.Tokenizer with the chat template."""
-  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
-                                            pad_token="<|endoftext|>")
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token="<|endoftext|>"
+  )
   hf.chat_template = _source(template)
   ours = tk.HFTokenizer(tok, bos_token=bos, eos_token=eos, pad_token="<|endoftext|>", chat_template=hf.chat_template)
   return hf, ours
@@ -67,8 +93,7 @@ def _conversations(seed, n=20, system=True):
 
 
 def _ours(sample, ours, add_bos=False):
-  r = tokenize_conversation(sample, ours, "hf", image_token_id=IMG, num_image_tokens=1, max_len=4096,
-                            add_bos=add_bos)
+  r = tokenize_conversation(sample, ours, "hf", image_token_id=IMG, num_image_tokens=1, max_len=4096, add_bos=add_bos)
   assert isinstance(r, TokenizedSample), r
   image_id = ours.token_to_id("<image>")
   return [image_id if i == IMG else int(i) for i in r.input_ids], [int(l != IGNORE) for l in r.labels]
@@ -105,8 +130,12 @@ def test_prefix_masks_of_the_original_templates(bpe, family):
     assert ids == ref_ids
     if family == "qwen2_5":
       diff = [i for i, (a, b) in enumerate(zip(mask, ref_mask)) if a != b]
-      assert diff and all(ids[i] == newline and ref_mask[i] and original.decode(ids[:i], skip_special_tokens=False)
-                          .endswith("<|im_start|>assistant") for i in diff), (diff, sample)
+      assert diff and all(
+          ids[i] == newline
+          and ref_mask[i]
+          and original.decode(ids[:i], skip_special_tokens=False).endswith("<|im_start|>assistant")
+          for i in diff
+      ), (diff, sample)
     else:
       assert mask == ref_mask, sample
   text = "".join(s.text for s in tp.render(sample["conversations"], "hf", original) if s.is_target)
@@ -157,42 +186,77 @@ def test_llava_next_mistral_template_on_mistral_tokenizer(mistral, legacy):
 
 def test_mistral_v3_template_is_not_prefix_stable_with_a_system_text(mistral):
   hf = mistral[False]
-  ours = tk.HFTokenizer(hf.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                        chat_template=_source("mistral_v3"))
-  conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Color?"},
-          {"from": "gpt", "value": "Black."}]
+  ours = tk.HFTokenizer(
+      hf.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=_source("mistral_v3")
+  )
+  conv = [
+      {"from": "human", "value": "Hi"},
+      {"from": "gpt", "value": "Hello."},
+      {"from": "human", "value": "Color?"},
+      {"from": "gpt", "value": "Black."},
+  ]
   segs = tp.render(conv, "hf", ours)
   assert [s.text for s in segs if s.is_target] == [" Hello.</s>", " Black.</s>"]
   assert "".join(s.text for s in segs) == "<s>[INST] Hi[/INST] Hello.</s>[INST] Color?[/INST] Black.</s>"
   # its system text goes into the *last* user turn, so the conversation's prefixes render differently
-  r = tokenize_conversation({"id": "m3", "conversations": [{"from": "system", "value": "Be brief."}] + conv}, ours,
-                            "hf", image_token_id=IMG, num_image_tokens=1, max_len=99)
+  r = tokenize_conversation(
+      {"id": "m3", "conversations": [{"from": "system", "value": "Be brief."}] + conv},
+      ours,
+      "hf",
+      image_token_id=IMG,
+      num_image_tokens=1,
+      max_len=99,
+  )
   assert isinstance(r, Rejected) and r.reason == RejectReason.TEMPLATE_MISMATCH
   assert "not prefix-stable at message 2" in r.detail and "{% generation %}" in r.detail
 
 
-@pytest.mark.parametrize("name,fmt,stop", [
-    ("llama3", "string", "<|eot_id|>"), ("qwen2_5", "string", "<|im_end|>"), ("gemma", "string", "<end_of_turn>"),
-    ("mistral_v3", "string", "</s>"), ("llava_next_mistral", "parts", "</s>"), ("qwen2_vl", "parts", "<|im_end|>")])
+@pytest.mark.parametrize(
+    "name,fmt,stop",
+    [
+        ("llama3", "string", "<|eot_id|>"),
+        ("qwen2_5", "string", "<|im_end|>"),
+        ("gemma", "string", "<end_of_turn>"),
+        ("mistral_v3", "string", "</s>"),
+        ("llava_next_mistral", "parts", "</s>"),
+        ("qwen2_vl", "parts", "<|im_end|>"),
+    ],
+)
 def test_content_format_stop_and_generation_prompt(bpe, name, fmt, stop):
   bos, eos = FAMILY.get(name, ("<s>", "</s>") if "mistral" in name else (None, "<|im_end|>"))
   hf, ours = _pair(bpe, name, bos, eos)
   template = tp.get_template("hf", ours)
   assert (template.content_format, template.stop) == (fmt, stop)
-  conv = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A cat."},
-          {"from": "human", "value": "Color?"}]
+  conv = [
+      {"from": "human", "value": "What is this?\n<image>"},
+      {"from": "gpt", "value": "A cat."},
+      {"from": "human", "value": "Color?"},
+  ]
   messages = template.messages(conv)
   assert tp.prompt_for_generation(conv, "hf", ours) == hf.apply_chat_template(
-      messages, tokenize=False, add_generation_prompt=True)
+      messages, tokenize=False, add_generation_prompt=True
+  )
   if name == "qwen2_vl":  # images as parts: Qwen2-VL's own vision placeholders
     assert "<|vision_start|><|image_pad|><|vision_end|>What is this?" in tp.prompt_for_generation(conv, "hf", ours)
 
 
 def test_errors_sandbox_and_pickling(bpe, tmp_path):
   hf, ours = _pair(bpe, "gemma", *FAMILY["gemma"])
-  r = tokenize_conversation({"id": "g", "conversations": [{"from": "system", "value": "x"}, {"from": "human",
-                            "value": "hi"}, {"from": "gpt", "value": "yo"}]}, ours, "hf", image_token_id=IMG,
-                            num_image_tokens=1, max_len=99)
+  r = tokenize_conversation(
+      {
+          "id": "g",
+          "conversations": [
+              {"from": "system", "value": "x"},
+              {"from": "human", "value": "hi"},
+              {"from": "gpt", "value": "yo"},
+          ],
+      },
+      ours,
+      "hf",
+      image_token_id=IMG,
+      num_image_tokens=1,
+      max_len=99,
+  )
   assert r.reason == RejectReason.TEMPLATE_MISMATCH and "System role not supported" in r.detail
   evil = tk.HFTokenizer(bpe, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
   with pytest.raises(tp.ConversationError, match="chat template"):
@@ -210,8 +274,11 @@ def test_errors_sandbox_and_pickling(bpe, tmp_path):
   (tmp_path / "chat_template.jinja").write_text(_source("llama3"))
   (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}')
   loaded = tk.load_tokenizer(tmp_path)
-  r = tokenize_conversation({"id": "d", "conversations": conv}, loaded, "hf", image_token_id=IMG, num_image_tokens=1,
-                            max_len=99)
+  r = tokenize_conversation(
+      {"id": "d", "conversations": conv}, loaded, "hf", image_token_id=IMG, num_image_tokens=1, max_len=99
+  )
   assert r.input_ids[0] == loaded.bos_id and list(r.input_ids).count(loaded.bos_id) == 1  # the template's BOS
-  assert loaded.decode([i for i, l in zip(r.input_ids, r.labels) if l != IGNORE],
-                       skip_special_tokens=False) == "yo<|eot_id|>"
+  assert (
+      loaded.decode([i for i, l in zip(r.input_ids, r.labels) if l != IGNORE], skip_special_tokens=False)
+      == "yo<|eot_id|>"
+  )

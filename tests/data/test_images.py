@@ -1,4 +1,5 @@
 """Image preprocessing equals the HF slow CLIP/SigLIP processors (and LLaVA's pad pipeline) to 1e-5."""
+
 import io
 import logging
 
@@ -16,16 +17,27 @@ TOL = 1e-5  # never loosen: the pipelines do the same float32 arithmetic
 
 def _hf_clip(size, crop_size=None):
   from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
   c = crop_size or size
-  return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": c, "width": c},
-                               image_mean=list(im.CLIP_MEAN), image_std=list(im.CLIP_STD),
-                               resample=Image.Resampling.BICUBIC, do_center_crop=True)
+  return CLIPImageProcessorPil(
+      size={"shortest_edge": size},
+      crop_size={"height": c, "width": c},
+      image_mean=list(im.CLIP_MEAN),
+      image_std=list(im.CLIP_STD),
+      resample=Image.Resampling.BICUBIC,
+      do_center_crop=True,
+  )
 
 
 def _hf_siglip(size):
   from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-  return SiglipImageProcessorPil(size={"height": size, "width": size}, image_mean=list(im.SIGLIP_MEAN),
-                                 image_std=list(im.SIGLIP_STD), resample=Image.Resampling.BICUBIC)
+
+  return SiglipImageProcessorPil(
+      size={"height": size, "width": size},
+      image_mean=list(im.SIGLIP_MEAN),
+      image_std=list(im.SIGLIP_STD),
+      resample=Image.Resampling.BICUBIC,
+  )
 
 
 def _hf(proc, img):
@@ -74,8 +86,17 @@ def _random_image(rng, mode, w, h):
 
 
 # (mode, width, height): odd sizes, tall and wide, up- and down-scaling, already square.
-CASES = [("RGB", 37, 23), ("L", 19, 61), ("P", 50, 50), ("RGBA", 97, 31), ("CMYK", 24, 77),
-         ("LA", 13, 14), ("P_transparent", 33, 45), ("RGB", 301, 117), ("RGB", 7, 5)]
+CASES = [
+    ("RGB", 37, 23),
+    ("L", 19, 61),
+    ("P", 50, 50),
+    ("RGBA", 97, 31),
+    ("CMYK", 24, 77),
+    ("LA", 13, 14),
+    ("P_transparent", 33, 45),
+    ("RGB", 301, 117),
+    ("RGB", 7, 5),
+]
 
 
 @pytest.mark.parametrize("size", [24, 33])
@@ -178,7 +199,7 @@ def test_uint8_array_input_and_batch():
 
 
 def test_high_bit_depth_is_scaled_not_clipped():
-  a16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+  a16 = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
   rgb = np.asarray(im.to_rgb(Image.fromarray(a16)))
   assert rgb.shape == (3, 4, 3) and (rgb[..., 0] == rgb[..., 2]).all()
   np.testing.assert_array_equal(rgb[..., 0], np.rint(a16 / 257).astype(np.uint8))

@@ -1,4 +1,5 @@
 """python -m llava_jax.data.inspect: samples as the model sees them, learned tokens marked, rejections, lengths."""
+
 import importlib.util
 import json
 import os
@@ -31,9 +32,16 @@ def root(tmp_path_factory):
 
 def test_pieces_show_what_the_model_reads():
   """Dummy-prefix spaces show, so legacy is visible; images are one placeholder; learned text is marked."""
-  sample = {"id": "s", "image": "x.jpg", "conversations": [
-      {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "A cat."},
-      {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Black."}]}
+  sample = {
+      "id": "s",
+      "image": "x.jpg",
+      "conversations": [
+          {"from": "human", "value": "<image>\nHi"},
+          {"from": "gpt", "value": "A cat."},
+          {"from": "human", "value": "Color?"},
+          {"from": "gpt", "value": "Black."},
+      ],
+  }
   out = {}
   for legacy in (True, False):
     tok = tk.SentencePieceTokenizer.from_file(MISTRAL, legacy=legacy)
@@ -63,11 +71,17 @@ def test_report_on_the_embedded_data_and_rejections(root, tmp_path):
   assert "max_len 128: 0 samples (0.0%) longer" in report and "first-fit packing" in report
   # a file with one sample of each kind of trouble
   good = json.loads(open(os.path.join(root, "data", "stage2.jsonl")).readline())
-  rows = [good,
-          {**good, "id": "empty", "conversations": good["conversations"][:1] + [{"from": "gpt", "value": " "}]},
-          {**good, "id": "noimage", "image": None},
-          {**good, "id": "long", "conversations": good["conversations"] + [
-              {**turn, "value": turn["value"].replace("<image>\n", "")} for turn in good["conversations"]] * 2}]
+  rows = [
+      good,
+      {**good, "id": "empty", "conversations": good["conversations"][:1] + [{"from": "gpt", "value": " "}]},
+      {**good, "id": "noimage", "image": None},
+      {
+          **good,
+          "id": "long",
+          "conversations": good["conversations"]
+          + [{**turn, "value": turn["value"].replace("<image>\n", "")} for turn in good["conversations"]] * 2,
+      },
+  ]
   path = tmp_path / "mixed.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
   report = ins.inspect_config(_config(root, train=str(path), max_len=200), index=1, count=0)
@@ -83,9 +97,22 @@ def test_report_on_the_embedded_data_and_rejections(root, tmp_path):
 
 def test_command_line(root):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-m", "llava_jax.data.inspect",
-                        f"--config=configs/tiny_shapes.py:test,root={root}", "--index=3", "--count=10",
-                        "--color=always"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+  out = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "llava_jax.data.inspect",
+          f"--config=configs/tiny_shapes.py:test,root={root}",
+          "--index=3",
+          "--count=10",
+          "--color=always",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "sample 'shapes-train-000003-qa' (record 3)" in out.stdout and "\x1b[30;42m" in out.stdout
   assert "first 10 samples: 10 trained on, 0 rejected" in out.stdout

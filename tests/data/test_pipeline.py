@@ -1,4 +1,5 @@
 """The grain pipeline: batch shapes and masks, rejection policies and counts, host sharding, exact resume."""
+
 import json
 import os
 
@@ -26,9 +27,19 @@ def data(tmp_path_factory):
 
 
 def _kw(tok, **over):
-  kw = dict(tokenizer=tok, template="llava_v1", image_config=image_config_for("clip", SIZE),
-            image_token_id=tok.token_to_id(sy.IMAGE_TOKEN), num_image_tokens=N_IMG, max_len=MAX_LEN, max_images=2,
-            batch_size=4, seed=0, process_index=0, process_count=1)
+  kw = dict(
+      tokenizer=tok,
+      template="llava_v1",
+      image_config=image_config_for("clip", SIZE),
+      image_token_id=tok.token_to_id(sy.IMAGE_TOKEN),
+      num_image_tokens=N_IMG,
+      max_len=MAX_LEN,
+      max_images=2,
+      batch_size=4,
+      seed=0,
+      process_index=0,
+      process_count=1,
+  )
   kw.update(over)
   return kw
 
@@ -48,8 +59,11 @@ def _runs(labels):
 def test_batch_shapes_dtypes_and_masks(data):
   paths, tok = data
   records = {r["id"]: r for r in _records(paths)}
-  text_only = {"id": "text-only", "images": [], "conversations": [
-      {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}]}
+  text_only = {
+      "id": "text-only",
+      "images": [],
+      "conversations": [{"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}],
+  }
   src = list(records.values())[:7] + [text_only]
   records["text-only"] = text_only
   it = P.make_dataset(src, **_kw(tok, shuffle=False, num_epochs=1))
@@ -96,11 +110,12 @@ def test_json_and_array_record_sources_give_identical_batches(data):
 
 def test_plain_template_on_stage1(data):
   paths, tok = data
-  it = P.make_dataset(LlavaJsonSource(paths["stage1"], image_root=paths["images"]),
-                      **_kw(tok, template="plain", max_images=1))
+  it = P.make_dataset(
+      LlavaJsonSource(paths["stage1"], image_root=paths["images"]), **_kw(tok, template="plain", max_images=1)
+  )
   b = next(it)
   for row in range(4):
-    (s, e), = _runs(b["labels"][row])
+    ((s, e),) = _runs(b["labels"][row])
     assert tok.decode(b["input_ids"][row, s:e]).endswith(".\n")  # the caption
     assert s == 1 + N_IMG  # <s>, the image, then the caption
 
@@ -117,11 +132,17 @@ def _bad_inputs(paths, tmp):
   long_question = " ".join(["What color is the square?"] * 30)
   bad = [
       {"id": "bad_image", "images": [corrupt], "conversations": [q("<image>\nIs there a square?"), a("yes")]},
-      {"id": "missing_image", "images": [os.path.join(tmp, "nothere.png")],
-       "conversations": [q("<image>\nIs there a square?"), a("yes")]},
+      {
+          "id": "missing_image",
+          "images": [os.path.join(tmp, "nothere.png")],
+          "conversations": [q("<image>\nIs there a square?"), a("yes")],
+      },
       {"id": "none_image", "images": [None], "conversations": [q("<image>\nIs there a square?"), a("yes")]},
-      {"id": "too_many_images", "images": [img, img, img],
-       "conversations": [q("<image>\n<image>\n<image>\nsame?"), a("yes")]},
+      {
+          "id": "too_many_images",
+          "images": [img, img, img],
+          "conversations": [q("<image>\n<image>\n<image>\nsame?"), a("yes")],
+      },
       {"id": "tag_without_image", "images": [], "conversations": [q("<image>\nIs there a square?"), a("no")]},
       {"id": "template_mismatch", "images": [img], "conversations": [q("<image>\nhi"), q("again"), a("yes")]},
       {"id": "truncated_no_target", "images": [img], "conversations": [q("<image>\n" + long_question), a("red")]},
@@ -133,14 +154,21 @@ def _bad_inputs(paths, tmp):
 def test_each_bad_input_is_counted_under_its_reason_and_skipped(data, tmp_path, caplog):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
-  src = [x for k in range(len(bad)) for x in (good[k:k + 1] + [bad[k]])]
+  src = [x for k in range(len(bad)) for x in (good[k : k + 1] + [bad[k]])]
   it = P.make_dataset(src, **_kw(tok, shuffle=False, num_epochs=1, drop_remainder=False))
   ids = [i for b in it for i in b["ids"]]
   assert [i for i in ids if i] == [g["id"] for g in good]
-  assert ids[len(good):] == [""] * (-len(good) % 4)  # the last batch is padded with empty rows
-  assert it.counts() == {"bad_image": 3, "image_count_mismatch": 2, "template_mismatch": 1,
-                         "truncated_no_target": 1, "no_target": 1, "truncated_image": 0,
-                         "bad_record": 0, "empty_answer": 0}
+  assert ids[len(good) :] == [""] * (-len(good) % 4)  # the last batch is padded with empty rows
+  assert it.counts() == {
+      "bad_image": 3,
+      "image_count_mismatch": 2,
+      "template_mismatch": 1,
+      "truncated_no_target": 1,
+      "no_target": 1,
+      "truncated_image": 0,
+      "bad_record": 0,
+      "empty_answer": 0,
+  }
   for r in bad:
     assert f"'{r['id']}'" in caplog.text  # every rejection logged with its id
   assert "more than the max_images=2" in caplog.text and "nothere.png" in caplog.text
@@ -149,18 +177,29 @@ def test_each_bad_input_is_counted_under_its_reason_and_skipped(data, tmp_path, 
 def test_truncated_image_reason(data):
   paths, tok = data
   rec = dict(_records(paths)[0])
-  rec["conversations"] = [{"from": "human", "value": "Is there a square?"}, {"from": "gpt", "value": "yes"},
-                          {"from": "human", "value": "<image>\nWhere is the square?"}, {"from": "gpt", "value": "top"}]
-  prepare = lambda max_len: P.prepare_example(rec, **{k: v for k, v in _kw(tok, max_len=max_len).items()
-                                                     if k not in ("batch_size", "seed", "process_index", "process_count")})
+  rec["conversations"] = [
+      {"from": "human", "value": "Is there a square?"},
+      {"from": "gpt", "value": "yes"},
+      {"from": "human", "value": "<image>\nWhere is the square?"},
+      {"from": "gpt", "value": "top"},
+  ]
+  prepare = lambda max_len: P.prepare_example(
+      rec,
+      **{
+          k: v
+          for k, v in _kw(tok, max_len=max_len).items()
+          if k not in ("batch_size", "seed", "process_index", "process_count")
+      },
+  )
   full = prepare(MAX_LEN)
   first_image = int(np.argmax(full["input_ids"] == tok.token_to_id(sy.IMAGE_TOKEN)))
   out = prepare(first_image + N_IMG - 1)  # the first answer fits, the image does not
   assert out.reason == RejectReason.TRUNCATED_IMAGE and out.sample_id == rec["id"], out
 
 
-@pytest.mark.parametrize("which", ["bad_image", "missing_image", "none_image", "too_many_images",
-                                   "template_mismatch", "truncated_no_target"])
+@pytest.mark.parametrize(
+    "which", ["bad_image", "missing_image", "none_image", "too_many_images", "template_mismatch", "truncated_no_target"]
+)
 def test_raise_policy_names_the_sample(data, tmp_path, which):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
@@ -211,8 +250,10 @@ def test_finite_pass_over_processes_keeps_every_slot(data, tmp_path):
   good, bad = _bad_inputs(paths, tmp_path)
   records = _records(paths)[:9] + bad[:1]  # 10 records, one rejected
   kw = _kw(tok, batch_size=4, shuffle=False, num_epochs=1, drop_remainder=False)
-  per = [[b["ids"].tolist() for b in P.make_dataset(records, **{**kw, "process_index": p, "process_count": 2})]
-         for p in range(2)]
+  per = [
+      [b["ids"].tolist() for b in P.make_dataset(records, **{**kw, "process_index": p, "process_count": 2})]
+      for p in range(2)
+  ]
   assert [len(b) for b in per] == [3, 3]  # ceil(10 / 4) global batches on each
   rows = [i for k in range(3) for p in range(2) for i in per[p][k]]
   assert rows == [r["id"] for r in records[:9]] + [""] * 3  # the bad record's slot and the tail
@@ -261,6 +302,7 @@ def test_state_restore_continues_with_the_same_batches(data, tmp_path):
 def test_orbax_checkpoint_of_the_iterator(data, tmp_path):
   import grain
   import orbax.checkpoint as ocp
+
   paths, tok = data
   src = LlavaJsonSource(paths["stage2"], image_root=paths["images"])
   it = P.make_dataset(src, **_kw(tok, seed=2))
@@ -300,6 +342,7 @@ def test_workers_give_the_same_batches_counts_and_state(data, tmp_path):
 
 # ----------------------------------------------------------------------------- packing
 
+
 def _segments(batch):
   """Packed batch -> {sample id: (input_ids, labels, pixel_values[I])} per example."""
   out = {}
@@ -314,7 +357,7 @@ def _segments(batch):
       np.testing.assert_array_equal(pos[at], np.arange(len(at)))  # positions restart
       tokens = batch["input_ids"][r, at]
       n_img = int(np.sum(tokens == batch["image_token_id"])) // N_IMG
-      out[sid] = (tokens, batch["labels"][r, at], batch["pixel_values"][r, slot:slot + n_img])
+      out[sid] = (tokens, batch["labels"][r, at], batch["pixel_values"][r, slot : slot + n_img])
       slot += n_img
     assert batch["image_mask"][r].sum() == slot and not batch["image_mask"][r, slot:].any()
     assert (batch["labels"][r, seg == 0] == IGNORE).all() and (batch["positions"][r, seg == 0] == 0).all()
@@ -324,8 +367,11 @@ def _segments(batch):
 def test_packing_keeps_every_example_whole_and_once(data, tmp_path):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
-  text_only = {"id": "text-only", "images": [], "conversations": [
-      {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}]}
+  text_only = {
+      "id": "text-only",
+      "images": [],
+      "conversations": [{"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}],
+  }
   src = good + [text_only] + _records(paths)[6:20] + bad[:3]
   kw = _kw(tok, shuffle=False, num_epochs=1, drop_remainder=False, max_len=4 * MAX_LEN, max_images=8)
   unpacked = {}
@@ -333,8 +379,7 @@ def test_packing_keeps_every_example_whole_and_once(data, tmp_path):
     for r, sid in enumerate(b["ids"]):
       if sid:
         n = int(b["attention_mask"][r].sum())
-        unpacked[sid] = (b["input_ids"][r, :n], b["labels"][r, :n],
-                         b["pixel_values"][r, b["image_mask"][r]])
+        unpacked[sid] = (b["input_ids"][r, :n], b["labels"][r, :n], b["pixel_values"][r, b["image_mask"][r]])
   it = P.make_dataset(src, pack=True, **kw)
   batches = list(it)
   packed = {}
@@ -354,8 +399,9 @@ def test_packing_keeps_every_example_whole_and_once(data, tmp_path):
 
 def test_packed_rows_never_exceed_the_image_slots(data):
   paths, tok = data
-  it = P.make_dataset(_records(paths), pack=True, **_kw(tok, shuffle=False, num_epochs=1, max_images=1,
-                                                         max_len=4 * MAX_LEN))
+  it = P.make_dataset(
+      _records(paths), pack=True, **_kw(tok, shuffle=False, num_epochs=1, max_images=1, max_len=4 * MAX_LEN)
+  )
   b = next(it)
   assert b["image_mask"].shape == (4, 1) and b["image_mask"].all()
   assert (b["attention_mask"].max(axis=1) == 1).all()  # one image slot: one example per row

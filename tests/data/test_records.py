@@ -1,6 +1,7 @@
 """The images of a record: one rule (`records.image_list`) for the sources, the tokenizer, the
 pipeline and the array_record converter; a record with both "image" and "images" is a
 bad_record everywhere, never read one way here and another way there."""
+
 import json
 
 import pytest
@@ -17,23 +18,27 @@ from llava_jax.tokenizer import load_tokenizer
 CONV = [{"from": "human", "value": "<image>\nIs there a square?"}, {"from": "gpt", "value": "yes"}]
 
 
-@pytest.mark.parametrize("record, want", [
-    ({"image": "a.jpg"}, ["a.jpg"]),                      # LLaVA: one path
-    ({"image": ["a.jpg", "b.jpg"]}, ["a.jpg", "b.jpg"]),  # LLaVA: several
-    ({"images": ["a.jpg"]}, ["a.jpg"]),                   # normalised records
-    ({"images": ("a.jpg", b"\x89PNG")}, ["a.jpg", b"\x89PNG"]),
-    ({"images": "a.jpg"}, ["a.jpg"]),
-    ({"images": []}, []),
-    ({}, []),
-    ({"image": None, "images": ["b.jpg"]}, ["b.jpg"]),    # None counts as absent
-    ({"image": "a.jpg", "images": None}, ["a.jpg"]),
-])
+@pytest.mark.parametrize(
+    "record, want",
+    [
+        ({"image": "a.jpg"}, ["a.jpg"]),  # LLaVA: one path
+        ({"image": ["a.jpg", "b.jpg"]}, ["a.jpg", "b.jpg"]),  # LLaVA: several
+        ({"images": ["a.jpg"]}, ["a.jpg"]),  # normalised records
+        ({"images": ("a.jpg", b"\x89PNG")}, ["a.jpg", b"\x89PNG"]),
+        ({"images": "a.jpg"}, ["a.jpg"]),
+        ({"images": []}, []),
+        ({}, []),
+        ({"image": None, "images": ["b.jpg"]}, ["b.jpg"]),  # None counts as absent
+        ({"image": "a.jpg", "images": None}, ["a.jpg"]),
+    ],
+)
 def test_image_list(record, want):
   assert image_list(record) == want
 
 
-@pytest.mark.parametrize("record", [{"id": "both", "image": "a.jpg", "images": ["a.jpg"]},
-                                    {"id": "both", "image": "a.jpg", "images": []}])
+@pytest.mark.parametrize(
+    "record", [{"id": "both", "image": "a.jpg", "images": ["a.jpg"]}, {"id": "both", "image": "a.jpg", "images": []}]
+)
 def test_both_keys_is_an_error_naming_the_record(record):
   with pytest.raises(RecordError, match=r"record 'both' has both 'image' \(1 image\) and 'images'"):
     image_list(record)
@@ -74,15 +79,27 @@ def test_tokenizer_and_pipeline_reject_both_keys_as_bad_record(data):
   paths, tok = data
   good, both = _both(paths)
   image_token_id = tok.token_to_id(sy.IMAGE_TOKEN)
-  got = tokenize_conversation(both, tok, "llava_v1", image_token_id=image_token_id, num_image_tokens=4,
-                              max_len=160)
+  got = tokenize_conversation(both, tok, "llava_v1", image_token_id=image_token_id, num_image_tokens=4, max_len=160)
   assert isinstance(got, Rejected) and got.reason == RejectReason.BAD_RECORD and "both" in got.detail
   normalised = S.normalize_record(good, paths["images"])
   source = [normalised, {**normalised, "id": "both", "image": "x.png"}, {**normalised, "id": "none", "image": None}]
-  it = P.make_dataset(source, tokenizer=tok, template="llava_v1", image_config=image_config_for("clip", 28),
-                      image_token_id=image_token_id, num_image_tokens=4, max_len=160, max_images=1,
-                      batch_size=3, seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
-                      process_index=0, process_count=1)
+  it = P.make_dataset(
+      source,
+      tokenizer=tok,
+      template="llava_v1",
+      image_config=image_config_for("clip", 28),
+      image_token_id=image_token_id,
+      num_image_tokens=4,
+      max_len=160,
+      max_images=1,
+      batch_size=3,
+      seed=0,
+      shuffle=False,
+      num_epochs=1,
+      drop_remainder=False,
+      process_index=0,
+      process_count=1,
+  )
   ids = [i for b in it for i in b["ids"]]
   assert it.counts()["bad_record"] == 1
   assert [i for i in ids if i] == [good["id"], "none"]  # "image": None is no image key

@@ -1,4 +1,5 @@
 """LLaVA JSON / JSONL sources (byte-offset index, random access, pickling) and source concatenation."""
+
 import json
 import os
 import pickle
@@ -41,8 +42,12 @@ def test_json_index_is_the_element_byte_ranges(tmp_path):
   assert [json.loads(raw[s:e]) for s, e in zip(starts, ends)] == [{"a": "],["}, [1, 2], "s,t", {}]
   p.write_text("[]")
   assert len(S.index_json_array(p)[0]) == 0
-  for bad, why in (('{"a": 1}', "top-level JSON array"), ('[{"a": 1}', "truncated"), ("[1] [2]", "after"),
-                   ("", "empty")):
+  for bad, why in (
+      ('{"a": 1}', "top-level JSON array"),
+      ('[{"a": 1}', "truncated"),
+      ("[1] [2]", "after"),
+      ("", "empty"),
+  ):
     p.write_text(bad)
     with pytest.raises(ValueError, match=why):
       S.index_json_array(p)
@@ -66,6 +71,7 @@ def test_iter_records_streams_raw_records(llava_files):
 
 def test_open_source_concatenates_files(tmp_path):
   from llava_jax.data.sources import ConcatSource, open_source
+
   a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
   a.write_text('{"id": "a0", "conversations": []}\n{"id": "a1", "conversations": []}\n')
   b.write_text('{"id": "b0", "conversations": []}\n')

@@ -1,4 +1,5 @@
 """The embedded shapes dataset: determinism, held-out compositions, correct pictures and answers, tokenizer fit."""
+
 import json
 import os
 
@@ -121,15 +122,20 @@ def test_questions_have_exact_answers():
   qa = {q: a for q, a, _ in sy.questions(scene)}
   assert qa == {
       "How many shapes are there?": "two",
-      "What color is the circle?": "red", "What shape is red?": "circle", "Where is the circle?": "left",
-      "What color is the square?": "blue", "What shape is blue?": "square", "Where is the square?": "top",
-      "Is there a circle?": "yes", "Is there a square?": "yes", "Is there a triangle?": "no"}
+      "What color is the circle?": "red",
+      "What shape is red?": "circle",
+      "Where is the circle?": "left",
+      "What color is the square?": "blue",
+      "What shape is blue?": "square",
+      "Where is the square?": "top",
+      "Is there a circle?": "yes",
+      "Is there a square?": "yes",
+      "Is there a triangle?": "no",
+  }
   assert sy.caption(scene[:1]) == "a red circle on the left."
   # Named by kind (circle, square, triangle), not in the scene's position order.
-  scene = (sy.Shape("triangle", "green", "left"), sy.Shape("square", "red", "top"),
-           sy.Shape("circle", "blue", "right"))
-  assert sy.caption(scene) == ("a blue circle on the right, a red square at the top and "
-                               "a green triangle on the left.")
+  scene = (sy.Shape("triangle", "green", "left"), sy.Shape("square", "red", "top"), sy.Shape("circle", "blue", "right"))
+  assert sy.caption(scene) == ("a blue circle on the right, a red square at the top and a green triangle on the left.")
 
 
 def test_eval_files_score_with_the_synthetic_task(ds):
@@ -153,7 +159,12 @@ def test_tokenizer_answers_are_single_tokens_and_every_template_fits(ds):
   image_id = tok.token_to_id(sy.IMAGE_TOKEN)
   assert image_id is not None and image_id > 3
   assert set(sy.ANSWER_WORDS) == set(sy.SHAPES) | set(sy.COLORS) | set(sy.POSITIONS) | {
-      "yes", "no", "one", "two", "three"}
+      "yes",
+      "no",
+      "one",
+      "two",
+      "three",
+  }
   for word in sy.ANSWER_WORDS:
     ids = tok.encode("ASSISTANT: " + word + "</s>")
     assert [tok.id_to_token(i) for i in ids[-2:]] == ["\u2581" + word, "</s>"], word

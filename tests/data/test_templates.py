@@ -4,6 +4,7 @@ References (see each Template's `reference`): LLaVA 1.2.2.post1 `conversation.py
 below, logic unchanged) and `train.py`; LLaVA-NeXT `train.py` (token-level tests in test_tokenize_reference.py);
 Meta's Llama-3, Qwen2 and Gemma chat templates.
 """
+
 import dataclasses
 import random
 
@@ -18,57 +19,90 @@ CONV = [
     {"from": "gpt", "value": "Black."},
 ]
 
-VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. "
-              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-LLAVA_SYS = ("A chat between a curious human and an artificial intelligence assistant. "
-             "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-LLAVA_LLAMA2_SYS = ("You are a helpful language and vision assistant. You are able to understand the visual content "
-                    "that the user provides, and assist the user with a variety of tasks using natural language.")
-LLAMA2_SYS = ("You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
-              "safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or "
-              "illegal content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
-              "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
-              "something not correct. If you don't know the answer to a question, please don't share false "
-              "information.")
+VICUNA_SYS = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_SYS = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+LLAVA_LLAMA2_SYS = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
+LLAMA2_SYS = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "
+    "safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or "
+    "illegal content. Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering "
+    "something not correct. If you don't know the answer to a question, please don't share false "
+    "information."
+)
 
 # (template, full text, target segments), written out by hand from LLaVA's conversation.py / train.py.
 EXPECTED = {
-    "vicuna_v1": (VICUNA_SYS + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
-                  [" A cat.</s>", " Black.</s>"]),
-    "llava_v1": (LLAVA_SYS + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
-                 [" A cat.</s>", " Black.</s>"]),
-    "llama_2": ("[INST] <<SYS>>\n" + LLAMA2_SYS + "\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A cat. </s>"
-                "<s>[INST] Color? [/INST] Black. </s>", [" A cat. </s>", " Black. </s>"]),
-    "llava_llama_2": ("[INST] <<SYS>>\n" + LLAVA_LLAMA2_SYS + "\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A cat. </s>"
-                      "<s>[INST] Color? [/INST] Black. </s>", [" A cat. </s>", " Black. </s>"]),
+    "vicuna_v1": (
+        VICUNA_SYS + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
+        [" A cat.</s>", " Black.</s>"],
+    ),
+    "llava_v1": (
+        LLAVA_SYS + " USER: <image>\nWhat is this? ASSISTANT: A cat.</s>USER: Color? ASSISTANT: Black.</s>",
+        [" A cat.</s>", " Black.</s>"],
+    ),
+    "llama_2": (
+        "[INST] <<SYS>>\n" + LLAMA2_SYS + "\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A cat. </s>"
+        "<s>[INST] Color? [/INST] Black. </s>",
+        [" A cat. </s>", " Black. </s>"],
+    ),
+    "llava_llama_2": (
+        "[INST] <<SYS>>\n" + LLAVA_LLAMA2_SYS + "\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A cat. </s>"
+        "<s>[INST] Color? [/INST] Black. </s>",
+        [" A cat. </s>", " Black. </s>"],
+    ),
     # LLaVA conv_mistral_instruct: LLAMA_2 style with sep "" (no <s> between rounds), a space before each </s>.
-    "mistral_instruct": ("[INST] <image>\nWhat is this? [/INST] A cat. </s>[INST] Color? [/INST] Black. </s>",
-                         [" A cat. </s>", " Black. </s>"]),
+    "mistral_instruct": (
+        "[INST] <image>\nWhat is this? [/INST] A cat. </s>[INST] Color? [/INST] Black. </s>",
+        [" A cat. </s>", " Black. </s>"],
+    ),
     # Meta's Llama-3 template (BOS is the tokenizer's); Llama-3 fine-tuning learns answer + <|eot_id|>.
-    "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\nColor?<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
-               ["A cat.<|eot_id|>", "Black.<|eot_id|>"]),
+    "llama3": (
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nColor?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
+        ["A cat.<|eot_id|>", "Black.<|eot_id|>"],
+    ),
     # LLaVA-NeXT preprocess_llama3: its system text; the whole assistant turn (header too) is learned.
-    "llama3_llava_next": ("<|start_header_id|>system<|end_header_id|>\n\n" + LLAVA_LLAMA2_SYS + "<|eot_id|>"
-                          "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
-                          "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
-                          "<|start_header_id|>user<|end_header_id|>\n\nColor?<|eot_id|>"
-                          "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
-                          ["<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>",
-                           "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>"]),
+    "llama3_llava_next": (
+        "<|start_header_id|>system<|end_header_id|>\n\n" + LLAVA_LLAMA2_SYS + "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nColor?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
+        [
+            "<|start_header_id|>assistant<|end_header_id|>\n\nA cat.<|eot_id|>",
+            "<|start_header_id|>assistant<|end_header_id|>\n\nBlack.<|eot_id|>",
+        ],
+    ),
     # LLaVA-NeXT preprocess_qwen: chatml text, whole assistant turns learned.
-    "chatml_llava_next": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
-                          "What is this?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nColor?"
-                          "<|im_end|>\n<|im_start|>assistant\nBlack.<|im_end|>\n",
-                          ["<|im_start|>assistant\nA cat.<|im_end|>\n", "<|im_start|>assistant\nBlack.<|im_end|>\n"]),
-    "chatml": ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is this?"
-               "<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n"
-               "<|im_start|>assistant\nBlack.<|im_end|>\n", ["A cat.<|im_end|>\n", "Black.<|im_end|>\n"]),
-    "gemma": ("<start_of_turn>user\n<image>\nWhat is this?<end_of_turn>\n<start_of_turn>model\nA cat.<end_of_turn>\n"
-              "<start_of_turn>user\nColor?<end_of_turn>\n<start_of_turn>model\nBlack.<end_of_turn>\n",
-              ["A cat.<end_of_turn>\n", "Black.<end_of_turn>\n"]),
+    "chatml_llava_next": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
+        "What is this?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nColor?"
+        "<|im_end|>\n<|im_start|>assistant\nBlack.<|im_end|>\n",
+        ["<|im_start|>assistant\nA cat.<|im_end|>\n", "<|im_start|>assistant\nBlack.<|im_end|>\n"],
+    ),
+    "chatml": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is this?"
+        "<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n"
+        "<|im_start|>assistant\nBlack.<|im_end|>\n",
+        ["A cat.<|im_end|>\n", "Black.<|im_end|>\n"],
+    ),
+    "gemma": (
+        "<start_of_turn>user\n<image>\nWhat is this?<end_of_turn>\n<start_of_turn>model\nA cat.<end_of_turn>\n"
+        "<start_of_turn>user\nColor?<end_of_turn>\n<start_of_turn>model\nBlack.<end_of_turn>\n",
+        ["A cat.<end_of_turn>\n", "Black.<end_of_turn>\n"],
+    ),
 }
 
 
@@ -102,8 +136,8 @@ def test_prompt_for_generation_is_text_before_each_answer(name):
   t = tp.TEMPLATES[name]
   segs = tp.render(conv, name)
   for k in range(0, len(conv), 2):
-    prompt = tp.prompt_for_generation(conv[:k + 1], name)
-    before = "".join(s.text for s in segs[:k + 1])  # everything up to answer k // 2
+    prompt = tp.prompt_for_generation(conv[: k + 1], name)
+    before = "".join(s.text for s in segs[: k + 1])  # everything up to answer k // 2
     # LLaVA-NeXT learns the assistant header too; the generation prompt ends with it all the same.
     assert prompt == before + (t.assistant_start if t.learn_assistant_start else ""), (name, k)
     assert segs[k + 1].is_target
@@ -127,17 +161,23 @@ def test_image_tags_moved_to_front_like_llava():
 
 
 def test_roles_system_and_leading_assistant():
-  chat = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "dropped"},
-          {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+  chat = [
+      {"role": "system", "content": "Be brief."},
+      {"role": "assistant", "content": "dropped"},
+      {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Hello"},
+  ]
   assert "".join(s.text for s in tp.render(chat, "vicuna_v1")) == "Be brief. USER: Hi ASSISTANT: Hello</s>"
   assert tp.prompt_for_generation(chat[:3], "llama_2") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
   assert tp.prompt_for_generation(chat[:3], "gemma") == (
-      "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
+      "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+  )
   # LLaVA's LLAMA_2 style wraps a system text in <<SYS>> for mistral_instruct too.
   assert tp.prompt_for_generation(chat[:3], "mistral_instruct") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
   assert tp.prompt_for_generation(chat[:3], "llama3") == (
       "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
-      "Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+      "Hi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+  )
   # An empty system text renders nothing (no <<SYS>> block, no chatml system turn).
   no_sys = [{"role": "system", "content": ""}] + chat[2:]
   assert "".join(s.text for s in tp.render(no_sys, "llama_2")) == "[INST] Hi [/INST] Hello </s>"
@@ -210,9 +250,13 @@ def _llava_preprocess_multimodal(value):
 
 
 # name -> (sep_style, sep, sep2) of LLaVA's conv template.
-_LLAVA_CONV = {"vicuna_v1": ("TWO", " ", "</s>"), "llava_v1": ("TWO", " ", "</s>"),
-               "llama_2": ("LLAMA_2", "<s>", "</s>"), "llava_llama_2": ("LLAMA_2", "<s>", "</s>"),
-               "mistral_instruct": ("LLAMA_2", "", "</s>")}
+_LLAVA_CONV = {
+    "vicuna_v1": ("TWO", " ", "</s>"),
+    "llava_v1": ("TWO", " ", "</s>"),
+    "llama_2": ("LLAMA_2", "<s>", "</s>"),
+    "llava_llama_2": ("LLAMA_2", "<s>", "</s>"),
+    "mistral_instruct": ("LLAMA_2", "", "</s>"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(_LLAVA_CONV))
@@ -230,7 +274,8 @@ def test_matches_llava_get_prompt_on_random_conversations(name):
       msgs[k] = rng.choice(["<image>\n" + msgs[k], msgs[k] + " <image>", "a <image> b"])
     system = rng.choice([None, "Be brief.", ""])
     conv = ([{"from": "system", "value": system}] if system is not None else []) + [
-        {"from": "human" if i % 2 == 0 else "gpt", "value": m} for i, m in enumerate(msgs)]
+        {"from": "human" if i % 2 == 0 else "gpt", "value": m} for i, m in enumerate(msgs)
+    ]
     sys_text = t.system if system is None else system
     ref_msgs = [("USER" if i % 2 == 0 else "ASSISTANT", _llava_preprocess_multimodal(m)) for i, m in enumerate(msgs)]
     ref = _llava_get_prompt(style, sys_text, ref_msgs, sep, sep2)

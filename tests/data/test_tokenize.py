@@ -1,4 +1,5 @@
 """Label masking per template on tiny sentencepiece / WordLevel / byte-level BPE tokenizers, and every rejection."""
+
 import dataclasses
 import random
 
@@ -9,8 +10,15 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llava_jax import tokenizer as tk
 from llava_jax.data import templates as tp
-from llava_jax.data.tokenize import (IGNORE, Rejected, RejectReason, TokenizedSample, apply_policy,
-                                     tokenize_conversation, tokenize_prompt)
+from llava_jax.data.tokenize import (
+    IGNORE,
+    Rejected,
+    RejectReason,
+    TokenizedSample,
+    apply_policy,
+    tokenize_conversation,
+    tokenize_prompt,
+)
 
 IMG = 9999  # image_token_id: outside every test vocabulary, like HF LLaVA's added <image> id
 N_IMG = 3
@@ -24,8 +32,10 @@ CONV = [
 ]
 SAMPLE = {"id": "s-1", "image": "cat.jpg", "conversations": CONV}
 PLAIN = {"id": "p-1", "image": "cat.jpg", "conversations": CONV[1:3]}
-WORDS = ("the a dog cat runs sits on mat red blue big small what is in this yes no color of picture black white "
-         "man woman holding describe").split()
+WORDS = (
+    "the a dog cat runs sits on mat red blue big small what is in this yes no color of picture black white "
+    "man woman holding describe"
+).split()
 
 
 def _rendered_texts():
@@ -41,16 +51,39 @@ def sp():
   rng = random.Random(0)
   sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice(".?!") for _ in range(2000)]
   sents += [t.replace("<image>", "") for t in _rendered_texts()]  # so every character has a piece
-  return tk.train_sentencepiece(sents, 200, user_defined_symbols=[
-      "\n", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>",
-      "<|end_header_id|>", "<|eot_id|>"])
+  return tk.train_sentencepiece(
+      sents,
+      200,
+      user_defined_symbols=[
+          "\n",
+          "<|im_start|>",
+          "<|im_end|>",
+          "<start_of_turn>",
+          "<end_of_turn>",
+          "<|start_header_id|>",
+          "<|end_header_id|>",
+          "<|eot_id|>",
+      ],
+  )
 
 
 @pytest.fixture(scope="module")
 def wl():
   """WordLevel + Whitespace pre-tokenizer: one token per word / punctuation run, whitespace dropped."""
-  specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>",
-              "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+  specials = [
+      "<unk>",
+      "<s>",
+      "</s>",
+      "<pad>",
+      "<|im_start|>",
+      "<|im_end|>",
+      "<start_of_turn>",
+      "<end_of_turn>",
+      "<|begin_of_text|>",
+      "<|start_header_id|>",
+      "<|end_header_id|>",
+      "<|eot_id|>",
+  ]
   words = []
   for text in _rendered_texts():
     words += [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text.replace("<image>", " "))]
@@ -71,16 +104,29 @@ def bpe():
   tok.decoder = decoders.ByteLevel()
   rng = random.Random(1)
   sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(1000)] + _rendered_texts()
-  tok.train_from_iterator(sents, trainers.BpeTrainer(
-      vocab_size=400, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>",
-                                                          "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.train_from_iterator(
+      sents,
+      trainers.BpeTrainer(
+          vocab_size=400,
+          show_progress=False,
+          special_tokens=[
+              "<|endoftext|>",
+              "<|im_start|>",
+              "<|im_end|>",
+              "<|start_header_id|>",
+              "<|end_header_id|>",
+              "<|eot_id|>",
+          ],
+          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      ),
+  )
   return tk.HFTokenizer(tok, bos_token=None, eos_token="<|im_end|>", name="bpe")
 
 
 def _tok(sample, tokenizer, template, max_len=4096, **kw):
-  return tokenize_conversation(sample, tokenizer, template, image_token_id=IMG, num_image_tokens=N_IMG,
-                               max_len=max_len, **kw)
+  return tokenize_conversation(
+      sample, tokenizer, template, image_token_id=IMG, num_image_tokens=N_IMG, max_len=max_len, **kw
+  )
 
 
 def _strings(tokenizer, ids):
@@ -102,31 +148,51 @@ def _targets(tokenizer, r):
 
 # Hand-written: the whole token sequence (WordLevel drops whitespace) and the learned runs.
 WL_EXPECTED = {
-    "vicuna_v1": ("<s> Be brief . USER : IMG IMG IMG What is this ? ASSISTANT : A cat . </s> "
-                  "USER : Color ? ASSISTANT : Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
-    "llava_v1": ("<s> Be brief . USER : IMG IMG IMG What is this ? ASSISTANT : A cat . </s> "
-                 "USER : Color ? ASSISTANT : Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
-    "llama_2": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
-                "<s> [ INST ] Color ? [/ INST ] Black . </s>", [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
-    "llava_llama_2": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
-                      "<s> [ INST ] Color ? [/ INST ] Black . </s>",
-                      [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
-    "mistral_instruct": ("<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . "
-                         "</s> [ INST ] Color ? [/ INST ] Black . </s>",
-                         [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]]),
-    "llama3": ("<s> <|start_header_id|> system <|end_header_id|> Be brief . <|eot_id|> <|start_header_id|> user "
-               "<|end_header_id|> IMG IMG IMG What is this ? <|eot_id|> <|start_header_id|> assistant "
-               "<|end_header_id|> "
-               "A cat . <|eot_id|> <|start_header_id|> user <|end_header_id|> Color ? <|eot_id|> <|start_header_id|> "
-               "assistant <|end_header_id|> Black . <|eot_id|>",
-               [["A", "cat", ".", "<|eot_id|>"], ["Black", ".", "<|eot_id|>"]]),
-    "chatml": ("<|im_start|> system Be brief . <|im_end|> <|im_start|> user IMG IMG IMG What is this ? <|im_end|> "
-               "<|im_start|> assistant A cat . <|im_end|> <|im_start|> user Color ? <|im_end|> "
-               "<|im_start|> assistant Black . <|im_end|>",
-               [["A", "cat", ".", "<|im_end|>"], ["Black", ".", "<|im_end|>"]]),
-    "gemma": ("<s> <start_of_turn> user Be brief . IMG IMG IMG What is this ? <end_of_turn> <start_of_turn> model "
-              "A cat . <end_of_turn> <start_of_turn> user Color ? <end_of_turn> <start_of_turn> model "
-              "Black . <end_of_turn>", [["A", "cat", ".", "<end_of_turn>"], ["Black", ".", "<end_of_turn>"]]),
+    "vicuna_v1": (
+        "<s> Be brief . USER : IMG IMG IMG What is this ? ASSISTANT : A cat . </s> "
+        "USER : Color ? ASSISTANT : Black . </s>",
+        [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]],
+    ),
+    "llava_v1": (
+        "<s> Be brief . USER : IMG IMG IMG What is this ? ASSISTANT : A cat . </s> "
+        "USER : Color ? ASSISTANT : Black . </s>",
+        [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]],
+    ),
+    "llama_2": (
+        "<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
+        "<s> [ INST ] Color ? [/ INST ] Black . </s>",
+        [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]],
+    ),
+    "llava_llama_2": (
+        "<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . </s> "
+        "<s> [ INST ] Color ? [/ INST ] Black . </s>",
+        [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]],
+    ),
+    "mistral_instruct": (
+        "<s> [ INST ] << SYS >> Be brief . <</ SYS >> IMG IMG IMG What is this ? [/ INST ] A cat . "
+        "</s> [ INST ] Color ? [/ INST ] Black . </s>",
+        [["A", "cat", ".", "</s>"], ["Black", ".", "</s>"]],
+    ),
+    "llama3": (
+        "<s> <|start_header_id|> system <|end_header_id|> Be brief . <|eot_id|> <|start_header_id|> user "
+        "<|end_header_id|> IMG IMG IMG What is this ? <|eot_id|> <|start_header_id|> assistant "
+        "<|end_header_id|> "
+        "A cat . <|eot_id|> <|start_header_id|> user <|end_header_id|> Color ? <|eot_id|> <|start_header_id|> "
+        "assistant <|end_header_id|> Black . <|eot_id|>",
+        [["A", "cat", ".", "<|eot_id|>"], ["Black", ".", "<|eot_id|>"]],
+    ),
+    "chatml": (
+        "<|im_start|> system Be brief . <|im_end|> <|im_start|> user IMG IMG IMG What is this ? <|im_end|> "
+        "<|im_start|> assistant A cat . <|im_end|> <|im_start|> user Color ? <|im_end|> "
+        "<|im_start|> assistant Black . <|im_end|>",
+        [["A", "cat", ".", "<|im_end|>"], ["Black", ".", "<|im_end|>"]],
+    ),
+    "gemma": (
+        "<s> <start_of_turn> user Be brief . IMG IMG IMG What is this ? <end_of_turn> <start_of_turn> model "
+        "A cat . <end_of_turn> <start_of_turn> user Color ? <end_of_turn> <start_of_turn> model "
+        "Black . <end_of_turn>",
+        [["A", "cat", ".", "<end_of_turn>"], ["Black", ".", "<end_of_turn>"]],
+    ),
     "plain": ("<s> IMG IMG IMG A cat .", [["A", "cat", "."]]),
 }
 
@@ -134,14 +200,14 @@ WL_EXPECTED = {
 # LLaVA-NeXT: learned tokens in [brackets] (also the structural ones of user and system turns).
 WL_MARKED = {
     "llama3_llava_next": "<s> [<|start_header_id|>] system [<|end_header_id|>] Be brief . [<|eot_id|>] "
-                         "[<|start_header_id|>] user [<|end_header_id|>] IMG IMG IMG What is this ? [<|eot_id|>] "
-                         "[<|start_header_id|>] [assistant] [<|end_header_id|>] [A] [cat] [.] [<|eot_id|>] "
-                         "[<|start_header_id|>] user [<|end_header_id|>] Color ? [<|eot_id|>] [<|start_header_id|>] "
-                         "[assistant] [<|end_header_id|>] [Black] [.] [<|eot_id|>]",
+    "[<|start_header_id|>] user [<|end_header_id|>] IMG IMG IMG What is this ? [<|eot_id|>] "
+    "[<|start_header_id|>] [assistant] [<|end_header_id|>] [A] [cat] [.] [<|eot_id|>] "
+    "[<|start_header_id|>] user [<|end_header_id|>] Color ? [<|eot_id|>] [<|start_header_id|>] "
+    "[assistant] [<|end_header_id|>] [Black] [.] [<|eot_id|>]",
     # "\n" is learned too where it is a token of its own; WordLevel drops whitespace.
     "chatml_llava_next": "[<|im_start|>] system Be brief . [<|im_end|>] [<|im_start|>] user IMG IMG IMG What is this ? "
-                         "[<|im_end|>] [<|im_start|>] [assistant] [A] [cat] [.] [<|im_end|>] [<|im_start|>] user Color "
-                         "? [<|im_end|>] [<|im_start|>] [assistant] [Black] [.] [<|im_end|>]",
+    "[<|im_end|>] [<|im_start|>] [assistant] [A] [cat] [.] [<|im_end|>] [<|im_start|>] user Color "
+    "? [<|im_end|>] [<|im_start|>] [assistant] [Black] [.] [<|im_end|>]",
 }
 
 
@@ -153,8 +219,10 @@ def test_every_template_has_a_wordlevel_expectation():
 def test_wordlevel_learned_tokens_by_hand(wl, name):
   r = _tok(SAMPLE, wl, name, add_bos=not name.startswith("chatml"))
   assert isinstance(r, TokenizedSample), r
-  marked = ["IMG" if i == IMG else (f"[{wl.id_to_token(i)}]" if l != IGNORE else wl.id_to_token(i))
-            for i, l in zip(r.input_ids, r.labels)]
+  marked = [
+      "IMG" if i == IMG else (f"[{wl.id_to_token(i)}]" if l != IGNORE else wl.id_to_token(i))
+      for i, l in zip(r.input_ids, r.labels)
+  ]
   assert " ".join(marked) == WL_MARKED[name]
 
 
@@ -174,8 +242,9 @@ def test_sentencepiece_vicuna_by_hand(sp):
   r = _tok(SAMPLE, sp, "vicuna_v1")
   pieces = _strings(sp, r.input_ids)
   # A dummy prefix at the text start and after the image (LLaVA's tokenizer_image_token), none elsewhere.
-  assert "".join(pieces) == ("<s>▁Be▁brief.▁USER:▁IMGIMGIMG▁\nWhat▁is▁this?▁ASSISTANT:▁A▁cat.</s>"
-                             "▁USER:▁Color?▁ASSISTANT:▁Black.</s>")
+  assert "".join(pieces) == (
+      "<s>▁Be▁brief.▁USER:▁IMGIMGIMG▁\nWhat▁is▁this?▁ASSISTANT:▁A▁cat.</s>▁USER:▁Color?▁ASSISTANT:▁Black.</s>"
+  )
   assert ["".join(run) for run in _targets(sp, r)] == ["▁A▁cat.</s>", "▁Black.</s>"]
 
 
@@ -217,10 +286,10 @@ def test_generation_prompt_tokens_equal_training_context(sp, wl, bpe, name):
     if not t.learned_tokens:
       assert len(starts) == len(user_turns)
     for j, k in enumerate(user_turns):
-      prompt = tp.prompt_for_generation(conv[:k + 1], name)
+      prompt = tp.prompt_for_generation(conv[: k + 1], name)
       ids = tokenize_prompt(prompt, tok, image_token_id=IMG, num_image_tokens=N_IMG)
       assert ids.dtype == np.int32
-      np.testing.assert_array_equal(ids, r.input_ids[:len(ids)], err_msg=f"{name} {tok.name} turn {k}")
+      np.testing.assert_array_equal(ids, r.input_ids[: len(ids)], err_msg=f"{name} {tok.name} turn {k}")
       if not t.learned_tokens:  # the answer's learned tokens start right after the generation prompt
         assert starts[j] == len(ids), (name, tok.name, k)
 
@@ -252,8 +321,9 @@ def test_image_count_mismatch(wl):
   two = {**SAMPLE, "image": ["a.jpg", "b.jpg"]}
   assert _tok(two, wl, "vicuna_v1").reason == RejectReason.IMAGE_COUNT_MISMATCH
   # a text token that collides with image_token_id would be merged as an image feature
-  r = tokenize_conversation(SAMPLE, wl, "vicuna_v1", image_token_id=wl.token_to_id("cat"), num_image_tokens=2,
-                            max_len=100)
+  r = tokenize_conversation(
+      SAMPLE, wl, "vicuna_v1", image_token_id=wl.token_to_id("cat"), num_image_tokens=2, max_len=100
+  )
   assert r.reason == RejectReason.IMAGE_COUNT_MISMATCH and "image_token_id" in r.detail
   # text-only samples are fine
   text_only = {"id": "t", "conversations": [{"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Black."}]}
@@ -270,9 +340,16 @@ def test_truncation(wl):
   assert isinstance(r, TokenizedSample) and r.truncated and len(r.input_ids) == first_target + 1
   assert _targets(wl, r) == [["A"]]
   # an image in a later turn that max_len cuts into, while an answer survives
-  late = {"id": "late", "image": "x.jpg", "conversations": [
-      {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Black."},
-      {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]}
+  late = {
+      "id": "late",
+      "image": "x.jpg",
+      "conversations": [
+          {"from": "human", "value": "Color?"},
+          {"from": "gpt", "value": "Black."},
+          {"from": "human", "value": "<image>\nWhat is this?"},
+          {"from": "gpt", "value": "A cat."},
+      ],
+  }
   full = _tok(late, wl, "vicuna_v1")
   img_start = int(np.argmax(full.input_ids == IMG))
   r = _tok(late, wl, "vicuna_v1", max_len=img_start + 1)

@@ -11,6 +11,7 @@ LLaVA-NeXT (LLaVA-VL/LLaVA-NeXT `train.py` `preprocess_qwen` / `preprocess_llama
 (torch and IMAGE_TOKEN_INDEX left out) and run with transformers' own `apply_chat_template` on a byte-level BPE
 tokenizer that has the Qwen2 / Llama-3 special tokens, with Meta's Llama-3 template (testdata/chat_templates).
 """
+
 import copy
 import os
 import random
@@ -26,31 +27,41 @@ from llava_jax.data.tokenize import IGNORE, TokenizedSample, tokenize_conversati
 TESTDATA = os.path.join(os.path.dirname(__file__), "testdata")
 IMG = 9999
 
-CONV = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A cat."},
-        {"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Black."}]
-TEXT3 = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Color?"},
-         {"from": "gpt", "value": "Black."}, {"from": "human", "value": "Size?"}, {"from": "gpt", "value": "Big."}]
+CONV = [
+    {"from": "human", "value": "What is this?\n<image>"},
+    {"from": "gpt", "value": "A cat."},
+    {"from": "human", "value": "Color?"},
+    {"from": "gpt", "value": "Black."},
+]
+TEXT3 = [
+    {"from": "human", "value": "Hi"},
+    {"from": "gpt", "value": "Hello."},
+    {"from": "human", "value": "Color?"},
+    {"from": "gpt", "value": "Black."},
+    {"from": "human", "value": "Size?"},
+    {"from": "gpt", "value": "Big."},
+]
 SYSTEM = [{"from": "system", "value": "Be brief."}]  # LLaVA: conv.system = "Be brief."
 CASES = {"default": (CONV, True), "sys": (SYSTEM + CONV, True), "text3": (SYSTEM + TEXT3, False)}
 
 _SYS = {
     "VICUNA": "<s> ▁A ▁chat ▁between ▁a ▁curious ▁user ▁and ▁an ▁artificial ▁intelligence ▁assistant . ▁The "
-              "▁assistant ▁gives ▁helpful , ▁detailed , ▁and ▁polite ▁answers ▁to ▁the ▁user ' s ▁questions .",
+    "▁assistant ▁gives ▁helpful , ▁detailed , ▁and ▁polite ▁answers ▁to ▁the ▁user ' s ▁questions .",
     "LLAVA": "<s> ▁A ▁chat ▁between ▁a ▁curious ▁human ▁and ▁an ▁artificial ▁intelligence ▁assistant . ▁The "
-             "▁assistant ▁gives ▁helpful , ▁detailed , ▁and ▁polite ▁answers ▁to ▁the ▁human ' s ▁questions .",
+    "▁assistant ▁gives ▁helpful , ▁detailed , ▁and ▁polite ▁answers ▁to ▁the ▁human ' s ▁questions .",
     # "safe.  Your": sentencepiece splits the double space as '.', '▁', '▁Your'.
     "LLAMA2": "<s> ▁[ INST ] ▁<< SYS >> <0x0A> You ▁are ▁a ▁helpful , ▁respect ful ▁and ▁honest ▁assistant . "
-              "▁Always ▁answer ▁as ▁help fully ▁as ▁possible , ▁while ▁being ▁safe . ▁ ▁Your ▁answers ▁should ▁not "
-              "▁include ▁any ▁harmful , ▁un eth ical , ▁racist , ▁sex ist , ▁toxic , ▁dangerous , ▁or ▁illegal "
-              "▁content . ▁Please ▁ensure ▁that ▁your ▁responses ▁are ▁soc ially ▁un bi ased ▁and ▁positive ▁in "
-              "▁nature . <0x0A> <0x0A> If ▁a ▁question ▁does ▁not ▁make ▁any ▁sense , ▁or ▁is ▁not ▁fact ually ▁co "
-              "herent , ▁explain ▁why ▁instead ▁of ▁answering ▁something ▁not ▁correct . ▁If ▁you ▁don ' t ▁know "
-              "▁the ▁answer ▁to ▁a ▁question , ▁please ▁don ' t ▁share ▁false ▁information . <0x0A> < </ SYS >> "
-              "<0x0A> <0x0A>",
+    "▁Always ▁answer ▁as ▁help fully ▁as ▁possible , ▁while ▁being ▁safe . ▁ ▁Your ▁answers ▁should ▁not "
+    "▁include ▁any ▁harmful , ▁un eth ical , ▁racist , ▁sex ist , ▁toxic , ▁dangerous , ▁or ▁illegal "
+    "▁content . ▁Please ▁ensure ▁that ▁your ▁responses ▁are ▁soc ially ▁un bi ased ▁and ▁positive ▁in "
+    "▁nature . <0x0A> <0x0A> If ▁a ▁question ▁does ▁not ▁make ▁any ▁sense , ▁or ▁is ▁not ▁fact ually ▁co "
+    "herent , ▁explain ▁why ▁instead ▁of ▁answering ▁something ▁not ▁correct . ▁If ▁you ▁don ' t ▁know "
+    "▁the ▁answer ▁to ▁a ▁question , ▁please ▁don ' t ▁share ▁false ▁information . <0x0A> < </ SYS >> "
+    "<0x0A> <0x0A>",
     "LLAVA_LLAMA2": "<s> ▁[ INST ] ▁<< SYS >> <0x0A> You ▁are ▁a ▁helpful ▁language ▁and ▁vision ▁assistant . ▁You "
-                    "▁are ▁able ▁to ▁understand ▁the ▁visual ▁content ▁that ▁the ▁user ▁provides , ▁and ▁assist "
-                    "▁the ▁user ▁with ▁a ▁variety ▁of ▁tasks ▁using ▁natural ▁language . <0x0A> < </ SYS >> <0x0A> "
-                    "<0x0A>",
+    "▁are ▁able ▁to ▁understand ▁the ▁visual ▁content ▁that ▁the ▁user ▁provides , ▁and ▁assist "
+    "▁the ▁user ▁with ▁a ▁variety ▁of ▁tasks ▁using ▁natural ▁language . <0x0A> < </ SYS >> <0x0A> "
+    "<0x0A>",
 }
 
 # (template, legacy, case) -> tokens, learned ones in [brackets]. What each encodes:
@@ -64,64 +75,64 @@ _SYS = {
 # - PLAIN: "<image>" + caption + "\n"; learned: the caption's tokens and '\n'.
 LLAVA_REFERENCE = {
     ("vicuna_v1", True, "default"): "{VICUNA} ▁US ER : ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁ASS IST ANT : [▁A] [▁cat] "
-                                    "[.] [</s>] ▁US ER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
+    "[.] [</s>] ▁US ER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
     ("vicuna_v1", False, "default"): "{VICUNA} ▁US ER : ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁ASS IST ANT : [▁A] "
-                                     "[▁cat] [.] [</s>] USER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
+    "[▁cat] [.] [</s>] USER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
     ("llava_v1", True, "default"): "{LLAVA} ▁US ER : ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁ASS IST ANT : [▁A] [▁cat] "
-                                   "[.] [</s>] ▁US ER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
+    "[.] [</s>] ▁US ER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
     ("llava_v1", False, "default"): "{LLAVA} ▁US ER : ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁ASS IST ANT : [▁A] [▁cat] "
-                                    "[.] [</s>] USER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
+    "[.] [</s>] USER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
     ("llama_2", True, "default"): "{LLAMA2} <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] "
-                                  "<s> ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "<s> ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("llama_2", False, "default"): "{LLAMA2} <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] "
-                                   "<s> [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "<s> [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("llava_llama_2", True, "default"): "{LLAVA_LLAMA2} <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] "
-                                        "[▁] [</s>] <s> ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "[▁] [</s>] <s> ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("llava_llama_2", False, "default"): "{LLAVA_LLAMA2} <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] "
-                                         "[.] [▁] [</s>] <s> [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "[.] [▁] [</s>] <s> [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("mistral_instruct", True, "default"): "<s> ▁[ INST ] ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] "
-                                           "[.] [▁] [</s>] ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "[.] [▁] [</s>] ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("mistral_instruct", False, "default"): "<s> ▁[ INST ] ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] "
-                                            "[▁cat] [.] [▁] [</s>] [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] "
-                                            "[</s>]",
+    "[▁cat] [.] [▁] [</s>] [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] "
+    "[</s>]",
     ("plain", True, "default"): "<s> <IMG> [▁A] [▁cat] [.] [<0x0A>]",
     ("plain", False, "default"): "<s> <IMG> [▁A] [▁cat] [.] [<0x0A>]",
     ("vicuna_v1", True, "sys"): "<s> ▁Be ▁brief . ▁US ER : ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁ASS IST ANT : [▁A] "
-                                "[▁cat] [.] [</s>] ▁US ER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
+    "[▁cat] [.] [</s>] ▁US ER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
     ("vicuna_v1", False, "sys"): "<s> ▁Be ▁brief . ▁US ER : ▁ <IMG> ▁ <0x0A> What ▁is ▁this ? ▁ASS IST ANT : [▁A] "
-                                 "[▁cat] [.] [</s>] USER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
+    "[▁cat] [.] [</s>] USER : ▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>]",
     ("vicuna_v1", True, "text3"): "<s> ▁Be ▁brief . ▁US ER : ▁Hi ▁ASS IST ANT : [▁Hello] [.] [</s>] ▁US ER : "
-                                  "▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>] ▁US ER : ▁Size ? ▁ASS IST ANT : "
-                                  "[▁Big] [.] [</s>]",
+    "▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>] ▁US ER : ▁Size ? ▁ASS IST ANT : "
+    "[▁Big] [.] [</s>]",
     ("vicuna_v1", False, "text3"): "<s> ▁Be ▁brief . ▁US ER : ▁Hi ▁ASS IST ANT : [▁Hello] [.] [</s>] USER : "
-                                   "▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>] USER : ▁Size ? ▁ASS IST ANT : "
-                                   "[▁Big] [.] [</s>]",
+    "▁Color ? ▁ASS IST ANT : [▁Black] [.] [</s>] USER : ▁Size ? ▁ASS IST ANT : "
+    "[▁Big] [.] [</s>]",
     ("llama_2", True, "sys"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> <0x0A> <IMG> ▁ "
-                              "<0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] <s> ▁[ INST ] ▁Color "
-                              "? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "<0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] <s> ▁[ INST ] ▁Color "
+    "? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("llama_2", False, "sys"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> <0x0A> <IMG> ▁ "
-                               "<0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] <s> [ INST ] ▁Color ? "
-                               "▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "<0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] <s> [ INST ] ▁Color ? "
+    "▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("llama_2", True, "text3"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> <0x0A> Hi ▁[ "
-                                "/ INST ] [▁Hello] [.] [▁] [</s>] <s> ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] "
-                                "[▁] [</s>] <s> ▁[ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] [▁] [</s>]",
+    "/ INST ] [▁Hello] [.] [▁] [</s>] <s> ▁[ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] "
+    "[▁] [</s>] <s> ▁[ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] [▁] [</s>]",
     ("llama_2", False, "text3"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> <0x0A> Hi ▁[ "
-                                 "/ INST ] [▁Hello] [.] [▁] [</s>] <s> [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] "
-                                 "[▁] [</s>] <s> [ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] [▁] [</s>]",
+    "/ INST ] [▁Hello] [.] [▁] [</s>] <s> [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] "
+    "[▁] [</s>] <s> [ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] [▁] [</s>]",
     ("mistral_instruct", True, "sys"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> <0x0A> "
-                                       "<IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] ▁[ "
-                                       "INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "<IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] [</s>] ▁[ "
+    "INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("mistral_instruct", False, "sys"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> "
-                                        "<0x0A> <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] "
-                                        "[</s>] [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
+    "<0x0A> <IMG> ▁ <0x0A> What ▁is ▁this ? ▁[ / INST ] [▁A] [▁cat] [.] [▁] "
+    "[</s>] [ INST ] ▁Color ? ▁[ / INST ] [▁Black] [.] [▁] [</s>]",
     ("mistral_instruct", True, "text3"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> "
-                                         "<0x0A> Hi ▁[ / INST ] [▁Hello] [.] [▁] [</s>] ▁[ INST ] ▁Color ? ▁[ / "
-                                         "INST ] [▁Black] [.] [▁] [</s>] ▁[ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] "
-                                         "[▁] [</s>]",
+    "<0x0A> Hi ▁[ / INST ] [▁Hello] [.] [▁] [</s>] ▁[ INST ] ▁Color ? ▁[ / "
+    "INST ] [▁Black] [.] [▁] [</s>] ▁[ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] "
+    "[▁] [</s>]",
     ("mistral_instruct", False, "text3"): "<s> ▁[ INST ] ▁<< SYS >> <0x0A> Be ▁brief . <0x0A> < </ SYS >> <0x0A> "
-                                          "<0x0A> Hi ▁[ / INST ] [▁Hello] [.] [▁] [</s>] [ INST ] ▁Color ? ▁[ / INST "
-                                          "] [▁Black] [.] [▁] [</s>] [ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] [▁] "
-                                          "[</s>]",
+    "<0x0A> Hi ▁[ / INST ] [▁Hello] [.] [▁] [</s>] [ INST ] ▁Color ? ▁[ / INST "
+    "] [▁Black] [.] [▁] [</s>] [ INST ] ▁Size ? ▁[ / INST ] [▁Big] [.] [▁] "
+    "[</s>]",
 }
 
 
@@ -133,8 +144,10 @@ def mistral():
 
 
 def _marked(tokenizer, r: TokenizedSample) -> str:
-  return " ".join(("[" + tokenizer.id_to_token(i) + "]") if label != IGNORE else
-                  ("<IMG>" if i == IMG else tokenizer.id_to_token(i)) for i, label in zip(r.input_ids, r.labels))
+  return " ".join(
+      ("[" + tokenizer.id_to_token(i) + "]") if label != IGNORE else ("<IMG>" if i == IMG else tokenizer.id_to_token(i))
+      for i, label in zip(r.input_ids, r.labels)
+  )
 
 
 @pytest.mark.parametrize("key", sorted(LLAVA_REFERENCE), ids=lambda k: "-".join(map(str, k)))
@@ -152,8 +165,10 @@ def test_llava_ids_and_masks_on_mistral_sentencepiece(mistral, key):
 def test_legacy_changes_exactly_one_token_per_later_round(mistral):
   """The issue's example: vicuna_v1 with a legacy=False tokenizer differs from legacy=True at each '</s>USER'."""
   sample = {"id": "t3", "conversations": SYSTEM + TEXT3}
-  a, b = (tokenize_conversation(sample, mistral[legacy], "vicuna_v1", image_token_id=IMG, num_image_tokens=1,
-                                max_len=4096) for legacy in (True, False))
+  a, b = (
+      tokenize_conversation(sample, mistral[legacy], "vicuna_v1", image_token_id=IMG, num_image_tokens=1, max_len=4096)
+      for legacy in (True, False)
+  )
   assert len(a.input_ids) == len(b.input_ids) + 2  # '▁US', 'ER' -> 'USER' in rounds 2 and 3
   assert a.num_target_tokens == b.num_target_tokens == 9
 
@@ -187,9 +202,11 @@ def preprocess_qwen(sources, tokenizer, has_image=False, system_message="You are
   image_token_index = tokenizer.convert_tokens_to_ids("<image>")
   im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])  # additional_special_tokens_ids
   unmask_tokens_idx = [tokenizer("\n").input_ids[0], im_start, im_end]  # [198, im_start, im_end] in Qwen2
-  chat_template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                   "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                   "{% endif %}")
+  chat_template = (
+      "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+      "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+      "{% endif %}"
+  )
   tokenizer.chat_template = chat_template
   source = sources[0]
   if roles[source[0]["from"]] != roles["human"]:
@@ -248,8 +265,16 @@ def preprocess_llama3(sources, tokenizer, has_image=False, system_message=tp._LL
   return input_id, target
 
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|end_of_text|>",
-            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 WORDS = "the a dog cat runs sits on mat red blue what is this color of picture black white man yes no".split()
 
 
@@ -261,13 +286,23 @@ def bpe():
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
-  sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + rng.choice([".", "?", "\n", "\n\n"])
-           for _ in range(800)]
-  tok.train_from_iterator(sents, trainers.BpeTrainer(vocab_size=400, show_progress=False, special_tokens=SPECIALS,
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  sents = [
+      " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))) + rng.choice([".", "?", "\n", "\n\n"])
+      for _ in range(800)
+  ]
+  tok.train_from_iterator(
+      sents,
+      trainers.BpeTrainer(
+          vocab_size=400,
+          show_progress=False,
+          special_tokens=SPECIALS,
+          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      ),
+  )
   qwen = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-  llama3 = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                                eos_token="<|eot_id|>")
+  llama3 = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+  )
   with open(os.path.join(TESTDATA, "chat_templates", "llama3.jinja")) as f:
     llama3.chat_template = f.read()
   return tok, qwen, llama3
@@ -324,7 +359,13 @@ def test_llava_next_masks_by_hand(bpe):
     marked += "IMG" if i == IMG else ours.decode([int(i)], skip_special_tokens=False)
   assert marked + ("]" if run else "") == (
       "[<|im_start|>]system[\n]You are a helpful assistant.[<|im_end|>\n<|im_start|>]user[\n]IMG[\n]What is this?"
-      "[<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n]")
+      "[<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n]"
+  )
   r = tokenize_conversation(sample, ours, "chatml", image_token_id=IMG, num_image_tokens=1, max_len=99)
   assert [ours.decode([i], skip_special_tokens=False) for i, l in zip(r.input_ids, r.labels) if l != IGNORE] == [
-      "A", " cat", ".", "<|im_end|>", "\n"]
+      "A",
+      " cat",
+      ".",
+      "<|im_end|>",
+      "\n",
+  ]

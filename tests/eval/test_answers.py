@@ -1,4 +1,5 @@
 """Resumable answers files: flushed lines, a kill mid-line, answered ids."""
+
 import json
 
 import pytest
@@ -47,8 +48,7 @@ def test_resume_after_kill_mid_line(tmp_path):
 
 def test_complete_last_record_without_newline_is_kept(tmp_path):
   path = tmp_path / "answers.jsonl"
-  path.write_text(json.dumps({"question_id": 0, "text": "a"}) + "\n"
-                  + json.dumps({"question_id": 1, "text": "b"}))
+  path.write_text(json.dumps({"question_id": 0, "text": "a"}) + "\n" + json.dumps({"question_id": 1, "text": "b"}))
   assert answered_ids(path) == {0, 1}
   with AnswerWriter(path, model_id="m") as writer:
     writer.write(2, "p", "c")

@@ -1,6 +1,7 @@
 """``python -m llava_jax.evaluate`` on 2 processes x 2 CPU devices (jax.distributed over
 127.0.0.1) answers and scores exactly as 1 process x 4 devices, and resumes a killed run
 with no question lost or answered twice."""
+
 import json
 import os
 import shutil
@@ -25,9 +26,15 @@ def _training_workdir(hf_dir: str, workdir: str) -> None:
 
   from llava_jax.checkpoint.orbax import write_run_info
   from llava_jax.infer.loading import load_model
+
   hf = load_model(hf_dir)
-  write_run_info(workdir, model=hf.cfg, tokenizer=os.path.join(hf_dir, "tokenizer.model"),
-                 template="llava_v1", image=hf.image_config)
+  write_run_info(
+      workdir,
+      model=hf.cfg,
+      tokenizer=os.path.join(hf_dir, "tokenizer.model"),
+      template="llava_v1",
+      image=hf.image_config,
+  )
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
     manager.save(3, args=ocp.args.Composite(params=ocp.args.StandardSave(hf.params)))
     manager.wait_until_finished()
@@ -41,17 +48,18 @@ def _questions(paths: dict, directory: str) -> tuple[str, str]:
   with open(os.path.join(data, "images", "bad.png"), "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n not really a png")
   rows = [json.loads(line) for line in open(paths["questions"])]
-  rows += [{"question_id": "q3", "image": "images/2.png", "text": "What shape is on the left?"},
-           {"question_id": "q4", "text": "What color is the sky?"},
-           {"question_id": "q5", "image": "images/bad.png", "text": "Is it blue?"},
-           {"question_id": "q6", "image": "images/1.png", "text": "Is there a square?"}]
+  rows += [
+      {"question_id": "q3", "image": "images/2.png", "text": "What shape is on the left?"},
+      {"question_id": "q4", "text": "What color is the sky?"},
+      {"question_id": "q5", "image": "images/bad.png", "text": "Is it blue?"},
+      {"question_id": "q6", "image": "images/1.png", "text": "Is there a square?"},
+  ]
   answers = ["red", "two", "yes", "circle", "blue", "no", "yes"]
   questions, annotations = os.path.join(data, "q7.jsonl"), os.path.join(data, "a7.jsonl")
   with open(questions, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   with open(annotations, "w") as f:
-    f.writelines(json.dumps({"question_id": r["question_id"], "answer": a}) + "\n"
-                 for r, a in zip(rows, answers))
+    f.writelines(json.dumps({"question_id": r["question_id"], "answer": a}) + "\n" for r, a in zip(rows, answers))
   return questions, annotations
 
 
@@ -62,11 +70,17 @@ def setup(tmp_path_factory):
   workdir = os.path.join(root, "run")
   _training_workdir(paths["model"], workdir)
   questions, annotations = _questions(paths, root)
-  args = [f"--checkpoint={workdir}", "--task=synthetic", f"--questions={questions}",
-          f"--annotations={annotations}", "--batch_size=2", "--max_new_tokens=6", MESH]
+  args = [
+      f"--checkpoint={workdir}",
+      "--task=synthetic",
+      f"--questions={questions}",
+      f"--annotations={annotations}",
+      "--batch_size=2",
+      "--max_new_tokens=6",
+      MESH,
+  ]
   reference = os.path.join(root, "reference")
-  run_module("llava_jax.evaluate", *args, f"--workdir={reference}", num_processes=1,
-             devices_per_process=4)
+  run_module("llava_jax.evaluate", *args, f"--workdir={reference}", num_processes=1, devices_per_process=4)
   return {"root": root, "args": args, "reference": reference}
 
 
@@ -89,8 +103,7 @@ def _eval_json(out_dir):
 
 def test_two_processes_answer_and_score_as_one(setup):
   out = os.path.join(setup["root"], "two_processes")
-  outs = run_module("llava_jax.evaluate", *setup["args"], f"--workdir={out}", num_processes=2,
-                    devices_per_process=2)
+  outs = run_module("llava_jax.evaluate", *setup["args"], f"--workdir={out}", num_processes=2, devices_per_process=2)
   want = _rows(setup["reference"])
   by_id = _by_id(want)
   assert sorted(by_id) == [f"q{i}" for i in range(7)]
@@ -114,8 +127,7 @@ def test_killed_run_resumes_on_two_processes(setup):
     f.writelines(lines[:3])
     f.write(lines[3][:40])
   kept = [json.loads(line)["answer_id"] for line in lines[:3]]
-  run_module("llava_jax.evaluate", *setup["args"], f"--workdir={out}", num_processes=2,
-             devices_per_process=2)
+  run_module("llava_jax.evaluate", *setup["args"], f"--workdir={out}", num_processes=2, devices_per_process=2)
   rows = read_answers(os.path.join(out, "synthetic_answers.jsonl"))
   assert sorted(_by_id(rows)) == [f"q{i}" for i in range(7)]  # none twice, none lost
   assert [r["answer_id"] for r in rows[:3]] == kept  # the first three were not asked again

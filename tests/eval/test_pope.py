@@ -1,22 +1,26 @@
 """POPE parsing and metrics on a hand-built confusion matrix."""
+
 import pytest
 
 from llava_jax.eval import pope
 
 
-@pytest.mark.parametrize("text, parsed", [
-    ("Yes", "yes"),
-    ("Yes, there is a dog in the image.", "yes"),
-    ("No", "no"),
-    ("No.", "no"),
-    ("No, there is no dog.", "no"),
-    ("There is not a dog in the image", "no"),
-    ("Yes. But there is no cat.", "yes"),   # only the first sentence counts
-    ("NO", "yes"),                          # only "No", "no" and "not" are negative words
-    ("Nope", "yes"),
-    ("", "yes"),
-    ("I cannot tell", "yes"),               # "cannot" is not the word "not"
-])
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("Yes", "yes"),
+        ("Yes, there is a dog in the image.", "yes"),
+        ("No", "no"),
+        ("No.", "no"),
+        ("No, there is no dog.", "no"),
+        ("There is not a dog in the image", "no"),
+        ("Yes. But there is no cat.", "yes"),  # only the first sentence counts
+        ("NO", "yes"),  # only "No", "no" and "not" are negative words
+        ("Nope", "yes"),
+        ("", "yes"),
+        ("I cannot tell", "yes"),  # "cannot" is not the word "not"
+    ],
+)
 def test_pope_answer(text, parsed):
   assert pope.pope_answer(text) == parsed
 

@@ -1,4 +1,5 @@
 """Question and annotation readers: LLaVA JSONL, official VQAv2 / GQA / ScienceQA JSON, MMBench TSV, POPE labels."""
+
 import json
 
 import pytest
@@ -13,15 +14,17 @@ def write_jsonl(path, rows):
 
 def test_read_llava_jsonl_questions_and_prompt_suffix(tmp_path):
   path = tmp_path / "q.jsonl"
-  write_jsonl(path, [
-      {"question_id": 1, "image": "a.jpg", "text": f"Is it red?\n{SHORT_ANSWER}",
-       "category": "default"},
-      {"question_id": 2, "image": "b.jpg", "text": "What color?"}])
+  write_jsonl(
+      path,
+      [
+          {"question_id": 1, "image": "a.jpg", "text": f"Is it red?\n{SHORT_ANSWER}", "category": "default"},
+          {"question_id": 2, "image": "b.jpg", "text": "What color?"},
+      ],
+  )
   q1, q2 = read_questions(path)
   assert prompt_text(q1, "vqav2") == q1["text"]  # suffix already there: not doubled
   assert prompt_text(q2, "gqa") == f"What color?\n{SHORT_ANSWER}"
-  assert prompt_text(q2, "scienceqa").endswith(
-      "\nAnswer with the option's letter from the given choices directly.")
+  assert prompt_text(q2, "scienceqa").endswith("\nAnswer with the option's letter from the given choices directly.")
 
 
 def test_read_question_without_text_raises(tmp_path):
@@ -33,8 +36,11 @@ def test_read_question_without_text_raises(tmp_path):
 
 def test_read_official_vqav2_and_gqa_and_scienceqa_json(tmp_path):
   vqav2 = tmp_path / "v2_questions.json"
-  vqav2.write_text(json.dumps({"data_subtype": "val2014", "questions": [
-      {"image_id": 42, "question": "How many?", "question_id": 42000}]}))
+  vqav2.write_text(
+      json.dumps(
+          {"data_subtype": "val2014", "questions": [{"image_id": 42, "question": "How many?", "question_id": 42000}]}
+      )
+  )
   [q] = read_questions(vqav2)
   assert q["question_id"] == 42000 and q["text"] == "How many?"
   assert q["image"] == "COCO_val2014_000000000042.jpg"
@@ -45,17 +51,30 @@ def test_read_official_vqav2_and_gqa_and_scienceqa_json(tmp_path):
   assert (q["question_id"], q["image"], q["text"]) == ("201", "n1.jpg", "Is it?")
 
   sqa = tmp_path / "llava_test_CQM-A.json"
-  sqa.write_text(json.dumps([{"id": "5", "image": "5/image.png", "conversations": [
-      {"from": "human", "value": "<image>\nWhich is hot?\nA. sun\nB. ice"},
-      {"from": "gpt", "value": "A"}]}]))
+  sqa.write_text(
+      json.dumps(
+          [
+              {
+                  "id": "5",
+                  "image": "5/image.png",
+                  "conversations": [
+                      {"from": "human", "value": "<image>\nWhich is hot?\nA. sun\nB. ice"},
+                      {"from": "gpt", "value": "A"},
+                  ],
+              }
+          ]
+      )
+  )
   [q] = read_questions(sqa)
   assert (q["question_id"], q["text"]) == ("5", "Which is hot?\nA. sun\nB. ice")
 
 
 def test_read_mmbench_tsv(tmp_path):
   path = tmp_path / "mmbench_dev.tsv"
-  path.write_text("index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
-                  "12\tWhat is it?\tLook.\tcat\tdog\t\t\tB\tanimals\tQUJD\n")
+  path.write_text(
+      "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
+      "12\tWhat is it?\tLook.\tcat\tdog\t\t\tB\tanimals\tQUJD\n"
+  )
   [q] = read_questions(path)
   assert q["question_id"] == 12
   assert q["text"] == "Look.\nWhat is it?\nA. cat\nB. dog"  # empty C/D end the options
@@ -67,7 +86,6 @@ def test_read_mmbench_tsv(tmp_path):
 def test_pope_labels_out_of_order_raise(tmp_path):
   questions = [{"question_id": 0, "image": "0.jpg", "text": "?", "category": "random"}]
   (tmp_path / "pope").mkdir()
-  write_jsonl(tmp_path / "pope" / "coco_pope_random.json",
-              [{"question_id": 1, "image": "9.jpg", "label": "yes"}])
+  write_jsonl(tmp_path / "pope" / "coco_pope_random.json", [{"question_id": 1, "image": "9.jpg", "label": "yes"}])
   with pytest.raises(ValueError, match="files out of order"):
     read_annotations("pope", tmp_path / "pope", questions=questions)

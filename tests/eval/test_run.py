@@ -1,4 +1,5 @@
 """The evaluator on a tiny random HF LLaVA: deterministic answers, resume, bad images, eval.json."""
+
 import json
 import shutil
 
@@ -18,8 +19,7 @@ def tiny(tmp_path_factory):
 
 def _run(model, paths, out, **kw):
   kw = {"questions": paths["questions"], "annotations": paths["annotations"], **kw}
-  return run_eval(model, out, task="synthetic", batch_size=2, max_new_tokens=6,
-                  progress=False, **kw)
+  return run_eval(model, out, task="synthetic", batch_size=2, max_new_tokens=6, progress=False, **kw)
 
 
 def _texts(out):
@@ -61,8 +61,7 @@ def test_bad_or_missing_image_gives_an_error_answer(tiny, tmp_path):
   rows[2]["image"] = "images/missing.png"
   (data / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   result = _run(model, paths, tmp_path / "out", questions=data / "questions.jsonl")
-  answers = {r["question_id"]: r for r in read_answers(answers_path(tmp_path / "out",
-                                                                           "synthetic"))}
+  answers = {r["question_id"]: r for r in read_answers(answers_path(tmp_path / "out", "synthetic"))}
   assert set(answers) == {"q0", "q1", "q2"}
   assert "cannot decode image" in answers["q1"]["metadata"]["error"]
   assert "q2" in answers["q2"]["metadata"]["error"] and answers["q2"]["text"] == ""

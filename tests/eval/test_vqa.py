@@ -1,4 +1,5 @@
 """Soft accuracy and exact-match metrics on hand-computed examples."""
+
 import pytest
 
 from llava_jax.eval import vqa
@@ -8,15 +9,18 @@ def humans(matching: str, m: int, other: str = "other") -> list[str]:
   return [matching] * m + [other] * (10 - m)
 
 
-@pytest.mark.parametrize("m, expected", [
-    # acc(m) = [m * min(1, (m-1)/3) + (10-m) * min(1, m/3)] / 10
-    (0, 0.0),
-    (1, 0.3),   # [1*0 + 9*(1/3)] / 10 = 3/10
-    (2, 0.6),   # [2*(1/3) + 8*(2/3)] / 10 = (2/3 + 16/3) / 10 = 6/10
-    (3, 0.9),   # [3*(2/3) + 7*1] / 10 = (2 + 7) / 10
-    (4, 1.0),   # [4*1 + 6*1] / 10: every 9-human subset still has >= 3 matches
-    (10, 1.0),
-])
+@pytest.mark.parametrize(
+    "m, expected",
+    [
+        # acc(m) = [m * min(1, (m-1)/3) + (10-m) * min(1, m/3)] / 10
+        (0, 0.0),
+        (1, 0.3),  # [1*0 + 9*(1/3)] / 10 = 3/10
+        (2, 0.6),  # [2*(1/3) + 8*(2/3)] / 10 = (2/3 + 16/3) / 10 = 6/10
+        (3, 0.9),  # [3*(2/3) + 7*1] / 10 = (2 + 7) / 10
+        (4, 1.0),  # [4*1 + 6*1] / 10: every 9-human subset still has >= 3 matches
+        (10, 1.0),
+    ],
+)
 def test_leave_one_out_accuracy(m, expected):
   assert vqa.leave_one_out_accuracy("cat", humans("cat", m)) == pytest.approx(expected, abs=1e-12)
 
@@ -48,9 +52,8 @@ def test_vqav2_evalai_preprocessing_as_llava_submits():
 
 def test_vqav2_metrics_per_answer_type():
   out = vqa.vqav2_metrics(
-      ["yes", "2", "blue"],
-      [humans("yes", 10), humans("2", 2, "3"), humans("red", 10)],
-      ["yes/no", "number", "other"])
+      ["yes", "2", "blue"], [humans("yes", 10), humans("2", 2, "3"), humans("red", 10)], ["yes/no", "number", "other"]
+  )
   assert out["accuracy"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
   assert out["accuracy/yes/no"] == 1.0
   assert out["accuracy/number"] == pytest.approx(0.6)
@@ -70,13 +73,18 @@ def test_textvqa_needs_ten_answers():
     vqa.textvqa_accuracy("a", ["a"] * 9)
 
 
-@pytest.mark.parametrize("prompt, question", [
-    ("What is written?\nAnswer the question using a single word or phrase.", "what is written?"),
-    ("Reference OCR token: Coca, Cola\nWhat brand?\nAnswer the question using a single word "
-     "or phrase.", "what brand?"),
-    ("What brand?\nReference OCR token: Coca\nAnswer briefly.", "what brand?"),
-    ("OCR tokens: a b Question: Which Team? Short answer:", "which team?"),
-])
+@pytest.mark.parametrize(
+    "prompt, question",
+    [
+        ("What is written?\nAnswer the question using a single word or phrase.", "what is written?"),
+        (
+            "Reference OCR token: Coca, Cola\nWhat brand?\nAnswer the question using a single word or phrase.",
+            "what brand?",
+        ),
+        ("What brand?\nReference OCR token: Coca\nAnswer briefly.", "what brand?"),
+        ("OCR tokens: a b Question: Which Team? Short answer:", "which team?"),
+    ],
+)
 def test_textvqa_question_from_prompt(prompt, question):
   assert vqa.textvqa_question_from_prompt(prompt) == question
 

@@ -1,4 +1,5 @@
 """``python -m llava_jax.generate`` on a tiny HF LLaVA directory streams the greedy answer."""
+
 import os
 import subprocess
 import sys
@@ -21,8 +22,15 @@ def tiny(tmp_path_factory):
 
 def _cli(*args, stdin=None):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  proc = subprocess.run([sys.executable, "-m", "llava_jax.generate", *args], input=stdin,
-                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-m", "llava_jax.generate", *args],
+      input=stdin,
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      env=env,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -31,29 +39,43 @@ def _expected(paths, conversation, max_new):
   model = load_model(paths["model"])
   px = preprocess(load_image(paths["image"]), model.image_config)[None]
   _, ids = model.encode_prompt(conversation)
-  out = generate(model.cfg, model.params, ids[None], px, max_new_tokens=max_new,
-                 stop_token_ids=model.stop_token_ids())
+  out = generate(model.cfg, model.params, ids[None], px, max_new_tokens=max_new, stop_token_ids=model.stop_token_ids())
   return model.decode_answer(np.asarray(out)[0])
 
 
 def test_generate_cli_prints_the_greedy_answer(tiny):
-  out = _cli(f"--checkpoint={tiny['model']}", f"--image={tiny['image']}",
-             "--prompt=What color is the square?", "--max_new_tokens=6")
+  out = _cli(
+      f"--checkpoint={tiny['model']}",
+      f"--image={tiny['image']}",
+      "--prompt=What color is the square?",
+      "--max_new_tokens=6",
+  )
   want = _expected(tiny, [{"from": "human", "value": "<image>\nWhat color is the square?"}], 6)
   assert want and out.strip() == want
 
 
 def test_generate_cli_interactive_keeps_the_conversation(tiny):
-  out = _cli(f"--checkpoint={tiny['model']}", f"--image={tiny['image']}", "--interactive",
-             "--prompt=What color is the square?", "--max_new_tokens=4",
-             stdin="How many circles are there?\n\n")
+  out = _cli(
+      f"--checkpoint={tiny['model']}",
+      f"--image={tiny['image']}",
+      "--interactive",
+      "--prompt=What color is the square?",
+      "--max_new_tokens=4",
+      stdin="How many circles are there?\n\n",
+  )
   # stdin is not a tty, so the typed line's newline is not echoed after "USER: ".
   answers = [part.split("\n")[0].strip() for part in out.split("ASSISTANT: ")[1:]]
   assert len(answers) == 2, out
   first = _expected(tiny, [{"from": "human", "value": "<image>\nWhat color is the square?"}], 4)
-  second = _expected(tiny, [{"from": "human", "value": "<image>\nWhat color is the square?"},
-                            {"from": "gpt", "value": first},
-                            {"from": "human", "value": "How many circles are there?"}], 4)
+  second = _expected(
+      tiny,
+      [
+          {"from": "human", "value": "<image>\nWhat color is the square?"},
+          {"from": "gpt", "value": first},
+          {"from": "human", "value": "How many circles are there?"},
+      ],
+      4,
+  )
   assert answers == [first, second]
 
 
@@ -62,9 +84,15 @@ def test_load_model_from_a_training_workdir(tiny, tmp_path):
   import orbax.checkpoint as ocp
 
   from llava_jax.checkpoint.orbax import write_run_info
+
   hf = load_model(tiny["model"])
-  write_run_info(str(tmp_path), model=hf.cfg, tokenizer=os.path.join(tiny["model"], "tokenizer.model"),
-                 template="llava_v1", image=hf.image_config)
+  write_run_info(
+      str(tmp_path),
+      model=hf.cfg,
+      tokenizer=os.path.join(tiny["model"], "tokenizer.model"),
+      template="llava_v1",
+      image=hf.image_config,
+  )
   with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as manager:
     manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(hf.params)))
     manager.wait_until_finished()

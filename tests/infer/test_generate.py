@@ -1,5 +1,6 @@
 """Greedy generation equals HF ``generate`` on the same converted tiny LLaVA; stop tokens,
 early exit, seeded sampling, streaming and a 2x2x2 mesh give the expected tokens."""
+
 import jax
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def _left_pad(rows, pad=0):
   ids = np.full((len(rows), t), pad, np.int32)
   mask = np.zeros((len(rows), t), np.int32)
   for i, r in enumerate(rows):
-    ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    ids[i, t - len(r) :], mask[i, t - len(r) :] = r, 1
   return ids, mask
 
 
@@ -33,20 +34,24 @@ def _left_pad(rows, pad=0):
 def test_greedy_matches_hf_generate(tiny, batch):
   model, cfg, params = tiny
   n, img = cfg.num_image_tokens, cfg.image_token_id
-  rows = [[1, 5] + [img] * n + [9, 10, 11], [1, 7, 8, 9], [1] + [img] * n + [12],
-          [1, 20, 21, 22, 23, 24, 25]][:batch]
+  rows = [[1, 5] + [img] * n + [9, 10, 11], [1, 7, 8, 9], [1] + [img] * n + [12], [1, 20, 21, 22, 23, 24, 25]][:batch]
   ids, mask = _left_pad(rows)
   num_images = sum(r.count(img) for r in rows) // n
   px = tiny_hf.random_pixels(num_images, seed=batch)
   new = 12
-  kwargs = dict(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=2)
+  kwargs = dict(
+      input_ids=torch.from_numpy(ids).long(),
+      attention_mask=torch.from_numpy(mask).long(),
+      max_new_tokens=new,
+      do_sample=False,
+      pad_token_id=0,
+      eos_token_id=2,
+  )
   if num_images:
     kwargs["pixel_values"] = tiny_hf.to_torch_pixels(px)
   with torch.no_grad():
-    ref = model.generate(**kwargs)[:, ids.shape[1]:].numpy()
-  ours = np.asarray(generate(cfg, params, ids, px if num_images else None, mask,
-                             max_new_tokens=new, eos_token_id=2))
+    ref = model.generate(**kwargs)[:, ids.shape[1] :].numpy()
+  ours = np.asarray(generate(cfg, params, ids, px if num_images else None, mask, max_new_tokens=new, eos_token_id=2))
   ref = np.pad(ref, ((0, 0), (0, new - ref.shape[1])), constant_values=0)  # HF stops early
   np.testing.assert_array_equal(ours, ref)
 
@@ -70,8 +75,7 @@ def test_sampling_without_rng_is_an_error(tiny):
 
 def _prompts(cfg, batch=4):
   n, img = cfg.num_image_tokens, cfg.image_token_id
-  rows = [[1, 5] + [img] * n + [9, 10, 11], [1, 7, 8, 9], [1] + [img] * n + [12],
-          [1, 20, 21, 22, 23, 24, 25]][:batch]
+  rows = [[1, 5] + [img] * n + [9, 10, 11], [1, 7, 8, 9], [1] + [img] * n + [12], [1, 20, 21, 22, 23, 24, 25]][:batch]
   ids, mask = _left_pad(rows)
   return ids, mask, tiny_hf.random_pixels(sum(r.count(img) for r in rows) // n, seed=7)
 
@@ -84,16 +88,23 @@ def test_stop_ids_pad_the_rest_and_the_loop_exits_early(tiny):
   # Stop every row at its 3rd token: rows stop at different steps, none later than 3.
   stops = sorted(set(int(t) for t in free[:, 2]))
   first = [int(np.flatnonzero(np.isin(r, stops))[0]) for r in free]
-  out, steps = sampler.generate(cfg, params, ids, px, mask, max_new_tokens=new,
-                                eos_token_id=stops[0], stop_token_ids=stops[1:],
-                                return_num_steps=True)
+  out, steps = sampler.generate(
+      cfg,
+      params,
+      ids,
+      px,
+      mask,
+      max_new_tokens=new,
+      eos_token_id=stops[0],
+      stop_token_ids=stops[1:],
+      return_num_steps=True,
+  )
   out = np.asarray(out)
   for r, f in enumerate(first):
-    np.testing.assert_array_equal(out[r, :f + 1], free[r, :f + 1])
-    assert (out[r, f + 1:] == cfg.pad_token_id).all(), (r, out[r])
+    np.testing.assert_array_equal(out[r, : f + 1], free[r, : f + 1])
+    assert (out[r, f + 1 :] == cfg.pad_token_id).all(), (r, out[r])
   assert int(steps) == max(first) + 1 < new  # decoded no further than the last row's stop
-  _, steps = sampler.generate(cfg, params, ids, px, mask, max_new_tokens=new,
-                              return_num_steps=True)
+  _, steps = sampler.generate(cfg, params, ids, px, mask, max_new_tokens=new, return_num_steps=True)
   assert int(steps) == new
 
 
@@ -106,8 +117,7 @@ def test_seeded_sampling_is_reproducible(tiny):
   c = np.asarray(generate(cfg, params, ids, px, mask, rng=jax.random.key(4), **kw))
   np.testing.assert_array_equal(a, b)
   assert (a != c).any()
-  streamed = np.stack(list(generate_stream(cfg, params, ids, px, mask, rng=jax.random.key(3),
-                                           **kw)), axis=1)
+  streamed = np.stack(list(generate_stream(cfg, params, ids, px, mask, rng=jax.random.key(3), **kw)), axis=1)
   np.testing.assert_array_equal(streamed, a)
 
 
@@ -116,10 +126,8 @@ def test_stream_yields_the_same_tokens_and_stops(tiny):
   ids, mask, px = _prompts(cfg)
   ref = np.asarray(generate(cfg, params, ids, px, mask, max_new_tokens=9))
   stop = int(ref[0, 1])
-  ref = np.asarray(generate(cfg, params, ids[:1], px[:1], mask[:1], max_new_tokens=9,
-                            eos_token_id=stop))
-  chunks = list(generate_stream(cfg, params, ids[:1], px[:1], mask[:1], max_new_tokens=9,
-                                eos_token_id=stop))
+  ref = np.asarray(generate(cfg, params, ids[:1], px[:1], mask[:1], max_new_tokens=9, eos_token_id=stop))
+  chunks = list(generate_stream(cfg, params, ids[:1], px[:1], mask[:1], max_new_tokens=9, eos_token_id=stop))
   assert len(chunks) == 2 and all(c.shape == (1,) and c.dtype == np.int32 for c in chunks)
   np.testing.assert_array_equal(np.concatenate(chunks), ref[0, :2])
 
@@ -128,6 +136,7 @@ def test_stream_yields_the_same_tokens_and_stops(tiny):
 def test_sharded_generate_equals_single_device(tiny, batch):
   from llava_jax import sharding
   from llava_jax.models.llava import Llava
+
   _, cfg, params = tiny
   ids, mask, px = _prompts(cfg, batch)
   ref = np.asarray(generate(cfg, params, ids, px, mask, max_new_tokens=6, eos_token_id=2))
@@ -137,7 +146,6 @@ def test_sharded_generate_equals_single_device(tiny, batch):
   out = generate(cfg, placed, ids, px, mask, max_new_tokens=6, eos_token_id=2, mesh=mesh)
   np.testing.assert_array_equal(np.asarray(out), ref)
   # The cache really is sharded: kv heads over "tensor", batch over data x fsdp.
-  _, cache, _ = sampler.prefill(cfg, placed, ids, px, mask, cache_len=ids.shape[1] + 2,
-                                mesh=mesh)
+  _, cache, _ = sampler.prefill(cfg, placed, ids, px, mask, cache_len=ids.shape[1] + 2, mesh=mesh)
   spec = cache["k"].sharding.spec
   assert spec[3] == "tensor" and (batch == 1 or spec[1] == ("data", "fsdp")), spec

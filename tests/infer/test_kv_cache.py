@@ -3,6 +3,7 @@
 Tiny random LLaVAs (params ~ N(0, 0.1), norms 1 + N(0, 0.1), so attention is far from
 uniform and a wrong mask or position shows up well above the 1e-4 tolerance).
 """
+
 import dataclasses
 
 import jax
@@ -24,8 +25,7 @@ FAMILIES = {
     "llama_unrolled": dict(scan=False, remat="none"),
     "mistral_window": dict(sliding_window=5),
     "qwen2": dict(qkv_bias=True, tie_embeddings=True),
-    "gemma": dict(embed_scale=True, norm_plus_one=True, act="gelu_tanh", tie_embeddings=True,
-                  head_dim=32),
+    "gemma": dict(embed_scale=True, norm_plus_one=True, act="gelu_tanh", tie_embeddings=True, head_dim=32),
 }
 
 
@@ -38,6 +38,7 @@ def _random_params(cfg, seed):
     noise = 0.1 * rng.standard_normal(s.shape).astype(np.float32)
     name = jax.tree_util.keystr(path)
     return 1.0 + noise if "norm" in name and "scale" in name else noise
+
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
@@ -53,19 +54,23 @@ def _batch(cfg, seed=0):
   """3 left-padded prompts (two with an image), lengths 12, 7, 3 + image tokens."""
   n, img = cfg.num_image_tokens, cfg.image_token_id
   rng = np.random.default_rng(seed)
-  rows = [[1] + [img] * n + list(rng.integers(3, 200, 11)), list(rng.integers(3, 200, 7)),
-          [1] + [img] * n + list(rng.integers(3, 200, 2))]
+  rows = [
+      [1] + [img] * n + list(rng.integers(3, 200, 11)),
+      list(rng.integers(3, 200, 7)),
+      [1] + [img] * n + list(rng.integers(3, 200, 2)),
+  ]
   t = max(map(len, rows))
   ids, mask = np.zeros((3, t), np.int32), np.zeros((3, t), np.int32)
   for i, r in enumerate(rows):
-    ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    ids[i, t - len(r) :], mask[i, t - len(r) :] = r, 1
   px = rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)).astype(np.float32)
   return ids, mask, px
 
 
 def _full_logits(cfg, params, ids, px, mask):
-  return np.asarray(jax.jit(lambda p, i, x, m: llava_lib.Llava(cfg).apply({"params": p}, i, x, m))(
-      params, ids, px, mask))
+  return np.asarray(
+      jax.jit(lambda p, i, x, m: llava_lib.Llava(cfg).apply({"params": p}, i, x, m))(params, ids, px, mask)
+  )
 
 
 def test_decode_logits_equal_full_forward_every_step(model):
@@ -112,8 +117,7 @@ def test_multi_token_continuation_chunk(model):
     full = dec.apply({"params": p}, embed(ids), pos, mask)
     cache = init_cache(c, 2, 16)
     a, cache = dec.apply({"params": p}, embed(ids[:, :9]), pos[:, :9], mask[:, :9], cache)
-    b, cache = dec.apply({"params": p}, embed(ids[:, 9:]), pos[:, 9:], mask[:, 9:], cache,
-                         jnp.int32(9))
+    b, cache = dec.apply({"params": p}, embed(ids[:, 9:]), pos[:, 9:], mask[:, 9:], cache, jnp.int32(9))
     return full, jnp.concatenate([a, b], axis=1), cache
 
   full, chunked, cache = run(params["llm"])
@@ -127,11 +131,15 @@ def test_multi_token_continuation_chunk(model):
 
 def test_cache_errors_are_specific():
   cfg = LLM_VARIANTS["tiny"]
-  params = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-      lambda: Decoder(cfg).init(jax.random.key(0), jnp.ones((1, 2, cfg.hidden_size)),
-                                jnp.zeros((1, 2), jnp.int32))["params"]))
-  params = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params,
-                        is_leaf=lambda a: hasattr(a, "value"))
+  params = jax.tree.map(
+      jnp.zeros_like,
+      jax.eval_shape(
+          lambda: Decoder(cfg).init(jax.random.key(0), jnp.ones((1, 2, cfg.hidden_size)), jnp.zeros((1, 2), jnp.int32))[
+              "params"
+          ]
+      ),
+  )
+  params = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params, is_leaf=lambda a: hasattr(a, "value"))
   x = jnp.zeros((1, 4, cfg.hidden_size))
   pos = jnp.zeros((1, 4), jnp.int32)
   with pytest.raises(ValueError, match="cache overflow: 4 new tokens at slot 3 need 7 slots"):

@@ -1,5 +1,6 @@
 """``python -m llava_jax.generate`` on 2 processes prints the 1-process answer, once; a
 prompt's ``<image>`` without ``--image`` is refused before anything is loaded or compiled."""
+
 import numpy as np
 import pytest
 
@@ -22,8 +23,7 @@ def _answer(paths, max_new: int) -> str:
   model = load_model(paths["model"])
   px = preprocess(load_image(paths["image"]), model.image_config)[None]
   _, ids = model.encode_prompt([{"from": "human", "value": f"<image>\n{QUESTION}"}])
-  out = generate(model.cfg, model.params, ids[None], px, max_new_tokens=max_new,
-                 stop_token_ids=model.stop_token_ids())
+  out = generate(model.cfg, model.params, ids[None], px, max_new_tokens=max_new, stop_token_ids=model.stop_token_ids())
   return model.decode_answer(np.asarray(out)[0])
 
 
@@ -31,9 +31,16 @@ def _answer(paths, max_new: int) -> str:
 def test_generate_on_two_processes_prints_the_answer_once(tiny):
   """--interactive: process 0 reads the question on stdin and broadcasts it; the others'
   stdin is empty, so they answer only what process 0 read, and stop with it."""
-  outs = run_module("llava_jax.generate", f"--checkpoint={tiny['model']}",
-                    f"--image={tiny['image']}", "--interactive", "--max_new_tokens=6",
-                    num_processes=2, devices_per_process=2, stdin=f"{QUESTION}\n\n")
+  outs = run_module(
+      "llava_jax.generate",
+      f"--checkpoint={tiny['model']}",
+      f"--image={tiny['image']}",
+      "--interactive",
+      "--max_new_tokens=6",
+      num_processes=2,
+      devices_per_process=2,
+      stdin=f"{QUESTION}\n\n",
+  )
   want = _answer(tiny, 6)
   assert want
   # stdin is not a tty, so the typed line is not echoed after "USER: ". Nothing else is on
@@ -45,9 +52,15 @@ def test_generate_on_two_processes_prints_the_answer_once(tiny):
 
 def test_image_tag_without_image_is_a_usage_error(tmp_path):
   """Refused before the checkpoint is even read (it does not exist here)."""
-  outs = run_module("llava_jax.generate", f"--checkpoint={tmp_path / 'none'}",
-                    "--prompt=<image>\nWhat is it?", num_processes=1, devices_per_process=1,
-                    check=False, timeout=120)
+  outs = run_module(
+      "llava_jax.generate",
+      f"--checkpoint={tmp_path / 'none'}",
+      "--prompt=<image>\nWhat is it?",
+      num_processes=1,
+      devices_per_process=1,
+      check=False,
+      timeout=120,
+  )
   assert outs[0].returncode == 1
   assert "--prompt contains <image> but no --image was given" in outs[0].stderr
 

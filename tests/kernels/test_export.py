@@ -4,6 +4,7 @@ Export from this CPU host only runs the Pallas lowering to Mosaic / Triton IR; t
 compilation happens on the device. Triton custom calls carry no serialization
 compatibility guarantee, so the CUDA export must opt out of that check explicitly.
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,15 +18,19 @@ B, T, H, K, D = 2, 4096, 32, 8, 128
 TARGETS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 FEATURES = {
     "causal": dict(causal=True),
-    "all_masks": dict(causal=True, logits_soft_cap=30.0, sliding_window=1024, segments=True,
-                      prefix=True),
+    "all_masks": dict(causal=True, logits_soft_cap=30.0, sliding_window=1024, segments=True, prefix=True),
 }
 
 
 def _specs():
   sds = jax.ShapeDtypeStruct
-  return (sds((B, T, H, D), jnp.bfloat16), sds((B, T, K, D), jnp.bfloat16),
-          sds((B, T, K, D), jnp.bfloat16), sds((B, T), jnp.int32), sds((B,), jnp.int32))
+  return (
+      sds((B, T, H, D), jnp.bfloat16),
+      sds((B, T, K, D), jnp.bfloat16),
+      sds((B, T, K, D), jnp.bfloat16),
+      sds((B, T), jnp.int32),
+      sds((B,), jnp.int32),
+  )
 
 
 def _attention_fn(features):
@@ -33,15 +38,22 @@ def _attention_fn(features):
   segments, prefix = features.pop("segments", False), features.pop("prefix", False)
 
   def fn(q, k, v, segment_ids, prefix_len):
-    return attention(q, k, v, impl="pallas", interpret=False,
-                     segment_ids=segment_ids if segments else None,
-                     prefix_len=prefix_len if prefix else None, **features)
+    return attention(
+        q,
+        k,
+        v,
+        impl="pallas",
+        interpret=False,
+        segment_ids=segment_ids if segments else None,
+        prefix_len=prefix_len if prefix else None,
+        **features,
+    )
+
   return fn
 
 
 def _export(fn, platform):
-  checks = ([export.DisabledSafetyCheck.custom_call(TARGETS["cuda"])]
-            if platform == "cuda" else [])
+  checks = [export.DisabledSafetyCheck.custom_call(TARGETS["cuda"])] if platform == "cuda" else []
   return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*_specs())
 
 

@@ -1,5 +1,6 @@
 """The whole LLaVA model with ``attn_impl="pallas"`` (interpret mode on CPU) gives the same
 logits and gradients as ``"xla"``."""
+
 import dataclasses
 
 import jax
@@ -19,8 +20,10 @@ def test_pallas_model_matches_xla_logits_and_grads():
   cfg_x, cfg_p = _cfg("xla"), _cfg("pallas")
   params = init_params(cfg_x, jax.random.key(0))
   n = cfg_x.num_image_tokens
-  ids = np.array([[1, 4] + [cfg_x.image_token_id] * n + [5, 6, 7, 0, 0, 0, 0, 0],
-                  [1, 8, 9, 10, 11, 12, 13, 14] + [0] * (n + 2)], np.int32)
+  ids = np.array(
+      [[1, 4] + [cfg_x.image_token_id] * n + [5, 6, 7, 0, 0, 0, 0, 0], [1, 8, 9, 10, 11, 12, 13, 14] + [0] * (n + 2)],
+      np.int32,
+  )
   mask = (np.arange(ids.shape[1]) < np.array([[n + 5], [8]])).astype(np.int32)
   px = np.random.default_rng(0).normal(size=(1, 28, 28, 3)).astype(np.float32)
   targets = np.roll(ids, -1, axis=1) % cfg_x.llm.vocab_size
@@ -50,6 +53,7 @@ def test_pallas_runs_per_shard_on_a_mesh():
   """Under a 2x2x2 mesh the kernel runs per (batch, head) shard via shard_map and matches XLA."""
   from llava_jax import sharding
   from llava_jax.kernels.attention import attention
+
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(4, 40, 4, 64)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(4, 40, 2, 64)), jnp.float32)

@@ -1,4 +1,5 @@
 """Pallas interpret mode follows the devices being compiled for, not the host's backend."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -12,10 +13,11 @@ from llava_jax.kernels import flash_attention as fa
 def _tpu_devices(n):
   pytest.importorskip("libtpu", reason="TPU topology devices need libtpu (the test extra)")
   import os
+
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
-  desc = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu",
-                                      chip_config_name="default")
+
+  desc = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default")
   return list(desc.devices)[:n]
 
 
@@ -31,8 +33,7 @@ def test_tpu_mesh_compiles_the_mosaic_kernel(n):
   Mosaic kernel; interpret mode would lower to plain HLO without a custom call."""
   mesh = sharding.make_mesh((n, 1, 1), devices=_tpu_devices(n))
   # float32: the tests set matmul precision "highest", which Mosaic refuses for bf16 dots.
-  q = jax.ShapeDtypeStruct((n, 256, 2, 128), jnp.float32,
-                           sharding=NamedSharding(mesh, P("data")))
+  q = jax.ShapeDtypeStruct((n, 256, 2, 128), jnp.float32, sharding=NamedSharding(mesh, P("data")))
   f = lambda q: attention_lib.attention(q, q, q, impl="pallas").sum()
   with sharding.use_mesh(mesh):
     assert fa.target_platform() == "tpu"

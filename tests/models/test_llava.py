@@ -1,5 +1,6 @@
 """Whole-LLaVA parity with HF ``LlavaForConditionalGeneration`` (CLIP+Llama, SigLIP+Qwen2),
 loaded through ``load_hf_llava`` from a saved directory, plus the merge contract."""
+
 import jax
 import numpy as np
 import pytest
@@ -32,14 +33,17 @@ def make_batch(cfg, seed=0):
   ids = np.zeros((3, t), np.int32)
   mask = np.zeros((3, t), np.int32)
   for i, r in enumerate(rows):
-    ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    ids[i, : len(r)], mask[i, : len(r)] = r, 1
   return ids, mask, tiny_hf.random_pixels(3, seed=seed)
 
 
 def hf_logits(model, ids, mask, px):
   with torch.no_grad():
-    return model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                 pixel_values=tiny_hf.to_torch_pixels(px)).logits.numpy()
+    return model(
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(mask).long(),
+        pixel_values=tiny_hf.to_torch_pixels(px),
+    ).logits.numpy()
 
 
 def test_logits_match_hf(hf_llava):
@@ -95,8 +99,11 @@ def test_placeholder_mismatch_eager_names_both_numbers(hf_llava):
   _, cfg, params = hf_llava
   ids, mask, px = make_batch(cfg)
   # make_batch has 3 images; an extra copy of row 0 adds placeholders for 2 more.
-  with pytest.raises(ValueError, match=f"has {5 * cfg.num_image_tokens} image placeholder tokens.*"
-                     f"but 3 images x {cfg.num_image_tokens} features"):
+  with pytest.raises(
+      ValueError,
+      match=f"has {5 * cfg.num_image_tokens} image placeholder tokens.*"
+      f"but 3 images x {cfg.num_image_tokens} features",
+  ):
     Llava(cfg).apply({"params": params}, np.concatenate([ids, ids[:1]]), px, None)
   short = ids.copy()
   short[0, 3] = 9  # one placeholder fewer in sample 0
@@ -114,6 +121,7 @@ def test_placeholder_mismatch_under_jit_is_reported(hf_llava):
 
 def test_sharded_forward_matches_single_device(hf_llava):
   from llava_jax import sharding
+
   _, cfg, params = hf_llava
   ids, mask, px = make_batch(cfg)
   ids, mask = np.concatenate([ids, ids[2:]]), np.concatenate([mask, mask[2:]])  # 4 rows

@@ -37,8 +37,7 @@ def test_whole_model_logits(hf_lm, scan):
   with torch.no_grad():
     ref = model(torch.from_numpy(ids).long()).logits.numpy()
   pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape)
-  apply = jax.jit(lambda p, i, q: Decoder(cfg).apply({"params": p}, i, q,
-                                                     method=lambda m, i, q: m(m.embed(i), q)))
+  apply = jax.jit(lambda p, i, q: Decoder(cfg).apply({"params": p}, i, q, method=lambda m, i, q: m(m.embed(i), q)))
   out = np.asarray(apply(params, ids, pos))
   err = np.abs(out - ref).max()
   print(f"{family} scan={scan}: max |logit diff| = {err:.2e}")
@@ -73,15 +72,18 @@ def test_padding_mask_matches_hf(hf_lm):
   with torch.no_grad():
     ref = model(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits.numpy()
   pos = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
-  out = np.asarray(Decoder(cfg).apply({"params": params}, ids, pos, mask,
-                                      method=lambda m, i, q, s: m(m.embed(i), q, s)))
+  out = np.asarray(
+      Decoder(cfg).apply({"params": params}, ids, pos, mask, method=lambda m, i, q, s: m(m.embed(i), q, s))
+  )
   valid = mask.astype(bool)
   assert np.abs(out[valid] - ref[valid]).max() < 1e-4
 
 
 def test_unknown_family_is_a_clear_error(tmp_path):
   import json
+
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
   from llava_jax.checkpoint.convert.hf import llm_config_from_hf
+
   with pytest.raises(ValueError, match="unsupported text model_type 'falcon'"):
     llm_config_from_hf({"model_type": "falcon"})

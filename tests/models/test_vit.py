@@ -1,4 +1,5 @@
 """CLIP / SigLIP vision tower parity with HF PyTorch, through ``load_hf_vision``."""
+
 import jax
 import numpy as np
 import pytest

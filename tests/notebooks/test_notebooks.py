@@ -1,5 +1,6 @@
 """The Colab notebooks: each ``.py`` runs top to bottom (tiny settings), and its paired
 ``.ipynb`` holds the same cells (fix a mismatch with ``jupytext --sync notebooks/NAME.py``)."""
+
 import json
 import os
 import re
@@ -40,16 +41,28 @@ def test_ipynb_and_py_hold_the_same_cells(name):
 @pytest.mark.slow
 def test_quickstart_runs_top_to_bottom(tmp_path):
   steps = 3
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg",
-         "QUICKSTART_STEPS": str(steps), "QUICKSTART_ROOT": str(tmp_path)}
-  proc = subprocess.run([sys.executable, os.path.join(NOTEBOOKS, "quickstart.py")], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=900)
+  env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "MPLBACKEND": "Agg",
+      "QUICKSTART_STEPS": str(steps),
+      "QUICKSTART_ROOT": str(tmp_path),
+  }
+  proc = subprocess.run(
+      [sys.executable, os.path.join(NOTEBOOKS, "quickstart.py")],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The answer to the held-out question, then the two free questions (few steps: any text).
   assert re.search(r"^Q: .+\nA: .*\(ground truth: \w+\)$", proc.stdout, re.M), proc.stdout[-2000:]
   assert len(re.findall(r"^A: ", proc.stdout, re.M)) == 3, proc.stdout[-2000:]
-  assert re.search(r"^held-out VQA exact match at stage-2 step 3: \d+\.\d% of 600 questions$",
-                   proc.stdout, re.M), proc.stdout[-2000:]
+  assert re.search(
+      r"^held-out VQA exact match at stage-2 step 3: \d+\.\d% of 600 questions$", proc.stdout, re.M
+  ), proc.stdout[-2000:]
   for stage in ("stage1", "stage2"):
     with open(tmp_path / stage / "metrics.jsonl") as f:
       rows = [r for r in map(json.loads, f) if "loss" in r]

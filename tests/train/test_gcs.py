@@ -9,6 +9,7 @@ killed after step 5 (``os._exit``, like a pre-empted pod) and are relaunched wit
 same command, which resumes from the bucket. Then a training run's checkpoint is
 evaluated from the bucket with resumable answers.
 """
+
 import json
 import os
 import uuid
@@ -24,12 +25,14 @@ STEPS = 6  # configs/tiny_shapes.py:test: checkpoints every 2 steps, async
 
 
 def _train(root, workdir, crash=None):
-  args = [f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}", f"--workdir={workdir}",
-          f"--config.train.steps={STEPS}"]
+  args = [
+      f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}",
+      f"--workdir={workdir}",
+      f"--config.train.steps={STEPS}",
+  ]
   if crash is not None:
     args.append(f"--config.train.crash_after_step={crash}")
-  outs = run_module("llava_jax.train", *args, num_processes=2, devices_per_process=1,
-                    timeout=600, check=crash is None)
+  outs = run_module("llava_jax.train", *args, num_processes=2, devices_per_process=1, timeout=600, check=crash is None)
   if crash is not None:
     assert all(o.returncode == 42 for o in outs), [(o.returncode, o.stderr[-3000:]) for o in outs]
   return outs
@@ -94,14 +97,21 @@ def test_evaluation_from_the_bucket_resumes_its_answers(pod_run, caplog):
   from llava_jax.eval.answers import read_answers
   from llava_jax.eval.run import answers_path, run_eval
   from llava_jax.infer.loading import load_model
+
   root, workdir = pod_run["root"], pod_run["workdir"]
   data = f"{root}/data"
   model = load_model(workdir)  # run.json, the tokenizer and the params: all from the bucket
   assert model.step == STEPS
   out = f"{workdir}/eval"
-  kw = dict(task="synthetic", questions=f"{data}/eval_questions.jsonl",
-            annotations=f"{data}/eval_annotations.jsonl", image_root=f"{data}/images",
-            batch_size=4, max_new_tokens=4, progress=False)
+  kw = dict(
+      task="synthetic",
+      questions=f"{data}/eval_questions.jsonl",
+      annotations=f"{data}/eval_annotations.jsonl",
+      image_root=f"{data}/images",
+      batch_size=4,
+      max_new_tokens=4,
+      progress=False,
+  )
   run_eval(model, out, limit=4, **kw)
   first = read_answers(answers_path(out, "synthetic"))
   assert len(first) == 4

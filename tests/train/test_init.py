@@ -1,12 +1,12 @@
 """Stage 2 starts from a stage-1 run's projector plus converted HF LLM/ViT weights."""
+
 import jax
 import numpy as np
 import pytest
 
 import tiny_hf
 from llava_jax.checkpoint import orbax as ckpt
-from llava_jax.checkpoint.convert.hf import (llm_config_from_hf, load_hf_llm, load_hf_vision,
-                                             vision_config_from_hf)
+from llava_jax.checkpoint.convert.hf import (llm_config_from_hf, load_hf_llm, load_hf_vision, vision_config_from_hf)
 from llava_jax.models import init_params, llava_config
 from llava_jax import sharding
 from llava_jax.train import optim, state as state_lib
@@ -16,11 +16,11 @@ from llava_jax.train.loop import initial_params, place_params
 
 def test_initial_params_from_stage1_run_and_hf_towers(tmp_path):
   import transformers as tf
+
   vision_dir, llm_dir, run_dir = tmp_path / "clip", tmp_path / "llama", str(tmp_path / "stage1")
   tiny_hf.randomize_(tf.CLIPVisionModel(tiny_hf.clip_vision_config()), seed=1).save_pretrained(vision_dir)
   tiny_hf.causal_lm("llama", seed=2).save_pretrained(llm_dir)
-  v = vision_config_from_hf(tiny_hf.clip_vision_config().to_dict(), select_layer=-2,
-                            select_feature="patch", scan=True)
+  v = vision_config_from_hf(tiny_hf.clip_vision_config().to_dict(), select_layer=-2, select_feature="patch", scan=True)
   l = llm_config_from_hf(tiny_hf.text_config("llama").to_dict(), tie_embeddings=False)
   cfg = llava_config(v, l, image_token_id=l.vocab_size - 1)
 
@@ -34,8 +34,9 @@ def test_initial_params_from_stage1_run_and_hf_towers(tmp_path):
   saver.save(1, state, force=True)
   saver.close()
 
-  init = run_config.InitOptions(vision_hf=str(vision_dir), llm_hf=str(llm_dir), from_run=run_dir,
-                                from_run_params=r"projector/.*")
+  init = run_config.InitOptions(
+      vision_hf=str(vision_dir), llm_hf=str(llm_dir), from_run=run_dir, from_run_params=r"projector/.*"
+  )
   fresh, shardings = state_lib.create_state(cfg, opt, mesh, jax.random.key(3))
   overrides = initial_params(init, cfg, shardings.params)
   assert all(n.startswith(("img/", "llm/", "projector/")) for n in overrides)

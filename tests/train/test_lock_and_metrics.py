@@ -1,5 +1,6 @@
 """The workdir lock (live holder refused, dead or silent holder taken over) and the repair
 of ``metrics.jsonl`` on resume (a cut last line, rows past the resumed step)."""
+
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path):
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
   import socket
+
   _write_lock(str(tmp_path), host=socket.gethostname(), pid=dead.pid, start="earlier")
   lock = lock_lib.WorkdirLock(str(tmp_path)).acquire()
   with open(tmp_path / lock_lib.LOCK_FILE) as f:

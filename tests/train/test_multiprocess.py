@@ -10,6 +10,7 @@ global batch.
 - Teacher-forced evaluation gives the same figures on 1 and 2 processes; only process 0
   writes metrics.jsonl / eval.json, each step once.
 """
+
 import json
 import os
 import sys
@@ -29,13 +30,20 @@ RTOL = 1e-5
 
 
 def train(root, workdir, processes, devices, *overrides, crash=None):
-  args = [f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}", f"--workdir={workdir}",
-          f"--config.train.steps={STEPS}", f"--config.data.val={root}/data/stage2_val.jsonl",
-          "--config.train.eval_every=10", "--config.train.eval_batch_size=8", *overrides]
+  args = [
+      f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}",
+      f"--workdir={workdir}",
+      f"--config.train.steps={STEPS}",
+      f"--config.data.val={root}/data/stage2_val.jsonl",
+      "--config.train.eval_every=10",
+      "--config.train.eval_batch_size=8",
+      *overrides,
+  ]
   if crash is not None:
     args.append(f"--config.train.crash_after_step={crash}")
-  outs = run_module("llava_jax.train", *args, num_processes=processes,
-                    devices_per_process=devices, timeout=900, check=crash is None)
+  outs = run_module(
+      "llava_jax.train", *args, num_processes=processes, devices_per_process=devices, timeout=900, check=crash is None
+  )
   if crash is not None:
     assert all(o.returncode == 42 for o in outs), [(o.returncode, o.stderr[-2000:]) for o in outs]
   return outs
@@ -123,15 +131,19 @@ def test_local_pod_launcher_trains_stops_resumes_on_4_and_evaluates(runs, tmp_pa
   the pod with its exit status; the run resumes on 4 processes and finishes; then the
   evaluator answers the held-out questions on 2 processes, each question once."""
   import subprocess
+
   root, _, workdirs = runs
   workdir = str(tmp_path / "run")
   pod = lambda n, module: ["bash", f"{ROOT}/launch/local_pod.sh", str(n), module]
-  train_args = [f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}", f"--workdir={workdir}",
-                f"--config.train.steps={STEPS}", "--config.train.ckpt_every=5"]
+  train_args = [
+      f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}",
+      f"--workdir={workdir}",
+      f"--config.train.steps={STEPS}",
+      "--config.train.ckpt_every=5",
+  ]
   env = {k: v for k, v in os.environ.items() if not k.startswith("LLAVA_JAX_")}
   env.update(LOGDIR=str(tmp_path / "logs"), PYTHON=sys.executable)
-  run = lambda cmd, **extra: subprocess.run(cmd, env={**env, **extra}, capture_output=True,
-                                            text=True, timeout=900)
+  run = lambda cmd, **extra: subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=900)
   # Killed after step 12: checkpoint 5 is committed (orbax starts saving 10 only after it).
   proc = run(pod(2, "llava_jax.train") + train_args + ["--config.train.crash_after_step=12"])
   assert proc.returncode == 42, proc.stderr[-3000:]
@@ -146,10 +158,20 @@ def test_local_pod_launcher_trains_stops_resumes_on_4_and_evaluates(runs, tmp_pa
     assert got[s] == pytest.approx(want[s], rel=RTOL), s
   data = os.path.join(root, "data")
   out = str(tmp_path / "eval")
-  proc = run(pod(2, "llava_jax.evaluate") + [
-      f"--checkpoint={workdir}", "--task=synthetic", f"--workdir={out}", "--limit=12",
-      f"--questions={data}/eval_questions.jsonl", f"--annotations={data}/eval_annotations.jsonl",
-      f"--image_root={data}/images", "--batch_size=4", "--max_new_tokens=4"])
+  proc = run(
+      pod(2, "llava_jax.evaluate")
+      + [
+          f"--checkpoint={workdir}",
+          "--task=synthetic",
+          f"--workdir={out}",
+          "--limit=12",
+          f"--questions={data}/eval_questions.jsonl",
+          f"--annotations={data}/eval_annotations.jsonl",
+          f"--image_root={data}/images",
+          "--batch_size=4",
+          "--max_new_tokens=4",
+      ]
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(out, "synthetic_answers.jsonl")) as f:
     answered = [json.loads(line)["question_id"] for line in f]

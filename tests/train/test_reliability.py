@@ -7,6 +7,7 @@
 - die on a damaged latest checkpoint (it falls back to the one before);
 - write a metrics row twice after a resume.
 """
+
 import json
 import os
 import signal
@@ -21,15 +22,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def command(root, workdir, *overrides):
-  return [sys.executable, "-m", "llava_jax.train",
-          f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}", f"--workdir={workdir}",
-          *overrides]
+  return [
+      sys.executable,
+      "-m",
+      "llava_jax.train",
+      f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}",
+      f"--workdir={workdir}",
+      *overrides,
+  ]
 
 
 def train(root, workdir, *overrides, expect=0):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(command(root, workdir, *overrides), cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      command(root, workdir, *overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == expect, proc.stderr[-3000:]
   return proc
 
@@ -46,6 +53,7 @@ def checkpoints(workdir):
 def latest_params(workdir):
   from llava_jax.checkpoint import orbax as ckpt
   from llava_jax.models.configs import LlavaConfig
+
   cfg = LlavaConfig.from_dict(ckpt.read_run_info(workdir)["model"])
   return ckpt.restore_params(workdir, cfg)
 
@@ -70,14 +78,27 @@ def test_nonfinite_loss_stops_the_run_and_is_never_checkpointed(root, tmp_path):
 @pytest.mark.slow
 def test_skip_policy_drops_nonfinite_updates_within_its_bound(root, tmp_path):
   workdir = str(tmp_path / "skip")
-  train(root, workdir, "--config.optim.lr=1e6", "--config.train.steps=8",
-        "--config.train.on_nonfinite=skip", "--config.train.max_nonfinite=100")
+  train(
+      root,
+      workdir,
+      "--config.optim.lr=1e6",
+      "--config.train.steps=8",
+      "--config.train.on_nonfinite=skip",
+      "--config.train.max_nonfinite=100",
+  )
   last = logged(workdir)[-1]
   assert last["step"] == 8 and last["skipped/nonfinite_steps"] > 0
   _, params = latest_params(workdir)
   assert all(np.isfinite(np.asarray(p)).all() for p in __import__("jax").tree.leaves(params))
-  proc = train(root, str(tmp_path / "bound"), "--config.optim.lr=1e6", "--config.train.steps=8",
-               "--config.train.on_nonfinite=skip", "--config.train.max_nonfinite=1", expect=1)
+  proc = train(
+      root,
+      str(tmp_path / "bound"),
+      "--config.optim.lr=1e6",
+      "--config.train.steps=8",
+      "--config.train.on_nonfinite=skip",
+      "--config.train.max_nonfinite=1",
+      expect=1,
+  )
   assert "more than train.max_nonfinite=1" in proc.stderr
 
 
@@ -92,8 +113,15 @@ def test_an_error_mid_run_keeps_the_queued_checkpoint(root, tmp_path):
   with open(data, "w") as f:
     f.writelines(good + ['{"id": "broken", "conversations": [{"from": "human", "val\n'])
   workdir = str(tmp_path / "run")
-  proc = train(root, workdir, f"--config.data.train={data}", "--config.data.policy=raise",
-               "--config.train.ckpt_every=1", "--config.train.steps=6", expect=1)
+  proc = train(
+      root,
+      workdir,
+      f"--config.data.train={data}",
+      "--config.data.policy=raise",
+      "--config.train.ckpt_every=1",
+      "--config.train.steps=6",
+      expect=1,
+  )
   assert "with_bad.jsonl:23" in proc.stderr and "bad_record" in proc.stderr
   last_step = max(r["step"] for r in logged(workdir))
   assert checkpoints(workdir)[-1] == str(last_step)  # committed, not left as a -tmp dir
@@ -104,9 +132,13 @@ def test_an_error_mid_run_keeps_the_queued_checkpoint(root, tmp_path):
 def test_sigterm_checkpoints_the_step_and_a_second_trainer_is_refused(root, tmp_path):
   workdir = str(tmp_path / "run")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(command(root, workdir, "--config.train.steps=500",
-                                  "--config.train.ckpt_every=1000"),
-                          cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      command(root, workdir, "--config.train.steps=500", "--config.train.ckpt_every=1000"),
+      cwd=ROOT,
+      env=env,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   try:
     deadline = time.time() + 400
     while time.time() < deadline:
@@ -153,6 +185,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(root, tmp_path
     for name in files:
       with open(os.path.join(dirpath, name), "wb") as f:
         f.write(b"\x00garbage")
-  proc = train(root, str(tmp_path / "copy"), "--config.train.steps=8",
-               "--config.train.on_corrupt_checkpoint=raise", expect=1)
+  proc = train(
+      root, str(tmp_path / "copy"), "--config.train.steps=8", "--config.train.on_corrupt_checkpoint=raise", expect=1
+  )
   assert "checkpoint 6" in proc.stderr and "rm -r" in proc.stderr

@@ -1,6 +1,7 @@
 """``python -m llava_jax.train``: a run killed between steps and restarted with the same
 command gives the identical loss sequence (bitwise, CPU); a checkpoint restores onto a
 different mesh."""
+
 import json
 import os
 import subprocess
@@ -12,9 +13,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def train(root, workdir, *overrides, expect=0):
-  cmd = [sys.executable, "-m", "llava_jax.train",
-         f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}", f"--workdir={workdir}",
-         *overrides]
+  cmd = [
+      sys.executable,
+      "-m",
+      "llava_jax.train",
+      f"--config={ROOT}/configs/tiny_shapes.py:test,root={root}",
+      f"--workdir={workdir}",
+      *overrides,
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == expect, proc.stderr[-3000:]

@@ -1,6 +1,7 @@
 """The run config is read once, typed and validated (``llava_jax/train/run_config.py``):
 misspelt or unknown keys are refused with the nearest known one, required keys named,
 wrong types and choices refused; every shipped config parses; defaults come from one place."""
+
 import dataclasses
 import glob
 import importlib.util
@@ -34,14 +35,17 @@ def test_every_shipped_config_parses_and_imports_no_sibling(path):
   assert "sys.path" not in open(path).read()  # one skeleton, imported from the package
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("train.stepz", 3, "unknown config key train.stepz (did you mean train.steps?)"),
-    ("data.polcy", "skip", "did you mean data.policy?"),
-    ("optimizer", {}, "unknown config key optimizer (did you mean optim?)"),
-    ("model.llm_overrides.num_layer", 2, "did you mean model.llm_overrides.num_layers?"),
-    ("data.synthetic.n_trian", 8, "did you mean data.synthetic.n_train?"),
-    ("mesh.fdsp", 2, "did you mean mesh.fsdp?"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.stepz", 3, "unknown config key train.stepz (did you mean train.steps?)"),
+        ("data.polcy", "skip", "did you mean data.policy?"),
+        ("optimizer", {}, "unknown config key optimizer (did you mean optim?)"),
+        ("model.llm_overrides.num_layer", 2, "did you mean model.llm_overrides.num_layers?"),
+        ("data.synthetic.n_trian", 8, "did you mean data.synthetic.n_train?"),
+        ("mesh.fdsp", 2, "did you mean mesh.fsdp?"),
+    ],
+)
 def test_misspelt_keys_are_refused_naming_the_nearest(key, value, message):
   c = _tiny().to_dict()
   node = c
@@ -49,18 +53,23 @@ def test_misspelt_keys_are_refused_naming_the_nearest(key, value, message):
   for p in parents:
     node = node[p]
   node[last] = value
-  with pytest.raises(run_config.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
-                     .replace("?", r"\?").replace(".", r"\.")):
+  with pytest.raises(
+      run_config.ConfigError,
+      match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?").replace(".", r"\."),
+  ):
     run_config.parse(c)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("train.steps", "10", "config key train.steps: expected int, got str '10'"),
-    ("train.keep", True, "config key train.keep: expected int, got bool"),
-    ("data.policy", "ignore", "config key data.policy: 'ignore'; expected one of ['skip', 'raise']"),
-    ("train.on_nonfinite", "continue", "expected one of ['stop', 'skip']"),
-    ("optim.lr_rules", [".*"], "expected a list of (name, value) pairs"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.steps", "10", "config key train.steps: expected int, got str '10'"),
+        ("train.keep", True, "config key train.keep: expected int, got bool"),
+        ("data.policy", "ignore", "config key data.policy: 'ignore'; expected one of ['skip', 'raise']"),
+        ("train.on_nonfinite", "continue", "expected one of ['stop', 'skip']"),
+        ("optim.lr_rules", [".*"], "expected a list of (name, value) pairs"),
+    ],
+)
 def test_wrong_types_and_choices_are_refused(key, value, message):
   c = _tiny().to_dict()
   section, name = key.split(".")
@@ -101,7 +110,9 @@ def test_defaults_are_stated_once_and_filled():
 def test_parse_arg_refuses_unknown_names():
   assert run_config.parse_arg("size=13b", size="7b", data="/d") == {"size": "13b", "data": "/d"}
   assert run_config.parse_arg("stage2,root=/r", positional="stage", stage="stage1", root="x") == {
-      "stage": "stage2", "root": "/r"}
+      "stage": "stage2",
+      "root": "/r",
+  }
   with pytest.raises(ValueError, match="unknown config argument 'szie' .*did you mean size"):
     run_config.parse_arg("szie=13b", size="7b")
 
@@ -116,11 +127,15 @@ def test_a_misspelt_key_in_a_config_file_stops_the_trainer_before_any_work(tmp_p
       "def get_config(arg):\n"
       "  c = m.get_config(arg)\n"
       "  c.train.ckpt_evry = 5\n"
-      "  return c\n")
+      "  return c\n"
+  )
   proc = subprocess.run(
-      [sys.executable, "-m", "llava_jax.train", f"--config={cfg}:test,root={tmp_path}/r",
-       f"--workdir={tmp_path}/w"], capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+      [sys.executable, "-m", "llava_jax.train", f"--config={cfg}:test,root={tmp_path}/r", f"--workdir={tmp_path}/w"],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode != 0
   assert "unknown config key train.ckpt_evry (did you mean train.ckpt_every?)" in proc.stderr
   assert not os.path.exists(f"{tmp_path}/r/data")  # nothing written: refused first

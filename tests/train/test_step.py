@@ -1,4 +1,5 @@
 """Train step: loss decreases, freezing is exact, sharded == unsharded, accumulation."""
+
 import dataclasses
 
 import jax
@@ -34,24 +35,24 @@ def make_batch(cfg, b=8, t=40, seed=0):
     row = [1] + ([cfg.image_token_id] * n if has_image else []) + list(rng.integers(3, 50, 4))
     answer = [int(x) for x in (np.arange(5) + 60 + (i % 3))]
     full = row + answer
-    ids[i, :len(full)], mask[i, :len(full)] = full, 1
-    labels[i, len(row):len(full)] = answer
+    ids[i, : len(full)], mask[i, : len(full)] = full, 1
+    labels[i, len(row) : len(full)] = answer
     image_mask[i, 0] = has_image
   px = rng.normal(size=(b, 1, 28, 28, 3)).astype(np.float32)
-  return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": px,
-          "image_mask": image_mask}
+  return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": px, "image_mask": image_mask}
 
 
 def run(cfg, rules, steps, mesh_shape=(1, 1, 1), step_cfg=StepConfig(), batch=None, lr=3e-3):
   del grad_norms[:]
   ocfg = optim.OptimConfig(learning_rate=lr, total_steps=steps, warmup_ratio=0.0, lr_rules=rules)
-  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
   params = state_lib.init_params(cfg, jax.random.key(0))
   opt = optim.make_optimizer(ocfg, params)
   state, shardings = state_lib.create_state(cfg, opt, mesh, jax.random.key(1), params=params)
   batch = batch or make_batch(cfg)
-  step = state_lib.jit_train_step(make_train_step(cfg, opt, optim.trainable_mask(params, ocfg), step_cfg),
-                                  shardings, mesh, batch)
+  step = state_lib.jit_train_step(
+      make_train_step(cfg, opt, optim.trainable_mask(params, ocfg), step_cfg), shardings, mesh, batch
+  )
   losses = []
   with sharding.use_mesh(mesh):
     for _ in range(steps):
@@ -121,8 +122,9 @@ def test_no_trainable_params_is_a_clear_error():
 
 def test_bf16_compute_keeps_float32_master_params():
   cfg = tiny_cfg()
-  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"),
-                            llm=dataclasses.replace(cfg.llm, dtype="bfloat16"))
+  cfg = dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"), llm=dataclasses.replace(cfg.llm, dtype="bfloat16")
+  )
   _, state, losses = run(cfg, STAGE2, 8)
   assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
   assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
@@ -140,8 +142,9 @@ def test_schedule_warmup_then_cosine():
 def test_model_flops_match_6nt_for_a_plain_decoder():
   """The analytic count reduces to the textbook 6 * params * tokens (+ attention)."""
   from llava_jax.train.flops import llm_forward_flops_per_token
+
   c = LLM_VARIANTS["vicuna-7b"]
-  n_matmul = c.num_layers * (4 * c.hidden_size ** 2 + 3 * c.hidden_size * c.intermediate_size)
+  n_matmul = c.num_layers * (4 * c.hidden_size**2 + 3 * c.hidden_size * c.intermediate_size)
   n_matmul += c.hidden_size * c.vocab_size
   per_token = llm_forward_flops_per_token(c, context=0)
   assert per_token == 2 * n_matmul
@@ -153,19 +156,23 @@ def pack_by_hand(batch, per_row: int, t: int):
   (segment ids 1.., positions restarting per example, images in token order)."""
   b = batch["input_ids"].shape[0]
   rows = b // per_row
-  out = {"input_ids": np.zeros((rows, t), np.int32), "labels": np.full((rows, t), IGNORE, np.int32),
-         "attention_mask": np.zeros((rows, t), np.int32), "positions": np.zeros((rows, t), np.int32),
-         "pixel_values": np.zeros((rows, per_row) + batch["pixel_values"].shape[2:], np.float32),
-         "image_mask": np.zeros((rows, per_row), bool)}
+  out = {
+      "input_ids": np.zeros((rows, t), np.int32),
+      "labels": np.full((rows, t), IGNORE, np.int32),
+      "attention_mask": np.zeros((rows, t), np.int32),
+      "positions": np.zeros((rows, t), np.int32),
+      "pixel_values": np.zeros((rows, per_row) + batch["pixel_values"].shape[2:], np.float32),
+      "image_mask": np.zeros((rows, per_row), bool),
+  }
   for r in range(rows):
     at = slots = 0
     for k in range(per_row):
       i = r * per_row + k
       n = int(batch["attention_mask"][i].sum())
       for key in ("input_ids", "labels"):
-        out[key][r, at:at + n] = batch[key][i, :n]
-      out["attention_mask"][r, at:at + n] = k + 1
-      out["positions"][r, at:at + n] = np.arange(n)
+        out[key][r, at : at + n] = batch[key][i, :n]
+      out["attention_mask"][r, at : at + n] = k + 1
+      out["positions"][r, at : at + n] = np.arange(n)
       at += n
       if batch["image_mask"][i, 0]:
         out["pixel_values"][r, slots] = batch["pixel_values"][i, 0]
@@ -181,6 +188,7 @@ def test_packed_rows_train_exactly_like_separate_rows(loss_norm):
   gradients of its examples in separate rows: no attention, position or loss term
   crosses an example boundary."""
   from llava_jax.train.step import loss_fn
+
   cfg = tiny_cfg(scan=False)
   params = state_lib.init_params(cfg, jax.random.key(0))
   flat = make_batch(cfg, b=8, t=40)
@@ -202,6 +210,7 @@ def test_packed_row_without_segment_ids_differs():
   attend to, and the loss crosses into, the examples before them) changes the loss.
   (Positions alone would not show it: RoPE scores depend only on position differences.)"""
   from llava_jax.train.step import loss_fn
+
   cfg = tiny_cfg(scan=False)
   params = state_lib.init_params(cfg, jax.random.key(0))
   packed = pack_by_hand(make_batch(cfg, b=8, t=40), per_row=4, t=160)
@@ -217,6 +226,7 @@ def test_head_at_targets_only_gives_the_same_loss_and_grads(fraction):
   tokens, so the head runs on gathered positions; 0.05: 2 < 5, so it falls back to the
   full head. Both equal the plain step."""
   from llava_jax.train.step import loss_fn
+
   cfg = tiny_cfg(scan=False)
   params = state_lib.init_params(cfg, jax.random.key(0))
   batch = pack_by_hand(make_batch(cfg, b=8, t=40), per_row=2, t=80)
@@ -232,6 +242,7 @@ def test_head_at_targets_only_gives_the_same_loss_and_grads(fraction):
 def test_gathered_head_runs_when_the_targets_fit_and_full_head_otherwise():
   """A head that marks its full-length calls (+50 on class 0) shows which branch ran."""
   from llava_jax.train.step import sparse_token_loss, target_positions, token_loss
+
   rng = np.random.default_rng(0)
   hidden = jnp.asarray(rng.normal(size=(2, 12, 4)), jnp.float32)
   w_out = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)

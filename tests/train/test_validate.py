@@ -1,4 +1,5 @@
 """train.validate: the set-up errors name the param / config key, on 8 fake CPU devices."""
+
 import os
 import sys
 

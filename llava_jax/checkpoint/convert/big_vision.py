@@ -16,6 +16,7 @@ unexpected key is an error that names it. Loading only: no ``.npz`` export.
 Einsum letters: L layers, E width, H heads, K kv heads, D head dim, F mlp, V vocab,
 N patches, p patch size.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,10 +37,17 @@ log = logging.getLogger(__name__)
 
 # big_vision ``vit.decode_variant``: name -> (width, depth, mlp_dim, num_heads).
 VIT_VARIANTS: dict[str, tuple[int, int, int, int]] = {
-    "mu": (32, 1, 128, 2), "Ti": (192, 12, 768, 3), "S": (384, 12, 1536, 6),
-    "M": (512, 12, 2048, 8), "B": (768, 12, 3072, 12), "L": (1024, 24, 4096, 16),
-    "So400m": (1152, 27, 4304, 16), "H": (1280, 32, 5120, 16), "g": (1408, 40, 6144, 16),
-    "G": (1664, 48, 8192, 16), "e": (1792, 56, 15360, 16),
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
 }
 
 # The image model's own classifier / projection head, which the tower's outputs do not
@@ -56,6 +64,7 @@ def read_npz(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, n
   (numpy has no bfloat16) is viewed back as bfloat16."""
   if isinstance(path_or_dict, (str, os.PathLike)):
     from llava_jax import storage  # a gs:// .npz is copied to the local cache once
+
     with np.load(storage.local_copy(path_or_dict), allow_pickle=False) as f:
       src = {k: f[k] for k in f.files}
   else:
@@ -67,7 +76,7 @@ def read_npz(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, n
       for k, v in value.items():
         add(f"{key}/{k}" if key else str(k), v)
       return
-    key = key[len("params/"):] if key.startswith("params/") else key
+    key = key[len("params/") :] if key.startswith("params/") else key
     a = np.asarray(value)
     if a.dtype.kind == "V" and a.dtype.itemsize == 2:
       a = a.view(ml_dtypes.bfloat16)
@@ -88,8 +97,10 @@ def _layout(tensors: Mapping[str, np.ndarray], scanned: str, per_block: str) -> 
   pat = re.compile(re.escape(per_block).replace(r"\{i\}", r"(\d+)"))
   blocks = {int(m.group(1)) for k in tensors if (m := pat.match(k))}
   if stacked and blocks:
-    raise KeyError(f"checkpoint mixes scanned keys ({stacked[0]!r}, …) and per-block keys "
-                   f"({per_block.format(i=min(blocks))!r}, …)")
+    raise KeyError(
+        f"checkpoint mixes scanned keys ({stacked[0]!r}, …) and per-block keys "
+        f"({per_block.format(i=min(blocks))!r}, …)"
+    )
   if stacked:
     depths = {tensors[k].shape[0] if tensors[k].ndim else 0 for k in stacked}
     if len(depths) != 1:
@@ -98,8 +109,7 @@ def _layout(tensors: Mapping[str, np.ndarray], scanned: str, per_block: str) -> 
     return "scanned", depths.pop()
   if blocks:
     return "blocks", max(blocks) + 1
-  raise KeyError(f"no layer keys: expected {scanned!r}… or {per_block.format(i=0)!r}…; "
-                 f"found {sorted(tensors)[:20]}")
+  raise KeyError(f"no layer keys: expected {scanned!r}… or {per_block.format(i=0)!r}…; found {sorted(tensors)[:20]}")
 
 
 def _first_layer(tensors, layout: str, scanned: str, per_block: str, rest: str) -> np.ndarray:
@@ -146,10 +156,12 @@ def _mlp(src: str, dst: tuple[str, ...]) -> list[Spec]:
 
 
 def _encoder_block(src: str, dst: tuple[str, ...]) -> list[Spec]:
-  return (_ln(src + "LayerNorm_0", dst + ("layer_norm1",))
-          + _mha(src + "MultiHeadDotProductAttention_0", dst + ("self_attn",))
-          + _ln(src + "LayerNorm_1", dst + ("layer_norm2",))
-          + _mlp(src + "MlpBlock_0", dst + ("mlp",)))
+  return (
+      _ln(src + "LayerNorm_0", dst + ("layer_norm1",))
+      + _mha(src + "MultiHeadDotProductAttention_0", dst + ("self_attn",))
+      + _ln(src + "LayerNorm_1", dst + ("layer_norm2",))
+      + _mlp(src + "MlpBlock_0", dst + ("mlp",))
+  )
 
 
 def siglip_specs(c: VisionConfig, layout: str) -> list[Spec]:
@@ -158,9 +170,15 @@ def siglip_specs(c: VisionConfig, layout: str) -> list[Spec]:
   ``layout="scanned"`` maps ``Transformer/encoderblock/…`` to the stacked
   ``encoder/layers/…``; ``"blocks"`` maps ``encoderblock_{i}`` to ``encoder/layers_{i}``.
   """
-  specs = [same("embedding/kernel", ("patch_embedding", "kernel")),  # [p, p, 3, E] both
-           Spec("pos_embedding", ("position_embedding",),             # [1, N, E] -> [N, E]
-                lambda a: a.reshape(a.shape[-2:]), lambda a: a[None])]
+  specs = [
+      same("embedding/kernel", ("patch_embedding", "kernel")),  # [p, p, 3, E] both
+      Spec(
+          "pos_embedding",
+          ("position_embedding",),  # [1, N, E] -> [N, E]
+          lambda a: a.reshape(a.shape[-2:]),
+          lambda a: a[None],
+      ),
+  ]
   if c.patch_bias:
     specs.append(same("embedding/bias", ("patch_embedding", "bias")))
   if layout == "scanned":
@@ -170,10 +188,12 @@ def siglip_specs(c: VisionConfig, layout: str) -> list[Spec]:
       specs += _encoder_block(f"Transformer/encoderblock_{i}/", ("encoder", f"layers_{i}"))
   specs += _ln("Transformer/encoder_norm", ("post_layernorm",))
   if c.head:  # MAP head: LN and MLP after attention pooling, as HF's SigLIP head
-    specs += [same("MAPHead_0/probe", ("head", "probe")),
-              *_mha("MAPHead_0/MultiHeadDotProductAttention_0", ("head", "attention")),
-              *_ln("MAPHead_0/LayerNorm_0", ("head", "layernorm")),
-              *_mlp("MAPHead_0/MlpBlock_0", ("head", "mlp"))]
+    specs += [
+        same("MAPHead_0/probe", ("head", "probe")),
+        *_mha("MAPHead_0/MultiHeadDotProductAttention_0", ("head", "attention")),
+        *_ln("MAPHead_0/LayerNorm_0", ("head", "layernorm")),
+        *_mlp("MAPHead_0/MlpBlock_0", ("head", "mlp")),
+    ]
   return specs
 
 
@@ -181,8 +201,9 @@ def _encoder_layout(tensors) -> tuple[str, int]:
   return _layout(tensors, "img/Transformer/encoderblock/", "img/Transformer/encoderblock_{i}/")
 
 
-def siglip_config_from_npz(tensors: Mapping[str, np.ndarray], *, variant: str | None = None,
-                           **overrides) -> VisionConfig:
+def siglip_config_from_npz(
+    tensors: Mapping[str, np.ndarray], *, variant: str | None = None, **overrides
+) -> VisionConfig:
   """Reads a SigLIP VisionConfig off the array shapes of ``img/…`` keys.
 
   Width and patch from ``embedding/kernel [p, p, 3, E]``, depth from the layer keys, heads
@@ -192,18 +213,23 @@ def siglip_config_from_npz(tensors: Mapping[str, np.ndarray], *, variant: str | 
   cross-check; ``overrides`` set other VisionConfig fields (``scan``, ``dtype``, ``select_layer`` …).
   """
   if "img/cls" in tensors:
-    raise ValueError("img/cls: big_vision's class-token ViT (pool_type='tok') adds position "
-                     "embeddings before the class token, which this ViT does not model")
+    raise ValueError(
+        "img/cls: big_vision's class-token ViT (pool_type='tok') adds position "
+        "embeddings before the class token, which this ViT does not model"
+    )
   layout, depth = _encoder_layout(tensors)
-  block = lambda rest: _first_layer(tensors, layout, "img/Transformer/encoderblock/",
-                                    "img/Transformer/encoderblock_{i}/", rest)
+  block = lambda rest: _first_layer(
+      tensors, layout, "img/Transformer/encoderblock/", "img/Transformer/encoderblock_{i}/", rest
+  )
   kh, kw, ch, width = _get(tensors, "img/embedding/kernel").shape
   if kh != kw or ch != 3:
     raise ValueError(f"img/embedding/kernel has shape {(kh, kw, ch, width)}: expected [p, p, 3, E]")
   pos = _get(tensors, "img/pos_embedding")
   if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
-    raise ValueError(f"img/pos_embedding has shape {pos.shape}: expected [1, N, {width}] "
-                     "(learned position embeddings; sincos2d towers have none)")
+    raise ValueError(
+        f"img/pos_embedding has shape {pos.shape}: expected [1, N, {width}] "
+        "(learned position embeddings; sincos2d towers have none)"
+    )
   side = math.isqrt(pos.shape[1])
   if side * side != pos.shape[1]:
     raise ValueError(f"img/pos_embedding has {pos.shape[1]} positions, not a square grid")
@@ -211,15 +237,29 @@ def siglip_config_from_npz(tensors: Mapping[str, np.ndarray], *, variant: str | 
   mlp = block("MlpBlock_0/Dense_0/kernel").shape[1]
   image_size = overrides.pop("image_size", side * kh)
   if image_size // kh != side:
-    raise ValueError(f"image_size {image_size} with patch {kh} gives {image_size // kh} patches "
-                     f"per side; img/pos_embedding has {side}")
+    raise ValueError(
+        f"image_size {image_size} with patch {kh} gives {image_size // kh} patches "
+        f"per side; img/pos_embedding has {side}"
+    )
   if variant is not None:
     check_variant(variant, width=width, depth=depth, mlp_dim=mlp, num_heads=heads, patch_size=kh)
-  fields = dict(kind="siglip", image_size=image_size, patch_size=kh, width=width, depth=depth,
-                mlp_dim=mlp, num_heads=heads, layer_norm_eps=1e-6, act="gelu_tanh",
-                class_token=False, pre_norm=False, patch_bias="img/embedding/bias" in tensors,
-                head="img/MAPHead_0/probe" in tensors, select_layer=-1,
-                select_feature="cls_patch")
+  fields = dict(
+      kind="siglip",
+      image_size=image_size,
+      patch_size=kh,
+      width=width,
+      depth=depth,
+      mlp_dim=mlp,
+      num_heads=heads,
+      layer_norm_eps=1e-6,
+      act="gelu_tanh",
+      class_token=False,
+      pre_norm=False,
+      patch_bias="img/embedding/bias" in tensors,
+      head="img/MAPHead_0/probe" in tensors,
+      select_layer=-1,
+      select_feature="cls_patch",
+  )
   return VisionConfig(**{**fields, **overrides})
 
 
@@ -240,6 +280,7 @@ def _vision_params(cfg: VisionConfig, flat: common.Flat) -> dict:
   """Per-layer or stacked ``encoder`` params -> the layout ``cfg.scan`` asks for, shape-checked."""
   import flax.linen as nn
   from llava_jax.models.vit import VisionTransformer
+
   flat = common.unstack_layers(flat, ("encoder",))
   if cfg.scan:
     flat = common.stack_layers(flat, ("encoder",), cfg.depth)
@@ -249,8 +290,7 @@ def _vision_params(cfg: VisionConfig, flat: common.Flat) -> dict:
   return common.unflatten(flat)
 
 
-def load_siglip_npz(path_or_dict, *, variant: str | None = None,
-                    **overrides) -> tuple[VisionConfig, dict]:
+def load_siglip_npz(path_or_dict, *, variant: str | None = None, **overrides) -> tuple[VisionConfig, dict]:
   """Loads the image tower of a big_vision SigLIP (or PaliGemma) checkpoint.
 
   Args:
@@ -271,8 +311,7 @@ def load_siglip_npz(path_or_dict, *, variant: str | None = None,
   _log_ignored(ignored, "SigLIP npz")
   layout, _ = _encoder_layout(tensors)
   specs = prefixed(siglip_specs(cfg, layout), "img/", ())
-  flat = common.apply_specs(specs, tensors, "big_vision SigLIP checkpoint (keys without "
-                            "'params/')", ignore=ignored)
+  flat = common.apply_specs(specs, tensors, "big_vision SigLIP checkpoint (keys without 'params/')", ignore=ignored)
   return cfg, _vision_params(cfg, flat)
 
 
@@ -282,11 +321,11 @@ def load_siglip_npz(path_or_dict, *, variant: str | None = None,
 def _load_only(src: str, dst: tuple[str, ...], fn: Callable[[np.ndarray], np.ndarray]) -> Spec:
   def no_export(_):
     raise NotImplementedError(f"{src}: exporting to big_vision npz is not supported")
+
   return Spec(src, dst, fn, no_export)
 
 
-def gemma_specs(c: LLMConfig, layout: str, *, fused_qkv: bool,
-                gating_fe: bool) -> list[Spec]:
+def gemma_specs(c: LLMConfig, layout: str, *, fused_qkv: bool, gating_fe: bool) -> list[Spec]:
   """big_vision Gemma keys (relative to ``llm/``) -> Decoder params.
 
   Per layer (``[L]`` leading when scanned; ellipses below keep that axis):
@@ -300,28 +339,32 @@ def gemma_specs(c: LLMConfig, layout: str, *, fused_qkv: bool,
   """
   heads_first = lambda a: np.swapaxes(a, -3, -2)  # [..., H, E, D] -> [..., E, H, D]
   pick = lambda j, fn: (lambda a: fn(a[..., j, :, :, :]))
-  pick2 = lambda j: ((lambda a: np.swapaxes(a[..., j, :, :], -1, -2)) if gating_fe
-                     else (lambda a: a[..., j, :, :]))
+  pick2 = lambda j: ((lambda a: np.swapaxes(a[..., j, :, :], -1, -2)) if gating_fe else (lambda a: a[..., j, :, :]))
 
   def block(s: str, d: tuple[str, ...]) -> list[Spec]:
     a = d + ("self_attn",)
     if fused_qkv:
-      specs = [_load_only(s + "attn/qkv_einsum/w", a + (n, "kernel"), pick(j, heads_first))
-               for j, n in enumerate(("q_proj", "k_proj", "v_proj"))]
+      specs = [
+          _load_only(s + "attn/qkv_einsum/w", a + (n, "kernel"), pick(j, heads_first))
+          for j, n in enumerate(("q_proj", "k_proj", "v_proj"))
+      ]
     else:
       specs = [_load_only(s + "attn/q_einsum/w", a + ("q_proj", "kernel"), heads_first)]
-      specs += [_load_only(s + "attn/kv_einsum/w", a + (n, "kernel"), pick(j, heads_first))
-                for j, n in enumerate(("k_proj", "v_proj"))]
-    specs += [same(s + "attn/attn_vec_einsum/w", a + ("o_proj", "kernel")),
-              _load_only(s + "mlp/gating_einsum", d + ("mlp", "gate_proj", "kernel"), pick2(0)),
-              _load_only(s + "mlp/gating_einsum", d + ("mlp", "up_proj", "kernel"), pick2(1)),
-              same(s + "mlp/linear", d + ("mlp", "down_proj", "kernel")),
-              same(s + "pre_attention_norm/scale", d + ("input_layernorm", "scale")),
-              same(s + "pre_ffw_norm/scale", d + ("post_attention_layernorm", "scale"))]
+      specs += [
+          _load_only(s + "attn/kv_einsum/w", a + (n, "kernel"), pick(j, heads_first))
+          for j, n in enumerate(("k_proj", "v_proj"))
+      ]
+    specs += [
+        same(s + "attn/attn_vec_einsum/w", a + ("o_proj", "kernel")),
+        _load_only(s + "mlp/gating_einsum", d + ("mlp", "gate_proj", "kernel"), pick2(0)),
+        _load_only(s + "mlp/gating_einsum", d + ("mlp", "up_proj", "kernel"), pick2(1)),
+        same(s + "mlp/linear", d + ("mlp", "down_proj", "kernel")),
+        same(s + "pre_attention_norm/scale", d + ("input_layernorm", "scale")),
+        same(s + "pre_ffw_norm/scale", d + ("post_attention_layernorm", "scale")),
+    ]
     return specs
 
-  specs = [same("embedder/input_embedding", ("embed_tokens", "embedding")),
-           same("final_norm/scale", ("norm", "scale"))]
+  specs = [same("embedder/input_embedding", ("embed_tokens", "embedding")), same("final_norm/scale", ("norm", "scale"))]
   if layout == "scanned":
     return specs + block("layers/", ("decoder", "layers"))
   for i in range(c.num_layers):
@@ -329,8 +372,7 @@ def gemma_specs(c: LLMConfig, layout: str, *, fused_qkv: bool,
   return specs
 
 
-def gemma_config_from_npz(tensors: Mapping[str, np.ndarray],
-                          **overrides) -> tuple[LLMConfig, str, bool, bool]:
+def gemma_config_from_npz(tensors: Mapping[str, np.ndarray], **overrides) -> tuple[LLMConfig, str, bool, bool]:
   """Gemma LLMConfig from ``llm/…`` shapes; returns (config, layout, fused_qkv, gating_fe).
 
   Not in the shapes, set to Gemma 1 values: ``rope_theta=10000``, ``rms_norm_eps=1e-6``,
@@ -339,8 +381,10 @@ def gemma_config_from_npz(tensors: Mapping[str, np.ndarray],
   layout, depth = _layout(tensors, "llm/layers/", "llm/layers_{i}/")
   first = "llm/layers/" if layout == "scanned" else "llm/layers_0/"
   if any(k.startswith(first + n) for k in tensors for n in ("post_attention_norm", "post_ffw_norm")):
-    raise ValueError(f"{first}post_attention_norm: a Gemma 2 LLM (PaliGemma 2: post-norms, "
-                     "logit soft-capping, local attention) is not supported")
+    raise ValueError(
+        f"{first}post_attention_norm: a Gemma 2 LLM (PaliGemma 2: post-norms, "
+        "logit soft-capping, local attention) is not supported"
+    )
   layer = lambda rest: _first_layer(tensors, layout, "llm/layers/", "llm/layers_{i}/", rest)
   vocab, width = _get(tensors, "llm/embedder/input_embedding").shape
   fused = first + "attn/qkv_einsum/w" in tensors
@@ -353,19 +397,35 @@ def gemma_config_from_npz(tensors: Mapping[str, np.ndarray],
   mlp, _ = layer("mlp/linear").shape
   gating = layer("mlp/gating_einsum").shape
   gating_fe = gating[1:] == (mlp, width) and mlp != width
-  fields = dict(vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_layers=depth,
-                num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=10000.0,
-                rms_norm_eps=1e-6, act="gelu_tanh", tie_embeddings=True, embed_scale=True,
-                norm_plus_one=True, max_position_embeddings=8192)
+  fields = dict(
+      vocab_size=vocab,
+      hidden_size=width,
+      intermediate_size=mlp,
+      num_layers=depth,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=head_dim,
+      rope_theta=10000.0,
+      rms_norm_eps=1e-6,
+      act="gelu_tanh",
+      tie_embeddings=True,
+      embed_scale=True,
+      norm_plus_one=True,
+      max_position_embeddings=8192,
+  )
   return LLMConfig(**{**fields, **overrides}), layout, fused, gating_fe
 
 
 # ----------------------------------------------------------------------------- PaliGemma
 
 
-def load_paligemma_npz(path_or_dict, *, llm_overrides: dict | None = None,
-                       vision_overrides: dict | None = None,
-                       fold_image_scale: bool = True) -> tuple[LlavaConfig, dict]:
+def load_paligemma_npz(
+    path_or_dict,
+    *,
+    llm_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
+    fold_image_scale: bool = True,
+) -> tuple[LlavaConfig, dict]:
   """Loads a big_vision PaliGemma (1) checkpoint into our LLaVA layout.
 
   ``img/…`` (SigLIP, no MAP head) -> ``img``; ``img/head/{kernel [E_vit, E], bias [E]}``
@@ -401,24 +461,29 @@ def load_paligemma_npz(path_or_dict, *, llm_overrides: dict | None = None,
   tensors = read_npz(path_or_dict)
   vision = siglip_config_from_npz(tensors, **{"feature_norm": True, **(vision_overrides or {})})
   if vision.head:
-    raise ValueError("img/MAPHead_0: PaliGemma's tower has no MAP head (pool_type 'none'); "
-                     "this looks like a SigLIP image-text checkpoint (use load_siglip_npz)")
+    raise ValueError(
+        "img/MAPHead_0: PaliGemma's tower has no MAP head (pool_type 'none'); "
+        "this looks like a SigLIP image-text checkpoint (use load_siglip_npz)"
+    )
   head = _get(tensors, "img/head/kernel")
   llm, llm_layout, fused, gating_fe = gemma_config_from_npz(tensors, **(llm_overrides or {}))
   if head.shape != (vision.width, llm.hidden_size):
-    raise ValueError(f"img/head/kernel has shape {head.shape}: expected "
-                     f"[{vision.width}, {llm.hidden_size}] (vision width, LLM width)")
+    raise ValueError(
+        f"img/head/kernel has shape {head.shape}: expected "
+        f"[{vision.width}, {llm.hidden_size}] (vision width, LLM width)"
+    )
   proj = ProjectorConfig("linear", vision.width, llm.hidden_size, bias=True)
-  cfg = LlavaConfig(vision=vision, projector=proj, llm=llm, image_token_id=llm.vocab_size,
-                    pad_token_id=0)
+  cfg = LlavaConfig(vision=vision, projector=proj, llm=llm, image_token_id=llm.vocab_size, pad_token_id=0)
   img_layout, _ = _encoder_layout(tensors)
-  specs = (prefixed(siglip_specs(vision, img_layout), "img/", ("img",))
-           + [same("img/head/kernel", ("projector", "linear_1", "kernel")),
-              same("img/head/bias", ("projector", "linear_1", "bias"))]
-           + prefixed(gemma_specs(llm, llm_layout, fused_qkv=fused, gating_fe=gating_fe),
-                      "llm/", ("llm",)))
-  flat = common.apply_specs(specs, tensors, "big_vision PaliGemma checkpoint (keys without "
-                            "'params/')")
+  specs = (
+      prefixed(siglip_specs(vision, img_layout), "img/", ("img",))
+      + [
+          same("img/head/kernel", ("projector", "linear_1", "kernel")),
+          same("img/head/bias", ("projector", "linear_1", "bias")),
+      ]
+      + prefixed(gemma_specs(llm, llm_layout, fused_qkv=fused, gating_fe=gating_fe), "llm/", ("llm",))
+  )
+  flat = common.apply_specs(specs, tensors, "big_vision PaliGemma checkpoint (keys without 'params/')")
   if fold_image_scale:
     s = np.float32(np.sqrt(llm.hidden_size))
     for leaf in ("kernel", "bias"):

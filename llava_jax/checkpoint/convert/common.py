@@ -9,6 +9,7 @@ Checkpoint directories may be local or on a bucket (``llava_jax.storage``): remo
 ``.safetensors`` files are copied once into the local cache and memory-mapped from there;
 saving to a bucket writes each file locally and uploads it whole (published complete).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,18 @@ Flat = dict[tuple[str, ...], np.ndarray]
 # safetensors' numpy backend cannot read bfloat16, and its flax backend puts every tensor
 # on the default device (a TPU core for a 13B model). A memmap of the documented format
 # (u64 header size, JSON header, raw little-endian data) reads any dtype lazily on host.
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-              "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -60,16 +70,18 @@ def read_checkpoint_dir(path: str) -> dict[str, np.ndarray]:
     files = sorted(f for f in storage.listdir(path) if f.endswith(".safetensors"))
   if not files:
     found = storage.listdir(path)
-    raise FileNotFoundError(f"no .safetensors weights in {path} (found {found}); "
-                            "convert .bin/pickle checkpoints to safetensors first")
+    raise FileNotFoundError(
+        f"no .safetensors weights in {path} (found {found}); convert .bin/pickle checkpoints to safetensors first"
+    )
   tensors: dict[str, np.ndarray] = {}
   for name in files:
     tensors.update(read_safetensors(storage.join(path, name)))
   return tensors
 
 
-def write_safetensors_dir(tensors: Mapping[str, np.ndarray], path: str,
-                          max_shard_bytes: int | None = None, metadata: dict | None = None):
+def write_safetensors_dir(
+    tensors: Mapping[str, np.ndarray], path: str, max_shard_bytes: int | None = None, metadata: dict | None = None
+):
   """Writes ``model.safetensors`` or, past ``max_shard_bytes``, shards plus an index.
 
   Files are written under temporary names and renamed (on a bucket: written locally and
@@ -77,6 +89,7 @@ def write_safetensors_dir(tensors: Mapping[str, np.ndarray], path: str,
   final name.
   """
   from safetensors.numpy import save_file
+
   storage.check(path, "output directory", write=True)
   storage.makedirs(path)
   meta = {"format": "pt", **(metadata or {})}
@@ -89,8 +102,11 @@ def write_safetensors_dir(tensors: Mapping[str, np.ndarray], path: str,
       size = 0
     shards[-1][k] = a
     size += a.nbytes
-  names = (["model.safetensors"] if len(shards) == 1 else
-           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  names = (
+      ["model.safetensors"]
+      if len(shards) == 1
+      else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  )
   for name, shard in zip(names, shards):
     if storage.is_remote(path):
       with storage.staged_dir(path) as local:  # one file at a time: local disk holds one shard
@@ -100,8 +116,7 @@ def write_safetensors_dir(tensors: Mapping[str, np.ndarray], path: str,
     os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
   if len(shards) > 1:
     total = sum(a.nbytes for a in tensors.values())
-    index = {"metadata": {"total_size": int(total)},
-             "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+    index = {"metadata": {"total_size": int(total)}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
     write_json(index, storage.join(path, "model.safetensors.index.json"))
 
 
@@ -119,8 +134,8 @@ def read_json(path: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  src: str                       # checkpoint key
-  dst: tuple[str, ...]           # path in our param tree
+  src: str  # checkpoint key
+  dst: tuple[str, ...]  # path in our param tree
   to_flax: Callable[[np.ndarray], np.ndarray]
   from_flax: Callable[[np.ndarray], np.ndarray]
 
@@ -136,8 +151,9 @@ def linear(src: str, dst: tuple[str, ...]) -> Spec:
 
 def linear_to_heads(src: str, dst: tuple[str, ...], heads: int, head_dim: int) -> Spec:
   """q/k/v weight [H*D, E] <-> kernel [E, H, D]."""
-  return Spec(src, dst, lambda a: a.T.reshape(a.shape[1], heads, head_dim),
-              lambda a: a.reshape(a.shape[0], heads * head_dim).T)
+  return Spec(
+      src, dst, lambda a: a.T.reshape(a.shape[1], heads, head_dim), lambda a: a.reshape(a.shape[0], heads * head_dim).T
+  )
 
 
 def bias_to_heads(src: str, dst: tuple[str, ...], heads: int, head_dim: int) -> Spec:
@@ -146,8 +162,9 @@ def bias_to_heads(src: str, dst: tuple[str, ...], heads: int, head_dim: int) -> 
 
 def linear_from_heads(src: str, dst: tuple[str, ...], heads: int, head_dim: int) -> Spec:
   """out-projection weight [E, H*D] <-> kernel [H, D, E]."""
-  return Spec(src, dst, lambda a: a.T.reshape(heads, head_dim, a.shape[0]),
-              lambda a: a.reshape(heads * head_dim, a.shape[-1]).T)
+  return Spec(
+      src, dst, lambda a: a.T.reshape(heads, head_dim, a.shape[0]), lambda a: a.reshape(heads * head_dim, a.shape[-1]).T
+  )
 
 
 def conv(src: str, dst: tuple[str, ...]) -> Spec:
@@ -159,16 +176,17 @@ def prefixed(specs: Iterable[Spec], src_prefix: str, dst_prefix: tuple[str, ...]
   return [dataclasses.replace(s, src=src_prefix + s.src, dst=dst_prefix + s.dst) for s in specs]
 
 
-def apply_specs(specs: list[Spec], tensors: dict[str, np.ndarray], what: str,
-                ignore: Iterable[str] = ()) -> Flat:
+def apply_specs(specs: list[Spec], tensors: dict[str, np.ndarray], what: str, ignore: Iterable[str] = ()) -> Flat:
   """Pops every spec's key from ``tensors``; errors list missing and unconsumed keys."""
   missing = [s.src for s in specs if s.src not in tensors]
   consumed = {s.src for s in specs} | set(ignore)
   extra = sorted(k for k in tensors if k not in consumed)
   if missing or extra:
-    raise KeyError(f"{what}: checkpoint keys do not match the model config.\n"
-                   f"  missing ({len(missing)}): {missing[:20]}{' …' if len(missing) > 20 else ''}\n"
-                   f"  unexpected ({len(extra)}): {extra[:20]}{' …' if len(extra) > 20 else ''}")
+    raise KeyError(
+        f"{what}: checkpoint keys do not match the model config.\n"
+        f"  missing ({len(missing)}): {missing[:20]}{' …' if len(missing) > 20 else ''}\n"
+        f"  unexpected ({len(extra)}): {extra[:20]}{' …' if len(extra) > 20 else ''}"
+    )
   return {s.dst: np.asarray(s.to_flax(np.asarray(tensors[s.src], np.float32))) for s in specs}
 
 
@@ -179,8 +197,7 @@ def invert_specs(specs: list[Spec], flat: Flat, dtype=np.float32) -> dict[str, n
   extra = sorted(set(flat) - {s.dst for s in specs})
   if extra:
     raise KeyError(f"params have {len(extra)} entries no exporter spec covers: {extra[:20]}")
-  return {s.src: np.asarray(s.from_flax(np.asarray(flat[s.dst], np.float32))).astype(dtype)
-          for s in specs}
+  return {s.src: np.asarray(s.from_flax(np.asarray(flat[s.dst], np.float32))).astype(dtype) for s in specs}
 
 
 # ----------------------------------------------------------------------------- trees
@@ -207,7 +224,7 @@ def stack_layers(flat: Flat, stack: tuple[str, ...], depth: int) -> Flat:
   """``stack/layers_{i}/…`` (one per layer) -> ``stack/layers/…`` with a leading axis."""
   n = len(stack)
   out: Flat = {k: v for k, v in flat.items() if k[:n] != stack}
-  rest = sorted({k[n + 1:] for k in flat if k[:n] == stack})
+  rest = sorted({k[n + 1 :] for k in flat if k[:n] == stack})
   for r in rest:
     out[stack + ("layers",) + r] = np.stack([flat[stack + (f"layers_{i}",) + r] for i in range(depth)])
   return out
@@ -218,9 +235,9 @@ def unstack_layers(flat: Flat, stack: tuple[str, ...]) -> Flat:
   n = len(stack)
   out: Flat = {}
   for k, v in flat.items():
-    if k[:n + 1] == stack + ("layers",):
+    if k[: n + 1] == stack + ("layers",):
       for i in range(v.shape[0]):
-        out[stack + (f"layers_{i}",) + k[n + 1:]] = v[i]
+        out[stack + (f"layers_{i}",) + k[n + 1 :]] = v[i]
     else:
       out[k] = v
   return out
@@ -235,7 +252,9 @@ def check_shapes(flat: Flat, expected: Mapping, what: str):
   wrong = [(k, got[k], want[k]) for k in sorted(set(want) & set(got)) if got[k] != want[k]]
   if missing or extra or wrong:
     fmt = lambda ks: ["/".join(k) for k in ks[:20]]
-    raise ValueError(f"{what}: converted params do not match the model.\n"
-                     f"  unfilled params: {fmt(missing)}\n  params with no model slot: {fmt(extra)}\n"
-                     f"  shape mismatches (got, want): "
-                     f"{[('/'.join(k), g, w) for k, g, w in wrong[:20]]}")
+    raise ValueError(
+        f"{what}: converted params do not match the model.\n"
+        f"  unfilled params: {fmt(missing)}\n  params with no model slot: {fmt(extra)}\n"
+        f"  shape mismatches (got, want): "
+        f"{[('/'.join(k), g, w) for k, g, w in wrong[:20]]}"
+    )
