@@ -152,6 +152,16 @@ class LlavaConfig:
   # Verify placeholder count == image feature count inside jit too (a scalar host
   # callback); eager calls are always checked.
   check_image_tokens: bool = True
+  # Any resolution (LLaVA-NeXT / OneVision, ``llava_jax.models.anyres``); None: LLaVA-1.5,
+  # one S x S tile per image. ((H, W), ...) candidate resolutions, multiples of S.
+  image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+  # "anyres_max_N" (OneVision): bilinearly shrink a tile grid of more than ~N tiles of
+  # tokens; None (NeXT): keep the whole unpadded grid.
+  vision_aspect_ratio: str | None = None
+  # Fixed-shape budgets per image slot (None: the most any image can need):
+  # tiles (base included) and image tokens after packing.
+  max_tiles_per_image: int | None = None
+  max_image_tokens: int | None = None
 
   def __post_init__(self):
     _check(
@@ -162,13 +172,48 @@ class LlavaConfig:
         self.projector.out_dim == self.llm.hidden_size,
         f"projector out_dim {self.projector.out_dim} != llm hidden {self.llm.hidden_size}",
     )
+    if self.image_grid_pinpoints is None:
+      _check(
+          self.vision_aspect_ratio is None and self.max_tiles_per_image is None and self.max_image_tokens is None,
+          "vision_aspect_ratio / max_tiles_per_image / max_image_tokens need image_grid_pinpoints (anyres)",
+      )
+      return
+    from llava_jax.models import anyres  # the anyres rules live with the code that applies them
+
+    # Lists (JSON, HF config.json) become tuples so the config stays hashable.
+    object.__setattr__(self, "image_grid_pinpoints", anyres.check_config(self))
 
   @property
   def num_image_tokens(self) -> int:
+    """Features per image: one tile's (LLaVA-1.5); anyres images vary, see ``models.anyres``."""
     return self.vision.num_features
 
+  @property
+  def anyres(self) -> bool:
+    return self.image_grid_pinpoints is not None
+
+  @property
+  def tiles_per_image(self) -> int:
+    """Anyres tile slots per image (base tile included): pixel_values' P axis."""
+    from llava_jax.models import anyres
+
+    return self.max_tiles_per_image or anyres.max_tiles(self)
+
+  @property
+  def image_token_budget(self) -> int:
+    """Anyres image-token slots per image after packing: the layout's N axis."""
+    from llava_jax.models import anyres
+
+    return self.max_image_tokens or anyres.max_tokens(self)
+
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    # Unset anyres fields are left out, so a LLaVA-1.5 config's dict (run.json, the
+    # resume check) is what it was before they existed.
+    for k in ("image_grid_pinpoints", "vision_aspect_ratio", "max_tiles_per_image", "max_image_tokens"):
+      if d[k] is None:
+        del d[k]
+    return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "LlavaConfig":

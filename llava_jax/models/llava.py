@@ -5,6 +5,10 @@ Param tree: ``{"img": …, "projector": …, "llm": …}`` (as PaliGemma), so re
 
 Einsum letters: B batch, T text length, I images in the batch, N image tokens per
 image, E LLM embed, V vocab.
+
+Any-resolution configs (``cfg.image_grid_pinpoints`` set: LLaVA-NeXT, OneVision) take
+tiled images and an ``image_layout``, and add the ``image_newline`` parameter at the top
+of the tree; the contract is in ``llava_jax.models.anyres``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.models import anyres
 from llava_jax.models.configs import LlavaConfig
+from llava_jax.models.layers import logical
 from llava_jax.models.llm import Decoder
 from llava_jax.models.projector import Projector
 from llava_jax.models.vit import VisionTransformer
@@ -46,7 +52,9 @@ def check_image_tokens(placeholders_per_row, num_images: int, tokens_per_image: 
     )
 
 
-def merge_image_features(text_embeds, input_ids, image_features, image_token_id: int, image_mask=None):
+def merge_image_features(
+    text_embeds, input_ids, image_features, image_token_id: int, image_mask=None, feature_mask=None
+):
   """Writes image features, in order, into the placeholder positions.
 
   Args:
@@ -54,6 +62,8 @@ def merge_image_features(text_embeds, input_ids, image_features, image_token_id:
     image_features: float[I, N, E] in the order images appear in the batch (row-major).
     image_mask: bool[I] or None; False marks padding image slots (fixed-shape batches
       with text-only samples), which are skipped.
+    feature_mask: bool[I, N] or None; False marks padding features (anyres images,
+      each with its own count), which are skipped.
   Returns:
     float[B, T, E]. Counts must already match (see ``check_image_tokens``).
   """
@@ -62,6 +72,8 @@ def merge_image_features(text_embeds, input_ids, image_features, image_token_id:
     image_features = image_features[jnp.argsort(~image_mask, stable=True)]
   is_image = (input_ids == image_token_id).reshape(-1)
   flat = image_features.reshape(-1, e).astype(text_embeds.dtype)
+  if feature_mask is not None:  # valid features first, in order
+    flat = flat[jnp.argsort(~feature_mask.reshape(-1), stable=True)]
   idx = jnp.clip(jnp.cumsum(is_image) - 1, 0, flat.shape[0] - 1)
   merged = jnp.where(is_image[:, None], flat[idx], text_embeds.reshape(-1, e))
   return merged.reshape(b, t, e)
@@ -82,18 +94,26 @@ class Llava(nn.Module):
     self.img = VisionTransformer(c.vision)
     self.projector = Projector(c.projector, dtype=c.llm.dtype)
     self.llm = Decoder(c.llm)
+    if c.anyres:  # HF: randn(E) / sqrt(E)
+      init = nn.initializers.normal(c.llm.hidden_size**-0.5)
+      self.image_newline = self.param("image_newline", logical(init, ("embed",)), (c.llm.hidden_size,))
 
   def embed_image(self, pixel_values):
     """float32[I, S, S, 3] (normalised NHWC) -> float[I, N, E] projected image features."""
     return self.projector(self.img(pixel_values))
 
-  def embed_inputs(self, input_ids, pixel_values=None, image_mask=None):
+  def embed_inputs(self, input_ids, pixel_values=None, image_mask=None, image_layout=None):
     """Token embeddings with image features merged in: float[B, T, E].
 
     ``pixel_values`` float32[I, S, S, 3] or [B, M, S, S, 3] (M image slots per sample,
-    flattened row-major); ``image_mask`` bool[I] or [B, M] marks real images.
+    flattened row-major); ``image_mask`` bool[I] or [B, M] marks real images. Anyres
+    configs: float32[I, P, S, S, 3] or [B, M, P, S, S, 3] and ``image_layout``.
     """
     c = self.cfg
+    if c.anyres:
+      return self.embed_inputs_anyres(input_ids, pixel_values, image_mask, image_layout)
+    if image_layout is not None:
+      raise ValueError("image_layout is for anyres configs (image_grid_pinpoints); this config has none")
     if pixel_values is not None and pixel_values.ndim == 5:
       pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
     if image_mask is not None:
@@ -116,6 +136,49 @@ class Llava(nn.Module):
       return embeds
     return merge_image_features(embeds, input_ids, self.embed_image(pixel_values), c.image_token_id, image_mask)
 
+  def embed_anyres_images(self, pixel_values, image_layout):
+    """float32[I, P, S, S, 3] tiles + ``ImageLayout`` -> float[I, N, E] packed image tokens."""
+    i, p = pixel_values.shape[:2]
+    if p != self.cfg.tiles_per_image:
+      raise ValueError(
+          f"anyres pixel_values have {p} tiles per image; the config's budget is {self.cfg.tiles_per_image} "
+          "(max_tiles_per_image): pad with data.anyres.pad_tiles"
+      )
+    feats = self.embed_image(pixel_values.reshape((i * p,) + pixel_values.shape[2:]))
+    feats = feats.reshape((i, p) + feats.shape[1:])
+    return anyres.pack_image_features(feats, self.image_newline, image_layout)
+
+  def embed_inputs_anyres(self, input_ids, pixel_values, image_mask, image_layout):
+    c = self.cfg
+    is_image = input_ids == c.image_token_id
+    embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
+    per_row = jnp.sum(is_image, axis=1)
+    if pixel_values is None or pixel_values.shape[0] == 0:
+      if self.is_initializing():
+        _ = self.image_newline
+        self.embed_image(jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3)))
+      if not isinstance(per_row, jax.core.Tracer):
+        anyres.check_anyres_tokens(per_row, np.zeros(0, np.int32))
+      return embeds
+    if image_layout is None:
+      raise ValueError("an anyres config needs image_layout (models.anyres.image_layout) with pixel_values")
+    images_per_row = pixel_values.shape[1] if pixel_values.ndim == 6 else None
+    if pixel_values.ndim == 6:
+      pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
+    if pixel_values.ndim != 5:
+      raise ValueError(f"anyres pixel_values must be [I, P, S, S, 3] or [B, M, P, S, S, 3], got {pixel_values.shape}")
+    layout = anyres.ImageLayout(*(jnp.asarray(a) for a in image_layout))
+    num_tokens = layout.num_tokens.reshape(-1)
+    if image_mask is not None:
+      num_tokens = jnp.where(image_mask.reshape(-1).astype(bool), num_tokens, 0)
+    if not isinstance(per_row, jax.core.Tracer) and not isinstance(num_tokens, jax.core.Tracer):
+      anyres.check_anyres_tokens(per_row, num_tokens, images_per_row)
+    elif c.check_image_tokens:
+      jax.debug.callback(anyres.check_anyres_tokens, per_row, num_tokens, images_per_row)
+    feats = self.embed_anyres_images(pixel_values, layout)
+    feature_mask = jnp.arange(feats.shape[1])[None, :] < num_tokens[:, None]
+    return merge_image_features(embeds, input_ids, feats, c.image_token_id, feature_mask=feature_mask)
+
   def __call__(
       self,
       input_ids,
@@ -124,6 +187,7 @@ class Llava(nn.Module):
       positions=None,
       image_mask=None,
       hidden_only: bool = False,
+      image_layout=None,
   ):
     """LLaVA forward.
 
@@ -137,12 +201,15 @@ class Llava(nn.Module):
       positions: int32[B, T] RoPE positions; default counts valid tokens from 0 (packed
         rows pass their own, restarting per segment).
       image_mask: bool[I] (or [B, M] with 5-D pixel_values); False = padding image slot.
+      image_layout: anyres configs only: ``models.anyres.ImageLayout`` of the images
+        (``anyres.image_layout(image_sizes, cfg)``, computed on the host);
+        ``pixel_values`` are then float32[I, P, S, S, 3] tiles (or [B, M, P, S, S, 3]).
       hidden_only: return the LLM's last-layer output float[B, T, E] instead; ``head``
         (``apply(..., method=Llava.head)``) gives the logits of chosen positions.
     Returns:
       logits float32[B, T, V].
     """
-    embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
+    embeds = self.embed_inputs(input_ids, pixel_values, image_mask, image_layout)
     if positions is None:
       positions = default_positions(input_ids, attention_mask)
     segment_ids = None if attention_mask is None else attention_mask.astype(jnp.int32)
@@ -155,10 +222,15 @@ class Llava(nn.Module):
 
 def init_params(cfg: LlavaConfig, rng, *, batch: int = 1, seq_len: int = 8, boxed: bool = False):
   """Random params for ``cfg`` (plain nested dicts; ``boxed`` keeps logical-axis metadata)."""
-  n = cfg.num_image_tokens
+  n, s = cfg.num_image_tokens, cfg.vision.image_size
+  px = jnp.zeros((batch, s, s, 3), jnp.float32)
+  layout = None
+  if cfg.anyres:  # one S x S image per row: base tile + one grid tile
+    layout = anyres.image_layout(np.full((batch, 2), s), cfg)
+    n = int(layout.num_tokens[0])
+    px = jnp.zeros((batch, cfg.tiles_per_image, s, s, 3), jnp.float32)
   ids = jnp.concatenate(
       [jnp.full((batch, n), cfg.image_token_id, jnp.int32), jnp.ones((batch, seq_len), jnp.int32)], axis=1
   )
-  px = jnp.zeros((batch, cfg.vision.image_size, cfg.vision.image_size, 3), jnp.float32)
-  variables = Llava(cfg).init(rng, ids, px)
+  variables = Llava(cfg).init(rng, ids, px, image_layout=layout)
   return variables["params"] if boxed else nn.unbox(variables["params"])
