@@ -1,10 +1,14 @@
-"""Hugging Face <-> llava_jax: LlavaForConditionalGeneration, CLIP/SigLIP vision models and
-Llama/Mistral/Qwen2/Gemma causal LMs (config.json + safetensors, single or sharded).
+"""Hugging Face <-> llava_jax: Llava / LlavaNext / LlavaOnevision ForConditionalGeneration,
+CLIP/SigLIP vision models and Llama/Mistral/Qwen2/Gemma causal LMs (config.json +
+safetensors, single or sharded).
 
 Both LLaVA key layouts load: transformers >= 4.52 (``model.vision_tower…``,
-``model.multi_modal_projector…``, ``model.language_model…``, ``lm_head``) and the hub's
-older one (``vision_tower[.vision_model]…``, ``language_model.model…``,
-``language_model.lm_head``). ``save_hf_llava`` writes the newer layout.
+``model.multi_modal_projector…``, ``model.language_model…``, ``model.image_newline``,
+``lm_head``) and the hub's older one (``vision_tower[.vision_model]…``,
+``language_model.model…``, ``language_model.lm_head``, ``image_newline``), which
+transformers 5 still writes. ``save_hf_llava`` writes the newer layout. LLaVA-NeXT and
+OneVision (``model_type`` ``llava_next`` / ``llava_onevision``) add ``image_newline`` and
+the anyres fields ``image_grid_pinpoints`` (and OneVision's ``vision_aspect_ratio``).
 """
 
 from __future__ import annotations
@@ -312,7 +316,31 @@ _LLAVA_PREFIXES = (  # (old prefix, canonical prefix); first match wins
     ("model.language_model.", "language_model."),
     ("language_model.model.", "language_model."),
     ("language_model.lm_head.", "lm_head."),
+    ("model.image_newline", "image_newline"),
 )
+
+# model_type -> (architecture, defaults of the fields transformers may leave out of config.json)
+LLAVA_TYPES = {
+    "llava": ("LlavaForConditionalGeneration", {}),
+    "llava_next": (
+        "LlavaNextForConditionalGeneration",
+        {
+            "vision_feature_layer": -2,
+            "image_token_id": 32000,
+            "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        },
+    ),
+    "llava_onevision": (
+        "LlavaOnevisionForConditionalGeneration",
+        {
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "image_token_id": 151646,
+            "vision_aspect_ratio": "anyres_max_9",
+            "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
+        },
+    ),
+}
 
 
 # Buffers older transformers versions saved with the weights; recomputed, never learned.
@@ -340,10 +368,20 @@ def llava_specs(cfg: LlavaConfig) -> list[Spec]:
       + prefixed(projector_specs(cfg.projector), "multi_modal_projector.", ("projector",))
       + prefixed(llm_specs(cfg.llm), "language_model.", ("llm",))
       + prefixed(lm_head_specs(cfg.llm), "", ("llm",))
+      + ([same("image_newline", ("image_newline",))] if cfg.anyres else [])
   )
 
 
 def llava_config_from_hf(d: dict, tensors: dict | None = None, **llm_overrides) -> LlavaConfig:
+  model_type = d.get("model_type", "llava")
+  if model_type not in LLAVA_TYPES:
+    raise ValueError(f"unsupported LLaVA model_type {model_type!r}; supported {tuple(LLAVA_TYPES)}")
+  d = {**LLAVA_TYPES[model_type][1], **d}  # image_token_id: read after image_token_index
+  anyres = {}
+  if model_type != "llava":
+    anyres["image_grid_pinpoints"] = d["image_grid_pinpoints"]
+  if model_type == "llava_onevision":
+    anyres["vision_aspect_ratio"] = d["vision_aspect_ratio"]
   strategy = d.get("vision_feature_select_strategy", "default")
   vd = d["vision_config"]
   if strategy == "default" and vd.get("model_type") == "siglip_vision_model":
@@ -364,7 +402,7 @@ def llava_config_from_hf(d: dict, tensors: dict | None = None, **llm_overrides) 
   proj = ProjectorConfig("mlp2x_gelu", vision.width, llm.hidden_size, bias=d.get("multimodal_projector_bias", True))
   image_token = d.get("image_token_index", d.get("image_token_id"))
   pad = d.get("pad_token_id", d["text_config"].get("pad_token_id")) or 0
-  return LlavaConfig(vision=vision, projector=proj, llm=llm, image_token_id=image_token, pad_token_id=pad)
+  return LlavaConfig(vision=vision, projector=proj, llm=llm, image_token_id=image_token, pad_token_id=pad, **anyres)
 
 
 def finalize(cfg: LlavaConfig, flat: common.Flat) -> dict:
@@ -383,7 +421,7 @@ def finalize(cfg: LlavaConfig, flat: common.Flat) -> dict:
 def load_hf_llava(
     path: str, *, vision_overrides: dict | None = None, llm_overrides: dict | None = None
 ) -> tuple[LlavaConfig, dict]:
-  """Loads a HF ``LlavaForConditionalGeneration`` directory.
+  """Loads a HF ``Llava`` / ``LlavaNext`` / ``LlavaOnevision`` ``ForConditionalGeneration`` directory.
 
   Returns ``(LlavaConfig, params)`` with params a nested dict of float32 numpy arrays
   ``{"img", "projector", "llm"}``. Overrides set non-architectural config fields
@@ -406,7 +444,8 @@ def _flat_params(params: dict) -> common.Flat:
 
 
 def save_hf_llava(cfg: LlavaConfig, params: dict, path: str, *, dtype=np.float32, max_shard_bytes: int | None = None):
-  """Writes a directory that ``transformers.LlavaForConditionalGeneration`` loads."""
+  """Writes a directory that ``transformers.LlavaForConditionalGeneration`` loads
+  (``LlavaNext…`` for an anyres config, ``LlavaOnevision…`` if it has ``vision_aspect_ratio``)."""
   if cfg.projector.kind != "mlp2x_gelu":
     raise ValueError(f"HF LLaVA has only the mlp2x_gelu projector, not {cfg.projector.kind!r}")
   tensors = common.invert_specs(llava_specs(cfg), _flat_params(params), dtype)
@@ -419,10 +458,17 @@ def save_hf_llava(cfg: LlavaConfig, params: dict, path: str, *, dtype=np.float32
   v = cfg.vision
   text = llm_config_to_hf(cfg.llm)
   text["pad_token_id"] = cfg.pad_token_id
+  model_type, extra = "llava", {}
+  if cfg.anyres:
+    model_type = "llava_next" if cfg.vision_aspect_ratio is None else "llava_onevision"
+    extra["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
+    if cfg.vision_aspect_ratio is not None:
+      extra["vision_aspect_ratio"] = cfg.vision_aspect_ratio
   common.write_json(
       {
-          "architectures": ["LlavaForConditionalGeneration"],
-          "model_type": "llava",
+          **extra,
+          "architectures": [LLAVA_TYPES[model_type][0]],
+          "model_type": model_type,
           "vision_config": vision_config_to_hf(v),
           "text_config": text,
           "image_token_index": cfg.image_token_id,
