@@ -2,6 +2,7 @@
 ``LlavaOnevisionForConditionalGeneration`` (SigLIP+Qwen2, ``anyres_max_N``), loaded through
 ``load_hf_llava`` from a saved directory; images preprocessed by both processors."""
 
+import functools
 import logging
 
 import jax
@@ -79,6 +80,7 @@ def _batch(cfg, counts, seed=0, length=None):
   return ids, mask
 
 
+@functools.cache  # one compiled forward per config
 def _forward(cfg):
   return jax.jit(lambda p, i, x, m, lay: Llava(cfg).apply({"params": p}, i, x, m, image_layout=lay))
 
@@ -119,7 +121,19 @@ def test_logits_match_hf_with_both_processors(hf_anyres):
 
 
 # Wide, tall, tiny, huge, square, and sizes whose unpadding rounds (odd margins).
-PACK_SIZES = [(40, 100), (90, 30), (7, 5), (500, 3000), (3000, 500), (56, 56), (33, 97), (101, 29), (28, 83)]
+PACK_SIZES = [
+    (40, 100),
+    (90, 30),
+    (7, 5),
+    (500, 3000),
+    (3000, 500),
+    (56, 56),
+    (33, 97),
+    (101, 29),
+    (28, 83),
+    (25, 100),
+    (100, 25),
+]
 
 
 def _pack_both(model, cfg, sizes, seed=0):
@@ -174,7 +188,7 @@ def test_onevision_anyres_max_9_at_real_geometry():
   model = tf.LlavaOnevisionForConditionalGeneration(hf_cfg).eval()
   cfg = llava_config_from_hf(hf_cfg.to_dict())
   assert cfg.vision_aspect_ratio == "anyres_max_9" and cfg.tiles_per_image == 37
-  sizes = [(300, 800), (2000, 2100), (500, 3000), (7, 5), (1000, 400)]
+  sizes = [(300, 800), (2000, 2100), (500, 3000), (7, 5), (1000, 400), (200, 1900), (1900, 190)]
   pairs = _pack_both(model, cfg, sizes)
   err = max(np.abs(a - b).max() for a, b in pairs)
   print(f"OneVision anyres_max_9 pack: tokens {[len(b) for _, b in pairs]}, max |diff| {err:.1e}")
@@ -182,15 +196,16 @@ def test_onevision_anyres_max_9_at_real_geometry():
 
 
 def test_mixed_resolutions_compile_once_and_slots(hf_anyres):
-  """[B, M] image slots with empty ones; other sizes reuse the compiled function."""
-  _, _, image_cfg, cfg, params = hf_anyres
+  """[B, M] image slots with empty ones; other sizes reuse the compiled function; HF's logits."""
+  model, proc, image_cfg, cfg, params = hf_anyres
   traces = []
   fn = jax.jit(
       lambda p, i, x, m, lay, imask: traces.append(1)
       or Llava(cfg).apply({"params": p}, i, x, m, image_mask=imask, image_layout=lay)
   )
+  rng = np.random.default_rng(7)
   for sizes in ([(40, 100), (90, 30)], [(56, 56), (7, 5)]):
-    imgs = [Image.fromarray(np.full((h, w, 3), 90, np.uint8)) for h, w in sizes]
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
     tiles = [
         data_anyres.pad_tiles(
             data_anyres.preprocess_anyres(x, image_cfg, cfg.image_grid_pinpoints)[0], cfg.tiles_per_image
@@ -205,13 +220,66 @@ def test_mixed_resolutions_compile_once_and_slots(hf_anyres):
     # Fixed shapes throughout (rows padded to a budget), so the second batch reuses the first's compile.
     ids, mask = _batch(cfg, layout.num_tokens.reshape(2, 2).sum(1), length=cfg.image_token_budget + 8)
     out = np.asarray(fn(params, ids, px, mask, layout, image_mask))
-    single = np.asarray(_forward(cfg)(params, ids[:1], px[0, :1], mask[:1], anyres.image_layout([sizes[0]], cfg)))
-    assert np.abs(out[0][mask[0] == 1] - single[0][mask[0] == 1]).max() < 1e-5
+    hf_in = proc(imgs, return_tensors="pt")
+    with torch.no_grad():
+      ref = model(
+          input_ids=torch.from_numpy(ids).long(),
+          attention_mask=torch.from_numpy(mask).long(),
+          pixel_values=hf_in["pixel_values"],
+          image_sizes=hf_in["image_sizes"],
+      ).logits.numpy()
+    assert np.abs(out[mask == 1] - ref[mask == 1]).max() < 1e-4
   assert len(traces) == 1
   bad = ids.copy()
   bad[1, 2] = 9  # one placeholder short in row 1
   with pytest.raises(ValueError, match="sample 1 of the batch has .* image placeholder tokens but its images pack to"):
     Llava(cfg).apply({"params": params}, bad, px, mask, image_mask=image_mask, image_layout=layout)
+  with pytest.raises(Exception, match="sample 1 of the batch has"):  # under jit: the host callback
+    jax.block_until_ready(fn(params, bad, px, mask, layout, image_mask))
+  assert len(traces) == 1
+
+
+def test_text_only_batch(hf_anyres):
+  model, _, _, cfg, params = hf_anyres
+  ids = np.array([[4, 5, 6, 7]], np.int32)
+  out = Llava(cfg).apply({"params": params}, ids)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+  assert np.abs(np.asarray(out) - ref).max() < 1e-4
+
+
+def test_sharded_forward_matches_hf(hf_anyres):
+  """On a (2, 2, 2) mesh (image_newline, tiles and layout sharded like the rest) the logits are HF's."""
+  from llava_jax import sharding
+
+  model, proc, image_cfg, cfg, params = hf_anyres
+  sizes = [(40, 100), (90, 30), (56, 56), (7, 5)]  # 4 rows: the batch splits over data x fsdp
+  rng = np.random.default_rng(3)
+  imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+  tiles = [data_anyres.preprocess_anyres(x, image_cfg, cfg.image_grid_pinpoints)[0] for x in imgs]
+  px = np.stack([data_anyres.pad_tiles(t, cfg.tiles_per_image) for t in tiles])
+  layout = anyres.image_layout(np.array(sizes), cfg)
+  ids, mask = _batch(cfg, layout.num_tokens)
+  hf_in = proc(imgs, return_tensors="pt")
+  with torch.no_grad():
+    ref = model(
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(mask).long(),
+        pixel_values=hf_in["pixel_values"],
+        image_sizes=hf_in["image_sizes"],
+    ).logits.numpy()
+  fn = lambda p, i, x, m, lay: Llava(cfg).apply({"params": p}, i, x, m, image_layout=lay)
+  mesh = sharding.make_mesh((2, 2, 2))
+  boxed = jax.eval_shape(lambda: Llava(cfg).init(jax.random.key(0), ids, px, image_layout=layout)["params"])
+  with sharding.use_mesh(mesh):
+    p = jax.device_put(params, sharding.param_shardings(boxed, mesh))
+    put = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.ndim))
+    out = jax.jit(fn)(p, put(ids), put(px), put(mask), jax.tree.map(put, layout))
+  assert len(out.sharding.device_set) == 8
+  valid = mask.astype(bool)
+  err = np.abs(np.asarray(out)[valid] - ref[valid]).max()
+  print(f"{type(model).__name__} on 8 devices: max |logit diff| {err:.2e}")
+  assert err < 1e-4
 
 
 def test_save_hf_llava_loads_in_transformers(hf_anyres, tmp_path):
