@@ -2,7 +2,7 @@
 
 Accelerators want fixed shapes, and padding every conversation to `max_len` spends
 most of the step on padding when lengths vary (LLaVA-665k mixes one-line VQA answers
-with long ShareGPT chats in 2048-token rows). With `make_dataset(..., pack=True)`
+with long ShareGPT chats in 2048-token rows). With `PipelineConfig(..., pack=True)`
 examples are packed first-fit into rows of `max_len` tokens and `max_images` image
 slots (grain's `FirstFitPackIterDataset`), and the row carries what keeps the
 examples apart:
@@ -39,7 +39,7 @@ def pack(
     seed: int,
     shuffle_bins: bool = True,
 ) -> grain.IterDataset:
-  """Packs unpadded examples (`prepare_example(..., pad=False)`) into rows.
+  """Packs unpadded examples (`prepare_example(record, spec, pad=False)`) into rows.
 
   Args:
     ds: examples {"input_ids": int32[L], "labels": int32[L],

@@ -5,8 +5,8 @@ assistant's reply plus its end token) as right when every token is the argmax gi
 reference prefix. That is exactly the condition under which greedy decoding reproduces
 the answer and stops, so it equals greedy exact match, at the cost of one forward pass.
 
-The trainer builds it from what it holds (``make_eval``: model config, tokenizer, image
-preprocessing, mesh). Every process reads its rows of each global eval batch (a finite
+The trainer builds it from what it holds (``make_eval``: model config, the run's
+``ExampleSpec`` (tokenizer, template, image preprocessing), mesh). Every process reads its rows of each global eval batch (a finite
 pass that keeps every slot, so all processes run the same number of steps); the counts
 are reduced on device, so each process gets the global figures.
 """
@@ -95,8 +95,9 @@ def make_eval_fn(
   return eval_fn
 
 
-def make_eval(config, cfg, tokenizer, image_config, params_shardings, mesh, rules) -> Callable | None:
-  """The held-out evaluation named by ``config.data.val`` (None if absent or eval_every=0)."""
+def make_eval(config, cfg, example, params_shardings, mesh, rules) -> Callable | None:
+  """The held-out evaluation named by ``config.data.val`` (None if absent or eval_every=0),
+  on examples made as in training (``example``: the run's ``pipeline.ExampleSpec``)."""
   from llava_jax.train import run_config
 
   config = run_config.parse(config)
@@ -107,25 +108,19 @@ def make_eval(config, cfg, tokenizer, image_config, params_shardings, mesh, rule
 
   source = sources.open_source(d.val, image_root=d.image_root)
   rows = eval_batch_size(config.train.eval_batch_size or config.train.batch_size, mesh, rules)
+  one_pass = pipeline.PipelineConfig(
+      example,
+      batch_size=rows,
+      seed=0,
+      shuffle=False,
+      num_epochs=1,
+      policy=d.policy,
+      drop_remainder=False,
+      read_threads=d.read_threads or pipeline.default_read_threads(d.val, d.image_root),
+  )
 
   def batches():
-    it = pipeline.make_dataset(
-        source,
-        tokenizer=tokenizer,
-        template=d.template,
-        image_config=image_config,
-        image_token_id=cfg.image_token_id,
-        num_image_tokens=cfg.num_image_tokens,
-        max_len=d.max_len,
-        max_images=d.max_images,
-        batch_size=rows,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
-        policy=d.policy,
-        drop_remainder=False,
-        read_threads=d.read_threads or pipeline.default_read_threads(d.val, d.image_root),
-    )
+    it = pipeline.make_dataset(source, one_pass)
     try:
       yield from it
     finally:

@@ -184,11 +184,13 @@ def place_params(params, overrides: dict[str, Any]):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """What ``_prepare_run`` reads once: the config's tokenizer, model and image preprocessing."""
+  """What ``_prepare_run`` reads once: the config's tokenizer, model and image preprocessing,
+  and what one example is for them (shared by the training and the eval pipelines)."""
 
   tokenizer: Any
   cfg: LlavaConfig
   image_config: images_lib.ImageConfig
+  example: Any  # data.pipeline.ExampleSpec
 
 
 def _prepare_run(config, workdir: str) -> Run:
@@ -208,7 +210,18 @@ def _prepare_run(config, workdir: str) -> Run:
         image=image_config,
         config=run_config.to_dict(config),
     )
-  return Run(tokenizer, cfg, image_config)
+  from llava_jax.data.pipeline import ExampleSpec
+
+  d = config.data
+  example = ExampleSpec.for_model(
+      cfg,
+      tokenizer=tokenizer,
+      template=d.template,
+      image_config=image_config,
+      max_len=d.max_len,
+      max_images=d.max_images,
+  )
+  return Run(tokenizer, cfg, image_config, example)
 
 
 def make_train_iterator(config, run: Run, *, start_batch: int = 0):
@@ -217,24 +230,19 @@ def make_train_iterator(config, run: Run, *, start_batch: int = 0):
 
   d = config.data
   source = sources.open_source(d.train, image_root=d.image_root)
-  threads = d.read_threads or pipeline.default_read_threads(d.train, d.image_root)
   return pipeline.make_dataset(
       source,
-      tokenizer=run.tokenizer,
-      template=d.template,
-      image_config=run.image_config,
-      image_token_id=run.cfg.image_token_id,
-      num_image_tokens=run.cfg.num_image_tokens,
-      max_len=d.max_len,
-      max_images=d.max_images,
-      batch_size=config.train.batch_size,
-      seed=config.seed,
-      policy=d.policy,
-      worker_count=d.workers,
-      pack=d.pack,
-      pack_bins=d.pack_bins,
-      start_batch=start_batch,
-      read_threads=threads,
+      pipeline.PipelineConfig(
+          run.example,
+          batch_size=config.train.batch_size,
+          seed=config.seed,
+          policy=d.policy,
+          pack=d.pack,
+          pack_bins=d.pack_bins,
+          start_batch=start_batch,
+          worker_count=d.workers,
+          read_threads=d.read_threads or pipeline.default_read_threads(d.train, d.image_root),
+      ),
   )
 
 
@@ -340,9 +348,7 @@ def _train(config, workdir: str, stop: preemption.StopSignal) -> dict:
   state, data = _restore_or_init(config, run, setup, checkpointer)
   start = int(state.step)
   compiled = _compile(setup, state, config)
-  eval_fn = evaluation.make_eval(
-      config, run.cfg, run.tokenizer, run.image_config, setup.shardings.params, setup.mesh, setup.rules
-  )
+  eval_fn = evaluation.make_eval(config, run.cfg, run.example, setup.shardings.params, setup.mesh, setup.rules)
   peak = (t.peak_tflops or 0) * 1e12 or metrics_lib.measure_matmul_peak()
   throughput = metrics_lib.Throughput(setup.step_flops(config), peak, jax.device_count())
   writer = metrics_lib.MetricWriter(workdir, tensorboard=t.tensorboard, resume_step=start)

@@ -2,6 +2,7 @@
 counted as `bad_record` and named under policy="skip", and raise naming file and
 record under policy="raise"; the rest of the file still trains."""
 
+import dataclasses
 import pytest
 
 from llava_jax.data import pipeline as P
@@ -54,11 +55,18 @@ def _kw(tok, **over):
   return kw
 
 
+def _config(tok, **over) -> P.PipelineConfig:
+  """`_kw` as a PipelineConfig: the example's fields go to its ExampleSpec."""
+  kw = _kw(tok, **over)
+  example = {f.name: kw.pop(f.name) for f in dataclasses.fields(P.ExampleSpec)}
+  return P.PipelineConfig(P.ExampleSpec(**example), **kw)
+
+
 def test_unreadable_records_are_counted_and_skipped(data, tmp_path, caplog):
   paths, tok = data
   src = LlavaJsonSource(_file(paths, tmp_path), image_root=paths["images"])
   assert len(src) == 9
-  it = P.make_dataset(src, **_kw(tok))
+  it = P.make_dataset(src, _config(tok))
   ids = [i for b in it for i in b["ids"]]
   assert len(ids) == 6 and "" not in ids  # the six good records, in two batches
   assert it.counts()["bad_record"] == 3
@@ -70,7 +78,7 @@ def test_unreadable_records_are_counted_and_skipped(data, tmp_path, caplog):
 def test_unreadable_record_raises_under_raise(data, tmp_path):
   paths, tok = data
   src = LlavaJsonSource(_file(paths, tmp_path), image_root=paths["images"])
-  it = P.make_dataset(src, **_kw(tok, policy="raise"))
+  it = P.make_dataset(src, _config(tok, policy="raise"))
   with pytest.raises(ValueError, match=r"sample 'mixed.jsonl:2' rejected \(bad_record\).*UTF-8"):
     list(it)
 
@@ -80,4 +88,4 @@ def test_an_empty_file_names_itself(data, tmp_path):
   empty = tmp_path / "empty.jsonl"
   empty.write_text("")
   with pytest.raises(ValueError, match="empty.jsonl.*holds no records"):
-    P.make_dataset(LlavaJsonSource(str(empty)), **_kw(tok))
+    P.make_dataset(LlavaJsonSource(str(empty)), _config(tok))

@@ -1,11 +1,14 @@
 """The grain pipeline: batch shapes and masks, rejection policies and counts, host sharding, exact resume."""
 
+import dataclasses
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from llava_jax.data import grain_stages
 from llava_jax.data import pipeline as P
 from llava_jax.data import synthetic as sy
 from llava_jax.data.images import image_config_for
@@ -44,6 +47,13 @@ def _kw(tok, **over):
   return kw
 
 
+def _config(tok, **over) -> P.PipelineConfig:
+  """`_kw` as a PipelineConfig: the example's fields go to its ExampleSpec."""
+  kw = _kw(tok, **over)
+  example = {f.name: kw.pop(f.name) for f in dataclasses.fields(P.ExampleSpec)}
+  return P.PipelineConfig(P.ExampleSpec(**example), **kw)
+
+
 def _records(paths, key="stage2"):
   src = LlavaJsonSource(paths[key], image_root=paths["images"])
   return [src[i] for i in range(len(src))]
@@ -66,7 +76,7 @@ def test_batch_shapes_dtypes_and_masks(data):
   }
   src = list(records.values())[:7] + [text_only]
   records["text-only"] = text_only
-  it = P.make_dataset(src, **_kw(tok, shuffle=False, num_epochs=1))
+  it = P.make_dataset(src, _config(tok, shuffle=False, num_epochs=1))
   batches = list(it)
   assert len(batches) == 2
   image_id = tok.token_to_id(sy.IMAGE_TOKEN)
@@ -100,8 +110,8 @@ def test_batch_shapes_dtypes_and_masks(data):
 
 def test_json_and_array_record_sources_give_identical_batches(data):
   paths, tok = data
-  a = P.make_dataset(LlavaJsonSource(paths["stage2"], image_root=paths["images"]), **_kw(tok))
-  b = P.make_dataset(ArrayRecordLlavaSource(paths["array_record_stage2"], "train"), **_kw(tok))
+  a = P.make_dataset(LlavaJsonSource(paths["stage2"], image_root=paths["images"]), _config(tok))
+  b = P.make_dataset(ArrayRecordLlavaSource(paths["array_record_stage2"], "train"), _config(tok))
   for _ in range(3):
     x, y = next(a), next(b)
     for k in P.BATCH_KEYS:
@@ -111,7 +121,7 @@ def test_json_and_array_record_sources_give_identical_batches(data):
 def test_plain_template_on_stage1(data):
   paths, tok = data
   it = P.make_dataset(
-      LlavaJsonSource(paths["stage1"], image_root=paths["images"]), **_kw(tok, template="plain", max_images=1)
+      LlavaJsonSource(paths["stage1"], image_root=paths["images"]), _config(tok, template="plain", max_images=1)
   )
   b = next(it)
   for row in range(4):
@@ -155,7 +165,7 @@ def test_each_bad_input_is_counted_under_its_reason_and_skipped(data, tmp_path, 
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
   src = [x for k in range(len(bad)) for x in (good[k : k + 1] + [bad[k]])]
-  it = P.make_dataset(src, **_kw(tok, shuffle=False, num_epochs=1, drop_remainder=False))
+  it = P.make_dataset(src, _config(tok, shuffle=False, num_epochs=1, drop_remainder=False))
   ids = [i for b in it for i in b["ids"]]
   assert [i for i in ids if i] == [g["id"] for g in good]
   assert ids[len(good) :] == [""] * (-len(good) % 4)  # the last batch is padded with empty rows
@@ -183,14 +193,7 @@ def test_truncated_image_reason(data):
       {"from": "human", "value": "<image>\nWhere is the square?"},
       {"from": "gpt", "value": "top"},
   ]
-  prepare = lambda max_len: P.prepare_example(
-      rec,
-      **{
-          k: v
-          for k, v in _kw(tok, max_len=max_len).items()
-          if k not in ("batch_size", "seed", "process_index", "process_count")
-      },
-  )
+  prepare = lambda max_len: P.prepare_example(rec, _config(tok, max_len=max_len).example)
   full = prepare(MAX_LEN)
   first_image = int(np.argmax(full["input_ids"] == tok.token_to_id(sy.IMAGE_TOKEN)))
   out = prepare(first_image + N_IMG - 1)  # the first answer fits, the image does not
@@ -204,7 +207,7 @@ def test_raise_policy_names_the_sample(data, tmp_path, which):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
   src = good[:2] + [r for r in bad if r["id"] == which]
-  it = P.make_dataset(src, **_kw(tok, shuffle=False, num_epochs=1, policy="raise", batch_size=2))
+  it = P.make_dataset(src, _config(tok, shuffle=False, num_epochs=1, policy="raise", batch_size=2))
   next(it)
   with pytest.raises(ValueError, match=f"sample '{which}' rejected"):
     next(it)
@@ -213,8 +216,8 @@ def test_raise_policy_names_the_sample(data, tmp_path, which):
 def test_all_rejected_forever_raises_instead_of_spinning(data, tmp_path, monkeypatch):
   paths, tok = data
   _, bad = _bad_inputs(paths, tmp_path)
-  monkeypatch.setattr(P, "MAX_CONSECUTIVE_REJECTS", 50)
-  it = P.make_dataset(bad[4:6], **_kw(tok, num_epochs=None))
+  monkeypatch.setattr(grain_stages, "MAX_CONSECUTIVE_REJECTS", 50)  # where the counting stage reads it
+  it = P.make_dataset(bad[4:6], _config(tok, num_epochs=None))
   with pytest.raises(RuntimeError, match="50 samples in a row rejected"):
     next(it)
 
@@ -223,24 +226,24 @@ def test_processes_read_their_rows_of_each_global_batch(data):
   """Global batch k holds the same examples in the same rows for 1, 2 or 4 processes."""
   paths, tok = data
   records = _records(paths)[:43]
-  kw = _kw(tok, batch_size=4, seed=3, num_epochs=None)
-  one = P.make_dataset(records, **kw)
+  kw = _config(tok, batch_size=4, seed=3, num_epochs=None)
+  one = P.make_dataset(records, kw)
   want = [next(one)["ids"].tolist() for _ in range(15)]  # crosses the end of an epoch
   for n in (2, 4):
-    its = [P.make_dataset(records, **{**kw, "process_index": p, "process_count": n}) for p in range(n)]
+    its = [P.make_dataset(records, replace(kw, process_index=p, process_count=n)) for p in range(n)]
     got = [[i for it in its for i in next(it)["ids"].tolist()] for _ in range(15)]
     assert got == want, n
   # Resuming on another process count at a global batch boundary continues the same order.
-  half = [P.make_dataset(records, **{**kw, "process_index": p, "process_count": 2}) for p in range(2)]
+  half = [P.make_dataset(records, replace(kw, process_index=p, process_count=2)) for p in range(2)]
   for _ in range(6):
     for it in half:
       next(it)
   start = P.resume_batch([it.get_state() for it in half])
   assert start == 6
-  resumed = P.make_dataset(records, **{**kw, "start_batch": start})
+  resumed = P.make_dataset(records, replace(kw, start_batch=start))
   assert [next(resumed)["ids"].tolist() for _ in range(9)] == want[6:]
   with pytest.raises(ValueError, match="multiple of the number of processes"):
-    P.make_dataset(records, **{**kw, "batch_size": 6, "process_index": 0, "process_count": 4})
+    P.make_dataset(records, replace(kw, batch_size=6, process_index=0, process_count=4))
 
 
 def test_finite_pass_over_processes_keeps_every_slot(data, tmp_path):
@@ -249,22 +252,22 @@ def test_finite_pass_over_processes_keeps_every_slot(data, tmp_path):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
   records = _records(paths)[:9] + bad[:1]  # 10 records, one rejected
-  kw = _kw(tok, batch_size=4, shuffle=False, num_epochs=1, drop_remainder=False)
+  kw = _config(tok, batch_size=4, shuffle=False, num_epochs=1, drop_remainder=False)
   per = [
-      [b["ids"].tolist() for b in P.make_dataset(records, **{**kw, "process_index": p, "process_count": 2})]
+      [b["ids"].tolist() for b in P.make_dataset(records, replace(kw, process_index=p, process_count=2))]
       for p in range(2)
   ]
   assert [len(b) for b in per] == [3, 3]  # ceil(10 / 4) global batches on each
   rows = [i for k in range(3) for p in range(2) for i in per[p][k]]
   assert rows == [r["id"] for r in records[:9]] + [""] * 3  # the bad record's slot and the tail
   with pytest.raises(ValueError, match="holds no records"):
-    P.make_dataset([], **kw)
+    P.make_dataset([], kw)
 
 
 def test_shuffle_is_seeded_and_epochs_reshuffle(data):
   paths, tok = data
   records = _records(paths)[:16]
-  order = lambda seed: [i for b in P.make_dataset(records, **_kw(tok, seed=seed, num_epochs=2)) for i in b["ids"]]
+  order = lambda seed: [i for b in P.make_dataset(records, _config(tok, seed=seed, num_epochs=2)) for i in b["ids"]]
   a = order(0)
   assert a == order(0) and a != order(1)
   assert sorted(a[:16]) == sorted(a[16:]) == sorted(r["id"] for r in records) and a[:16] != a[16:]
@@ -285,14 +288,14 @@ def test_state_restore_continues_with_the_same_batches(data, tmp_path):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
   src = good + _records(paths)[6:30] + bad[:2]  # 32 records, 2 rejected per epoch: epochs end mid-batch
-  kw = _kw(tok, seed=5, num_epochs=None)
-  it = P.make_dataset(src, **kw)
+  kw = _config(tok, seed=5, num_epochs=None)
+  it = P.make_dataset(src, kw)
   _take(it, 5)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
   counts = it.counts()
   want = _take(it, 12)  # crosses epoch boundaries
   assert it.counts()["bad_image"] > counts["bad_image"]
-  resumed = P.make_dataset(src, **kw)
+  resumed = P.make_dataset(src, kw)
   resumed.set_state(state)
   assert resumed.counts() == counts
   _assert_same(_take(resumed, 12), want)
@@ -305,13 +308,13 @@ def test_orbax_checkpoint_of_the_iterator(data, tmp_path):
 
   paths, tok = data
   src = LlavaJsonSource(paths["stage2"], image_root=paths["images"])
-  it = P.make_dataset(src, **_kw(tok, seed=2))
+  it = P.make_dataset(src, _config(tok, seed=2))
   _take(it, 3)
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     mngr.wait_until_finished()
     want = _take(it, 4)
-    resumed = P.make_dataset(src, **_kw(tok, seed=2))
+    resumed = P.make_dataset(src, _config(tok, seed=2))
     mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
   _assert_same(_take(resumed, 4), want)
 
@@ -320,10 +323,10 @@ def test_workers_give_the_same_batches_counts_and_state(data, tmp_path):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
   src = good + _records(paths)[6:30] + bad[:2]
-  kw = _kw(tok, seed=1, num_epochs=None)
-  ref = P.make_dataset(src, **kw)
+  kw = _config(tok, seed=1, num_epochs=None)
+  ref = P.make_dataset(src, kw)
   want = _take(ref, 12)
-  it = P.make_dataset(src, worker_count=2, **kw)
+  it = P.make_dataset(src, replace(kw, worker_count=2))
   try:
     _assert_same(_take(it, 6), want[:6])
     state = it.get_state()
@@ -332,7 +335,7 @@ def test_workers_give_the_same_batches_counts_and_state(data, tmp_path):
     assert it.counts() == ref.counts() and it.counts()["bad_image"] >= 2
   finally:
     it.close()
-  resumed = P.make_dataset(src, worker_count=2, **kw)
+  resumed = P.make_dataset(src, replace(kw, worker_count=2))
   try:
     resumed.set_state(state)
     _assert_same(_take(resumed, 6), want[6:])
@@ -373,14 +376,14 @@ def test_packing_keeps_every_example_whole_and_once(data, tmp_path):
       "conversations": [{"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "two"}],
   }
   src = good + [text_only] + _records(paths)[6:20] + bad[:3]
-  kw = _kw(tok, shuffle=False, num_epochs=1, drop_remainder=False, max_len=4 * MAX_LEN, max_images=8)
+  kw = _config(tok, shuffle=False, num_epochs=1, drop_remainder=False, max_len=4 * MAX_LEN, max_images=8)
   unpacked = {}
-  for b in P.make_dataset(src, **kw):
+  for b in P.make_dataset(src, kw):
     for r, sid in enumerate(b["ids"]):
       if sid:
         n = int(b["attention_mask"][r].sum())
         unpacked[sid] = (b["input_ids"][r, :n], b["labels"][r, :n], b["pixel_values"][r, b["image_mask"][r]])
-  it = P.make_dataset(src, pack=True, **kw)
+  it = P.make_dataset(src, replace(kw, pack=True))
   batches = list(it)
   packed = {}
   for b in batches:
@@ -400,7 +403,7 @@ def test_packing_keeps_every_example_whole_and_once(data, tmp_path):
 def test_packed_rows_never_exceed_the_image_slots(data):
   paths, tok = data
   it = P.make_dataset(
-      _records(paths), pack=True, **_kw(tok, shuffle=False, num_epochs=1, max_images=1, max_len=4 * MAX_LEN)
+      _records(paths), _config(tok, shuffle=False, num_epochs=1, max_images=1, max_len=4 * MAX_LEN, pack=True)
   )
   b = next(it)
   assert b["image_mask"].shape == (4, 1) and b["image_mask"].all()
@@ -411,12 +414,12 @@ def test_packed_state_restore_continues_with_the_same_batches(data, tmp_path):
   paths, tok = data
   good, bad = _bad_inputs(paths, tmp_path)
   src = good + _records(paths)[6:30] + bad[:2]
-  kw = _kw(tok, seed=3, num_epochs=None, pack=True, pack_bins=3)
-  it = P.make_dataset(src, **kw)
+  kw = _config(tok, seed=3, num_epochs=None, pack=True, pack_bins=3)
+  it = P.make_dataset(src, kw)
   _take(it, 4)
   state = json.loads(json.dumps(it.get_state()))
   want = _take(it, 8)  # crosses epochs and packing rounds
-  resumed = P.make_dataset(src, **kw)
+  resumed = P.make_dataset(src, kw)
   resumed.set_state(state)
   _assert_same(_take(resumed, 8), want)
   assert resumed.counts() == it.counts()

@@ -83,8 +83,7 @@ def test_tokenizer_and_pipeline_reject_both_keys_as_bad_record(data):
   assert isinstance(got, Rejected) and got.reason == RejectReason.BAD_RECORD and "both" in got.detail
   normalised = S.normalize_record(good, paths["images"])
   source = [normalised, {**normalised, "id": "both", "image": "x.png"}, {**normalised, "id": "none", "image": None}]
-  it = P.make_dataset(
-      source,
+  example = P.ExampleSpec(
       tokenizer=tok,
       template="llava_v1",
       image_config=image_config_for("clip", 28),
@@ -92,13 +91,19 @@ def test_tokenizer_and_pipeline_reject_both_keys_as_bad_record(data):
       num_image_tokens=4,
       max_len=160,
       max_images=1,
-      batch_size=3,
-      seed=0,
-      shuffle=False,
-      num_epochs=1,
-      drop_remainder=False,
-      process_index=0,
-      process_count=1,
+  )
+  it = P.make_dataset(
+      source,
+      P.PipelineConfig(
+          example,
+          batch_size=3,
+          seed=0,
+          shuffle=False,
+          num_epochs=1,
+          drop_remainder=False,
+          process_index=0,
+          process_count=1,
+      ),
   )
   ids = [i for b in it for i in b["ids"]]
   assert it.counts()["bad_record"] == 1
