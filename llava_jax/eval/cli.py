@@ -18,6 +18,8 @@ joins the job first (``llava_jax.distributed``), puts the params sharded on a me
 all devices (``--mesh``), answers every question once and writes OUT from process 0
 only (``llava_jax.eval.run``). Every process needs the checkpoint, question and image
 files; only process 0 needs OUT.
+
+The command is also ``python -m llava_jax.eval``; the code lives here, beside the package it drives.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Foundation demo: build a tiny random LLaVA, convert it to a HF directory and back, check
 the logits agree, and greedily generate a few tokens.
 
-  python -m llava_jax.demo_convert [--workdir=DIR]
+  python -m llava_jax.checkpoint.convert.demo [--workdir=DIR]
 
 If ``transformers`` + ``torch`` are installed (the ``test`` extra), the HF directory is
 also run through ``transformers.LlavaForConditionalGeneration`` and compared.
