@@ -94,8 +94,11 @@ class Template:
       and system turns (LLaVA-NeXT's `unmask_tokens`); `tokenize` resolves
       each to the id the tokenizer has for it.
     image_placement: "llava" (every turn with tags: tags first, rest
-      stripped) or "llava_next" (LLaVA-NeXT's `preprocess_multimodal`: only a
-      turn with exactly one tag, not already at its start).
+      stripped), "llava_next" (LLaVA-NeXT's `preprocess_multimodal`: only a
+      turn with exactly one tag, not already at its start; several tags stay
+      where they are, as LLaVA-Interleave / OneVision multi-image data wants) or
+      "inline" (no tag ever moves). A name "NAME@PLACEMENT" (`get_template`) is
+      template NAME with that placement, e.g. "vicuna_v1@inline".
     render_empty_system: render `system_format` even for an empty system text.
     reference: the implementation whose strings and masks this reproduces.
   """
@@ -278,11 +281,17 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+IMAGE_PLACEMENTS = ("llava", "llava_next", "inline")  # see Template.image_placement
+
+
 def get_template(name_or_template, tokenizer=None):
   """A Template by name, the Template itself, or for "hf" the tokenizer's own chat template.
 
   Args:
-    name_or_template: a `TEMPLATES` key, "hf", or a Template / ChatTemplate.
+    name_or_template: a `TEMPLATES` key, "hf", or a Template / ChatTemplate. A key
+      may end in "@PLACEMENT" (one of `IMAGE_PLACEMENTS`): the template with that
+      `image_placement`, e.g. "vicuna_v1@inline" keeps every `<image>` where the
+      conversation puts it. The name travels as it is (configs, run.json, --template).
     tokenizer: a `llava_jax.tokenizer.Tokenizer`; needed for "hf" (its
       `chat_template`, read from the checkpoint, and its special tokens).
 
@@ -296,6 +305,18 @@ def get_template(name_or_template, tokenizer=None):
     from llava_jax.data import chat_template  # local: jinja2 is only needed for "hf"
 
     return chat_template.from_tokenizer(tokenizer)
+  base, at, placement = name_or_template.partition("@")
+  if at:
+    if base == "hf":
+      raise ValueError(
+          f"template {name_or_template!r}: 'hf' renders the checkpoint's chat template, which "
+          "places images itself; an image placement applies to the built-in templates only"
+      )
+    if placement not in IMAGE_PLACEMENTS:
+      raise ValueError(
+          f"template {name_or_template!r}: unknown image placement {placement!r}; " f"known: {list(IMAGE_PLACEMENTS)}"
+      )
+    return dataclasses.replace(get_template(base), name=name_or_template, image_placement=placement)
   try:
     return TEMPLATES[name_or_template]
   except KeyError:
@@ -309,10 +330,10 @@ def move_image_tags_first(text: str, placement: str = "llava") -> str:
   """LLaVA's `preprocess_multimodal` for one turn: "a <image> b" -> "<image>\\na  b" (tag count kept).
 
   `placement="llava_next"`: LLaVA-NeXT's, which moves a tag only if it is the turn's one tag and not already
-  first (so "<image>\\n x " stays as is, and several tags stay where they are).
+  first (so "<image>\\n x " stays as is, and several tags stay where they are). `"inline"`: never moves one.
   """
   n = text.count(IMAGE_TAG)
-  if n == 0:
+  if n == 0 or placement == "inline":
     return text
   if placement == "llava_next" and (n > 1 or text.startswith(IMAGE_TAG)):
     return text

@@ -10,13 +10,18 @@ image tag first, as LLaVA's ``model_vqa_loader``), generate in left-padded batch
 fixed shape (greedy by default), append each answer as soon as its batch is done, and
 score everything with ``eval.tasks.score`` into ``OUT/eval.json``.
 
+Several images per question (LLaVA-Interleave style: ``"image": ["a.jpg", "b.jpg"]``):
+the text keeps one ``<image>`` tag per image where it puts them (the template decides
+whether they move; "NAME@inline" keeps them), or has none and they all go first; every
+row then has M image slots, M the most images of any question in the file.
+
 A question whose image is missing or cannot be decoded is not a crash: it gets an answer
 row with empty text and ``metadata.error`` (so it scores as wrong and is not retried),
 and the count is reported as ``<task>/errors``.
 
 Shapes stay fixed so each (batch, length bucket) compiles once: the last batch is padded
 with dummy rows, prompts are left-padded to a multiple of ``length_bucket``, and every row
-has one image slot (``image_mask`` False for text-only questions).
+has M image slots (one for single-image tasks; ``image_mask`` False where unused).
 
 Several processes (``jax.distributed``, the model on a mesh spanning them: ``load_model(...,
 mesh=)``): every process calls ``run_eval`` with the same arguments and must see the same
@@ -54,7 +59,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Prepared:
-  """One question ready to batch: prompt ids int32[T] and pixels float32[S, S, 3] | None."""
+  """One question ready to batch: prompt ids int32[T] and pixels float32[K, S, S, 3] | None
+  (its K images in order)."""
 
   question: dict
   prompt: str
@@ -67,51 +73,71 @@ def answers_path(workdir: str | os.PathLike, task: str) -> Path:
   return storage.as_path(storage.join(workdir, f"{task}_answers.jsonl"), "--workdir")
 
 
-def _image_source(question: dict, image_root: str | None):
+def _image_names(question: dict) -> list:
+  """The question's images: a name, a list of names (several images), or base64 bytes."""
   if question.get("image_base64"):
-    return base64.b64decode(question["image_base64"])
-  name = question.get("image")
-  if not name:
-    return None
-  if not image_root or os.path.isabs(name) or storage.is_remote(name):
+    return [base64.b64decode(question["image_base64"])]
+  names = question.get("image")
+  if not names:
+    return []
+  return list(names) if isinstance(names, (list, tuple)) else [names]
+
+
+def _image_source(name, image_root: str | None):
+  if isinstance(name, bytes) or not image_root or os.path.isabs(name) or storage.is_remote(name):
     return name
   return storage.join(image_root, name)
 
 
+def max_images(questions: Sequence[dict]) -> int:
+  """Image slots per row: the most images of any question (at least 1)."""
+  return max([1] + [len(_image_names(q)) for q in questions])
+
+
 def prepare(model, question: dict, task: str, image_root: str | None) -> Prepared:
-  """Question row -> Prepared. Raises ValueError naming the question if its image fails."""
-  source = _image_source(question, image_root)
-  pixels = None
-  if source is not None:
+  """Question row -> Prepared. Raises ValueError naming the question if an image fails or
+  its ``<image>`` tags do not match its images."""
+  names = _image_names(question)
+  qid = question["question_id"]
+  images = []
+  for k, name in enumerate(names):
     try:
-      pixels = preprocess(load_image(source), model.image_config)
+      images.append(preprocess(load_image(_image_source(name, image_root)), model.image_config))
     except (ValueError, OSError) as e:
-      raise ValueError(f"question {question['question_id']!r}: {e}") from e
-  text = prompt_text(question, task).replace(IMAGE_TAG, "").strip()
-  if pixels is not None:
-    text = f"{IMAGE_TAG}\n{text}"
+      which = f" (image {k + 1} of {len(names)})" if len(names) > 1 else ""
+      raise ValueError(f"question {qid!r}{which}: {e}") from e
+  text = prompt_text(question, task)
+  tags = text.count(IMAGE_TAG)
+  if len(images) > 1 and tags:  # interleaved: the tags say where each image goes
+    if tags != len(images):
+      raise ValueError(f"question {qid!r}: {tags} {IMAGE_TAG} tags for {len(images)} images")
+  else:  # LLaVA's model_vqa_loader: the image(s) first
+    text = f"{IMAGE_TAG}\n" * len(images) + text.replace(IMAGE_TAG, "").strip()
   prompt, ids = model.encode_prompt([{"from": "human", "value": text}])
-  return Prepared(question, prompt, ids, pixels)
+  return Prepared(question, prompt, ids, np.stack(images) if images else None)
 
 
-def make_batch(items: Sequence[Prepared], batch_size: int, length_bucket: int, image_size: int, pad_id: int):
+def make_batch(
+    items: Sequence[Prepared], batch_size: int, length_bucket: int, image_size: int, pad_id: int, slots: int = 1
+):
   """Left-padded fixed-shape arrays for ``sampler.generate``.
 
   Returns: ids int32[batch_size, T] (T a multiple of ``length_bucket``), mask int32[same],
-    pixels float32[batch_size, S, S, 3] and image_mask bool[batch_size]; rows beyond
-    ``len(items)`` are dummies (one pad token).
+    pixels float32[batch_size, M, S, S, 3] and image_mask bool[batch_size, M] (M = slots);
+    rows beyond ``len(items)`` are dummies (one pad token).
   """
   longest = max(len(p.ids) for p in items)
   t = -(-longest // length_bucket) * length_bucket
   ids = np.full((batch_size, t), pad_id, np.int32)
   mask = np.zeros((batch_size, t), np.int32)
   mask[:, -1] = 1  # dummy rows: a single pad token, so no row is empty
-  pixels = np.zeros((batch_size, image_size, image_size, 3), np.float32)
-  image_mask = np.zeros((batch_size,), bool)
+  pixels = np.zeros((batch_size, slots, image_size, image_size, 3), np.float32)
+  image_mask = np.zeros((batch_size, slots), bool)
   for r, p in enumerate(items):
     ids[r, t - len(p.ids) :], mask[r, t - len(p.ids) :] = p.ids, 1
     if p.pixels is not None:
-      pixels[r], image_mask[r] = p.pixels, True
+      k = len(p.pixels)
+      pixels[r, :k], image_mask[r, :k] = p.pixels, True
   return ids, mask, pixels, image_mask
 
 
@@ -202,6 +228,7 @@ def run_eval(
     asked = asked[:limit]
   out = answers_path(workdir, task)
   todo = [asked[i] for i in _todo(asked, out)]
+  slots = max_images(asked)  # of the whole file, so a resumed run compiles the same shapes
   log.info("%s: %d questions, %d already answered, %d to go", task, len(asked), len(asked) - len(todo), len(todo))
   stops = model.stop_token_ids()
   rng = jax.random.key(seed)
@@ -224,7 +251,7 @@ def run_eval(
       if not ready:
         continue
       ids, mask, pixels, image_mask = make_batch(
-          ready, batch_size, length_bucket, model.cfg.vision.image_size, model.tokenizer.pad_id
+          ready, batch_size, length_bucket, model.cfg.vision.image_size, model.tokenizer.pad_id, slots
       )
       tokens = generate(
           model.cfg,

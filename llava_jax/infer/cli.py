@@ -2,17 +2,26 @@ r"""Chat with a LLaVA checkpoint about an image; text is printed as tokens arriv
 
   python -m llava_jax.generate --checkpoint=DIR --image=cat.jpg --prompt="What is this?"
   python -m llava_jax.generate --checkpoint=DIR --image=cat.jpg --interactive
+  python -m llava_jax.generate --checkpoint=DIR --image=a.png --image=b.png \
+      --prompt="Which image has more circles, <image> or <image>?"
 
 DIR: a training workdir, a HF LLaVA or an original LLaVA directory
 (``llava_jax.infer.loading.load_model``). ``--interactive`` keeps the whole conversation
 in the template (the image in the first user turn, as LLaVA's ``cli.py``) and answers
 each line read from stdin until an empty line or EOF.
 
+Several images (``--image`` repeated, in order): the first message must hold one
+``<image>`` tag per image where the conversation puts them (a template "NAME@inline"
+keeps them there; LLaVA-1.5's move them to the front of the turn, as it was trained),
+or no tag, and then they all go first. One image without a tag goes first by itself.
+
 Several processes (``launch/local_pod.sh N llava_jax.generate ...``, a pod's hosts): the
 job is joined first (``llava_jax.distributed``), the params are sharded on a mesh of all
 devices (``--mesh``, default ``-1,1,1``) and every process runs the same generation;
 only process 0 prints, and with ``--interactive`` only process 0 reads stdin and
 broadcasts each line to the others. One process: no mesh unless ``--mesh`` is given.
+
+The command is also ``python -m llava_jax.infer``; the code lives here, beside the package it drives.
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ import os
 import sys
 from typing import Sequence, TextIO
 
+import numpy as np
 from absl import app, flags
 
 from llava_jax import distributed
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory", required=True)
-_IMAGE = flags.DEFINE_string("image", None, "image file (optional: text-only without it)")
+_IMAGE = flags.DEFINE_multi_string(
+    "image", [], "image file; repeat for several images, one per <image> tag in order (none: text only)"
+)
 _PROMPT = flags.DEFINE_string("prompt", None, "the (first) user message")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "multi-turn chat on stdin")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "answer length limit")
@@ -66,7 +78,7 @@ def stream_answer(
 
   Args:
     model: ``LoadedModel``; conversation: turns ending with a user turn.
-    pixels: float32[S, S, 3] for the conversation's one ``<image>``, or None.
+    pixels: float32[I, S, S, 3], one per ``<image>`` of the conversation in order, or None.
   Returns: the answer text (as ``model.decode_answer`` gives it).
   """
   import jax
@@ -81,7 +93,7 @@ def stream_answer(
       model.cfg,
       model.params,
       ids[None],
-      None if pixels is None else pixels[None],
+      pixels,
       max_new_tokens=max_new_tokens,
       temperature=temperature,
       top_p=top_p,
@@ -147,16 +159,18 @@ def main(argv):
 
   try:  # an unusable path scheme (local and gs:// work): refused before loading anything
     storage.check(_CHECKPOINT.value, "--checkpoint")
-    if _IMAGE.value:
-      storage.check(_IMAGE.value, "--image")
+    for image in _IMAGE.value:
+      storage.check(image, "--image")
   except storage.UnsupportedPathError as e:
     raise app.UsageError(str(e)) from e
   if not _INTERACTIVE.value and not _PROMPT.value:
     raise app.UsageError("--prompt is required unless --interactive")
-  if _PROMPT.value and IMAGE_TAG in _PROMPT.value and not _IMAGE.value:
+  images = list(_IMAGE.value)
+  tags = (_PROMPT.value or "").count(IMAGE_TAG)
+  if tags and tags != len(images):
     raise app.UsageError(
-        f"--prompt contains {IMAGE_TAG} but no --image was given; pass "
-        f"--image=PATH or drop the tag (the image goes first by itself)"
+        f"--prompt has {tags} {IMAGE_TAG} tag(s) but {len(images)} --image file(s) were given; "
+        f"pass one --image per tag (in order), or no tag and the images go first"
     )
   mesh_shape = _MESH.value or ("-1,1,1" if jax.process_count() > 1 else None)
   try:
@@ -165,18 +179,21 @@ def main(argv):
     raise app.UsageError(f"--mesh: {e}") from e
   model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value, mesh=mesh)
   pixels = None
-  if _IMAGE.value:
-    pixels = preprocess(load_image(_IMAGE.value), model.image_config)
+  if images:
+    pixels = np.stack([preprocess(load_image(image), model.image_config) for image in images])
   kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value)
   out = sys.stdout if distributed.is_primary() else io.StringIO()
   conversation: list[dict] = []
 
   def ask(message: str):
-    if not conversation and pixels is not None:
-      message = f"{IMAGE_TAG}\n{message.replace(IMAGE_TAG, '').strip()}"
-    elif IMAGE_TAG in message:  # the one image, if any, belongs to the first turn
+    if not conversation and images:
+      if IMAGE_TAG not in message:  # the images go first, in order
+        message = f"{IMAGE_TAG}\n" * len(images) + message.strip()
+      elif message.count(IMAGE_TAG) != len(images):  # --interactive: the first line typed
+        raise app.UsageError(f"the first message needs one {IMAGE_TAG} per --image ({len(images)}) or none")
+    elif IMAGE_TAG in message:  # the images, if any, belong to the first turn
       if distributed.is_primary():
-        print(f"({IMAGE_TAG} ignored: only the first message can show the --image)", file=sys.stderr)
+        print(f"({IMAGE_TAG} ignored: only the first message can show the --image files)", file=sys.stderr)
       message = message.replace(IMAGE_TAG, "").strip()
     conversation.append({"from": "human", "value": message})
     answer = stream_answer(model, conversation, pixels, out=out, **kwargs)

@@ -101,13 +101,15 @@ class LoadedModel:
     return text.strip()
 
   def answer(self, conversation, image=None, *, max_new_tokens: int = 64) -> str:
-    """Greedy answer to a conversation ending with a user turn, with at most one image
-    (a PIL image for its ``<image>`` tag, preprocessed with ``image_config``)."""
+    """Greedy answer to a conversation ending with a user turn. ``image``: a PIL image for
+    its ``<image>`` tag, or a list of them, one per tag in order (preprocessed with
+    ``image_config``), or None."""
     from llava_jax.data.images import preprocess
     from llava_jax.infer.sampler import generate
 
     _, ids = self.encode_prompt(conversation)
-    pixels = None if image is None else preprocess(image, self.image_config)[None]
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    pixels = np.stack([preprocess(im, self.image_config) for im in images]) if images else None
     out = generate(
         self.cfg,
         self.params,

@@ -312,3 +312,39 @@ def test_templates_are_frozen_and_replaceable():
   tight = dataclasses.replace(t, name="tight", assistant_format="{content}</s>")
   assert tp.get_template(tight) is tight
   assert "".join(s.text for s in tp.render(CONV[:2], tight)).endswith("ASSISTANT:A cat.</s>")
+
+
+TWO_IMAGES = [
+    {"from": "human", "value": "Here is one <image> and here another <image>. Which has more circles?"},
+    {"from": "gpt", "value": "The first."},
+]
+
+
+def test_image_placement_is_chosen_by_the_template_name():
+  """LLaVA-1.5 templates move every tag to the front of its turn; "NAME@inline" keeps the
+  conversation's order (interleaved multi-image data); "NAME@llava_next" moves a lone tag only."""
+  user = lambda name: tp.render(TWO_IMAGES, name)[0].text
+  assert user("vicuna_v1").endswith(
+      "USER: <image>\n<image>\nHere is one  and here another . Which has more circles? ASSISTANT:"
+  )
+  assert user("vicuna_v1@inline").endswith(
+      "USER: Here is one <image> and here another <image>. Which has more circles? ASSISTANT:"
+  )
+  assert user("vicuna_v1@llava_next") == user("vicuna_v1@inline")  # several tags stay where they are
+  one = [{"from": "human", "value": "What is it? <image>"}, {"from": "gpt", "value": "A cat."}]
+  assert "USER: <image>\nWhat is it? ASSISTANT:" in tp.render(one, "vicuna_v1@llava_next")[0].text
+  assert "USER: What is it? <image> ASSISTANT:" in tp.render(one, "vicuna_v1@inline")[0].text
+  inline = tp.get_template("chatml@inline")
+  assert inline.name == "chatml@inline" and inline.image_placement == "inline"
+  assert inline.stop == tp.TEMPLATES["chatml"].stop
+  prompt = tp.prompt_for_generation(TWO_IMAGES[:1], "vicuna_v1@inline")
+  assert prompt.endswith("USER: Here is one <image> and here another <image>. Which has more circles? ASSISTANT:")
+
+
+def test_unknown_image_placement_is_refused():
+  with pytest.raises(ValueError, match=r"unknown image placement 'middle'; known: \['llava', 'llava_next', 'inline'\]"):
+    tp.get_template("vicuna_v1@middle")
+  with pytest.raises(ValueError, match="unknown conversation template 'vicuna_v9'"):
+    tp.get_template("vicuna_v9@inline")
+  with pytest.raises(ValueError, match="applies to the built-in templates only"):
+    tp.get_template("hf@inline")

@@ -432,3 +432,27 @@ def test_empty_answer_is_rejected_naming_the_turn(wl):
   counters = {}
   assert apply_policy(_tok({**lead, "conversations": conv}, wl, "vicuna_v1"), "skip", counters) is None
   assert counters == {"empty_answer": 1}
+
+
+def test_inline_images_stay_between_the_text(wl):
+  """With "@inline" each image's features sit where its tag is: the first image's tokens
+  follow "Black", the second's follow "Color"; "vicuna_v1" puts both before the text."""
+  two = {
+      "id": "two",
+      "image": ["a.jpg", "b.jpg"],
+      "conversations": [
+          {"from": "human", "value": "Black <image> Color <image> Color?"},
+          {"from": "gpt", "value": "Black."},
+      ],
+  }
+  inline = _tok(two, wl, "vicuna_v1@inline")
+  front = _tok(two, wl, "vicuna_v1")
+  assert isinstance(inline, TokenizedSample) and isinstance(front, TokenizedSample)
+  assert inline.num_images == front.num_images == 2
+  s = _strings(wl, inline.input_ids)
+  first, second = s.index("IMG"), len(s) - 1 - s[::-1].index("IMG")
+  assert s[first - 1] == "Black" and s[first : first + N_IMG] == ["IMG"] * N_IMG
+  assert s[second - N_IMG] == "Color" and s[second - N_IMG + 1 : second + 1] == ["IMG"] * N_IMG
+  f = _strings(wl, front.input_ids)
+  assert f[f.index("IMG") : f.index("IMG") + 2 * N_IMG] == ["IMG"] * (2 * N_IMG)  # both images first
+  assert _targets(wl, inline) == _targets(wl, front)  # the answer is learned the same way

@@ -67,3 +67,35 @@ def test_bad_or_missing_image_gives_an_error_answer(tiny, tmp_path):
   assert "q2" in answers["q2"]["metadata"]["error"] and answers["q2"]["text"] == ""
   assert "error" not in answers["q0"]["metadata"]
   assert result["synthetic/errors"] == 2 and result["synthetic/n"] == 3
+
+
+def test_questions_with_several_images(tiny, tmp_path):
+  """A question may list several images (one <image> tag each, kept in order): it is
+  answered as LoadedModel.answer answers it with those images; the file's other
+  questions get the same answers as in a single-image file (the extra slots are empty),
+  and tags that do not match the images give an error row."""
+  from llava_jax.data.images import load_image
+  from llava_jax.eval.tasks import prompt_text
+
+  model, paths = tiny
+  _run(model, paths, tmp_path / "single")
+  single = _texts(tmp_path / "single")
+  rows = [json.loads(line) for line in open(paths["questions"])]
+  data = tmp_path / "data"
+  shutil.copytree(paths["images"], data / "images")
+  two = [rows[0]["image"], rows[1]["image"]]
+  question = dict(rows[0], question_id="two", image=two, text="Compare <image> with <image>. Same?")
+  bad = dict(rows[0], question_id="bad", image=two, text="Only <image> here?")
+  (data / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [question] + rows[1:] + [bad]))
+  out = tmp_path / "multi"
+  _run(model, paths, out, questions=data / "questions.jsonl", annotations=None)
+  answers = {r["question_id"]: r for r in read_answers(answers_path(out, "synthetic"))}
+  want = model.answer(
+      [{"from": "human", "value": prompt_text(question, "synthetic")}],
+      [load_image(str(data / name)) for name in two],
+      max_new_tokens=6,
+  )
+  assert answers["two"]["text"] == want and "error" not in answers["two"]["metadata"]
+  assert answers["two"]["metadata"]["prompt"].count("<image>") == 2
+  assert {q: answers[q]["text"] for q in ("q1", "q2")} == {q: single[q] for q in ("q1", "q2")}
+  assert "1 <image> tags for 2 images" in answers["bad"]["metadata"]["error"]

@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
   return tiny_checkpoint.write_tiny_llava(str(tmp_path_factory.mktemp("tiny_cli")))
 
 
-def _cli(*args, stdin=None):
+def _cli(*args, stdin=None, ok=True):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   proc = subprocess.run(
       [sys.executable, "-m", "llava_jax.generate", *args],
@@ -31,13 +31,15 @@ def _cli(*args, stdin=None):
       env=env,
       timeout=300,
   )
+  if not ok:
+    return proc
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
 
-def _expected(paths, conversation, max_new):
-  model = load_model(paths["model"])
-  px = preprocess(load_image(paths["image"]), model.image_config)[None]
+def _expected(paths, conversation, max_new, images=None, template=None):
+  model = load_model(paths["model"], template=template)
+  px = np.stack([preprocess(load_image(p), model.image_config) for p in images or [paths["image"]]])
   _, ids = model.encode_prompt(conversation)
   out = generate(model.cfg, model.params, ids[None], px, max_new_tokens=max_new, stop_token_ids=model.stop_token_ids())
   return model.decode_answer(np.asarray(out)[0])
@@ -116,3 +118,36 @@ def test_load_model_errors_say_what_was_expected(tmp_path):
   (tmp_path / "tokenizer.json").write_text("{}")
   with pytest.raises(ValueError, match="unknown conversation template 'nope'"):
     load_model(str(tmp_path), template="nope")
+
+
+def test_generate_cli_answers_about_two_images(tiny, tmp_path):
+  """Two --image files, one <image> tag each: the images' features go where the template
+  puts the tags (LLaVA-1.5's: both first; "@inline": in the text), in the files' order."""
+  from PIL import Image
+
+  second = str(tmp_path / "mirrored.png")
+  Image.open(tiny["image"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
+  images = [tiny["image"], second]
+  prompt = "Is the square in <image> where it is in <image>?"
+  inline = load_model(tiny["model"]).template + "@inline"
+  for template in (None, inline):
+    args = [f"--checkpoint={tiny['model']}", *(f"--image={p}" for p in images), f"--prompt={prompt}"]
+    out = _cli(*args, "--max_new_tokens=5", *([f"--template={template}"] if template else []))
+    want = _expected(tiny, [{"from": "human", "value": prompt}], 5, images=images, template=template)
+    assert want and out.strip() == want, template
+  untagged = _cli(
+      f"--checkpoint={tiny['model']}", *(f"--image={p}" for p in images), "--prompt=Same?", "--max_new_tokens=5"
+  )
+  want = _expected(tiny, [{"from": "human", "value": "<image>\n<image>\nSame?"}], 5, images=images)
+  assert untagged.strip() == want
+
+
+def test_generate_cli_refuses_tags_that_do_not_match_the_images(tiny):
+  proc = _cli(
+      f"--checkpoint={tiny['model']}",
+      f"--image={tiny['image']}",
+      f"--image={tiny['image']}",
+      "--prompt=What is in <image>?",
+      ok=False,
+  )
+  assert proc.returncode != 0 and "1 <image> tag(s) but 2 --image file(s)" in proc.stderr
