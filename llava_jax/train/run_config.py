@@ -66,7 +66,7 @@ class ModelOptions:
 class DataOptions:
   train: str  # LLaVA JSON/JSONL, array_record dir or tfds:name
   tokenizer: str  # sentencepiece model / HF tokenizer dir
-  template: str  # data.templates name (or "hf")
+  template: str  # data.templates name, "hf", or NAME@inline / @llava_next / @llava (image placement)
   max_len: int  # tokens per row
   val: str = ""  # held-out set for the teacher-forced eval
   image_root: str = ""  # folder the records' image paths are under
@@ -82,6 +82,13 @@ class DataOptions:
   synthetic: Union[dict, None] = None  # write_synthetic(dir=..., **kwargs) first
 
   def __post_init__(self):
+    if self.template != "hf":  # a misspelt template or placement: refused before any work
+      from llava_jax.data.templates import get_template
+
+      try:
+        get_template(self.template)
+      except ValueError as e:
+        raise ConfigError(f"data.template: {e}") from None
     if self.synthetic is not None:
       import inspect
 

@@ -68,6 +68,8 @@ def test_misspelt_keys_are_refused_naming_the_nearest(key, value, message):
         ("data.policy", "ignore", "config key data.policy: 'ignore'; expected one of ['skip', 'raise']"),
         ("train.on_nonfinite", "continue", "expected one of ['stop', 'skip']"),
         ("optim.lr_rules", [".*"], "expected a list of (name, value) pairs"),
+        ("data.template", "vicuna_v2", "data.template: unknown conversation template 'vicuna_v2'"),
+        ("data.template", "vicuna_v1@front", "data.template: template 'vicuna_v1@front': unknown image placement"),
     ],
 )
 def test_wrong_types_and_choices_are_refused(key, value, message):
