@@ -2,17 +2,22 @@ r"""Tiny LLaVA on the embedded shapes dataset: the CPU demo, same code path as a
 
   python -m llava_jax.train --config=configs/tiny_shapes.py:stage1,root=runs/shapes --workdir=runs/shapes/stage1
   python -m llava_jax.train --config=configs/tiny_shapes.py:stage2,root=runs/shapes --workdir=runs/shapes/stage2
+  python -m llava_jax.train --config=configs/tiny_shapes.py:stage3,root=runs/shapes --workdir=runs/shapes/stage3
 
 There is no pretrained tower or LLM to start from here (nothing can be downloaded), so
 both stages train every parameter (``lr_rules``): stage 1 (captions, ``plain``
 template) teaches the ViT, projector and LLM to describe images; stage 2 starts from
 stage 1 and learns the VQA conversations (``vicuna_v1``). With real weights the stage-1
-rule would be ``projector/.*`` only (see ``llava15_stage1.py``).
+rule would be ``projector/.*`` only (see ``llava15_stage1.py``). Stage 3 starts from stage
+2 and learns the multi-image and "video" tasks (``data/synthetic_multi.py``: questions
+about two images, the direction of a shape moving over three frames) with every
+``<image>`` where the text puts it (``vicuna_v1@inline``), single-image conversations
+mixed back in.
 """
 
 from llava_jax.train.run_config import parse_arg, skeleton
 
-STAGES = ("stage1", "stage2", "test")
+STAGES = ("stage1", "stage2", "stage3", "test")
 
 
 def get_config(arg: str = "stage1"):
@@ -36,6 +41,8 @@ def get_config(arg: str = "stage1"):
   # 4000 the same 1200 steps reached 88.5% held-out greedy exact match on seed 1 (97.5% on
   # seed 0); with 8000, 99.3 / 96.0 / 89.7% on seeds 0 / 1 / 2 (README, "Demo figures").
   c.data.synthetic = dict(dir=data_dir, seed=0, n_train=8000, n_val=200, image_size=42)
+  if stage == "stage3":  # written when stage 3 first asks for it (the stage-1/2 files stay as they are)
+    c.data.synthetic.multi = dict(n_train=4000, n_val=100, replay=4000)
   c.data.update(
       tokenizer=f"{data_dir}/tokenizer.model",
       image_root=f"{data_dir}/images",
@@ -51,6 +58,16 @@ def get_config(arg: str = "stage1"):
       # Packing (llava_jax/data/packing.py): with pack=True, max_images is slots per row.
       max_len=64 if stage == "stage1" else 128,
   )
+  if stage == "stage3":
+    c.data.update(
+        train=f"{data_dir}/stage3.jsonl",
+        val=f"{data_dir}/stage3_val.jsonl",
+        eval_questions=f"{data_dir}/eval_multi_questions.jsonl",
+        eval_annotations=f"{data_dir}/eval_multi_annotations.jsonl",
+        template="vicuna_v1@inline",
+        max_images=3,  # two images, or three frames
+        max_len=160,
+    )
   # There are no pretrained weights to keep: every parameter trains in both stages.
   c.optim.update(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05, final_lr_ratio=0.05, lr_rules=[[".*", 1.0]])
   # Reliability (llava_jax/train/loop.py, defaults in llava_jax/train/run_config.py): a
@@ -58,15 +75,15 @@ def get_config(arg: str = "stage1"):
   # at most max_nonfinite); SIGTERM/Ctrl-C write a checkpoint of the current step; a
   # damaged checkpoint is moved aside and the one before restored.
   c.train.update(
-      steps=600 if stage == "stage1" else 1200,
+      steps={"stage1": 600, "stage3": 600}.get(stage, 1200),
       batch_size=32,
       log_every=25,
       ckpt_every=200 if stage == "stage1" else 300,
       eval_every=200 if stage == "stage1" else 300,
       eval_batch_size=50,
   )
-  if stage == "stage2":
-    c.init.update(from_run=f"{root}/stage1", from_run_params=".*")
+  if stage in ("stage2", "stage3"):
+    c.init.update(from_run=f"{root}/{'stage1' if stage == 'stage2' else 'stage2'}", from_run_params=".*")
   else:
     c.init.from_run_params = ".*"
   if stage == "test":  # a few steps for the resume / CLI tests

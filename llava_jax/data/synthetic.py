@@ -277,6 +277,7 @@ def write_synthetic(
     eval_questions_per_image: int = 3,
     vocab_size: int = 384,
     array_record: bool = True,
+    multi: dict | None = None,
 ) -> dict[str, str]:
   """Generates the dataset into `out_dir` (see the module docstring for the files).
 
@@ -289,6 +290,8 @@ def write_synthetic(
     eval_questions_per_image: eval_questions.jsonl rows per validation image.
     vocab_size: target size of the tokenizer (smaller if the text is too small).
     array_record: also write the array_record copies.
+    multi: also the multi-image and video tasks: `synthetic_multi.write_multi` keyword
+      arguments (n_train, n_val, questions_per_pair, replay); same seed and image size.
 
   Returns:
     {name: path} for "images", "stage1", "stage1_val", "stage2", "stage2_val",
@@ -315,6 +318,7 @@ def write_synthetic(
           eval_questions_per_image=eval_questions_per_image,
           vocab_size=vocab_size,
           array_record=array_record,
+          multi=multi,
       )
       marker = os.path.join(tmp, "tokenizer.model")
       os.replace(paths["tokenizer"], marker)  # uploaded last: a reader waits for this file
@@ -368,4 +372,19 @@ def write_synthetic(
   tok = build_tokenizer(records["stage1", "train"] + records["stage2", "train"], vocab_size)
   paths["tokenizer"] = os.path.join(out_dir, "tokenizer.model")
   tok.save(paths["tokenizer"])
+  if multi is not None:
+    paths.update(write_multi_tasks(out_dir, seed=seed, image_size=image_size, multi=multi))
   return paths
+
+
+def write_multi_tasks(out_dir: str, **kwargs) -> dict[str, str]:
+  """The `multi` part of `write_synthetic(out_dir, **kwargs)` alone, into a directory it
+  already wrote (a later stage that asks for the multi-image tasks)."""
+  import inspect
+
+  from llava_jax.data.synthetic_multi import write_multi  # local: it imports this module
+
+  bound = inspect.signature(write_synthetic).bind(out_dir, **kwargs)
+  bound.apply_defaults()
+  a = bound.arguments
+  return write_multi(out_dir, seed=a["seed"], image_size=a["image_size"], **(a["multi"] or {}))

@@ -314,7 +314,7 @@ def get_template(name_or_template, tokenizer=None):
       )
     if placement not in IMAGE_PLACEMENTS:
       raise ValueError(
-          f"template {name_or_template!r}: unknown image placement {placement!r}; " f"known: {list(IMAGE_PLACEMENTS)}"
+          f"template {name_or_template!r}: unknown image placement {placement!r}; known: {list(IMAGE_PLACEMENTS)}"
       )
     return dataclasses.replace(get_template(base), name=name_or_template, image_placement=placement)
   try:

@@ -98,15 +98,18 @@ def prepare_synthetic(config) -> None:
   if not syn:
     return
   marker = storage.join(syn["dir"], "tokenizer.model")
+  multi_marker = storage.join(syn["dir"], "stage3.jsonl")  # written last by write_multi
 
   def write():
-    if storage.exists(marker):
-      return
-    from llava_jax.data.synthetic import write_synthetic
+    from llava_jax.data import synthetic
 
     kwargs = {k: v for k, v in syn.items() if k != "dir"}
-    logging.info("writing the embedded synthetic dataset to %s", syn["dir"])
-    write_synthetic(syn["dir"], **kwargs)
+    if not storage.exists(marker):
+      logging.info("writing the embedded synthetic dataset to %s", syn["dir"])
+      synthetic.write_synthetic(syn["dir"], **kwargs)
+    elif syn.get("multi") is not None and not storage.exists(multi_marker):  # a later stage asks for more
+      logging.info("writing the multi-image and video tasks to %s", syn["dir"])
+      synthetic.write_multi_tasks(syn["dir"], **kwargs)
 
   if distributed.is_primary():
     write()
