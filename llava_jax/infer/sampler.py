@@ -14,6 +14,10 @@ valid tokens only (``cumsum(mask) - 1``), as HF ``generate`` does. After a stop 
 row emits ``cfg.pad_token_id``. Sampling keys are ``fold_in(rng, step)``, so a seed gives
 the same tokens whether or not the loop exits early, streamed or not.
 
+Any-resolution configs (LLaVA-NeXT, OneVision: ``cfg.anyres``) take tiles float32[I, P,
+S, S, 3] (or [B, M, P, S, S, 3]) and ``image_sizes`` int[I, 2] (or an ``ImageLayout``,
+``models.anyres``); each image then has its own placeholder count.
+
 Sharding. Pass ``mesh=`` (a ``llava_jax.sharding`` mesh) with params placed on it
 (``sharding.param_shardings``, or ``infer.loading.load_model(..., mesh=)``): the cache and
 activations follow the logical-axis annotations (batch over ``data``/``fsdp``, kv heads
@@ -38,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.models import anyres
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava, default_positions
 from llava_jax.models.layers import ACT_TOKENS, CACHE_AXES
@@ -100,11 +105,23 @@ def _constrain_cache(cache, ctx):
   }
 
 
-def _prefill(cfg: LlavaConfig, params, input_ids, pixel_values, attention_mask, image_mask, cache_len: int, ctx=None):
+def _prefill(
+    cfg: LlavaConfig,
+    params,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    image_mask,
+    image_layout,
+    cache_len: int,
+    ctx=None,
+):
   """-> (last logits float32[B, V], cache, next positions int32[B])."""
   model = Llava(cfg)
   b = input_ids.shape[0]
-  embeds = model.apply({"params": params}, input_ids, pixel_values, image_mask, method=Llava.embed_inputs)
+  embeds = model.apply(
+      {"params": params}, input_ids, pixel_values, image_mask, image_layout=image_layout, method=Llava.embed_inputs
+  )
   positions = default_positions(input_ids, attention_mask)
   cache = _constrain_cache(init_cache(cfg.llm, b, cache_len), ctx)
   logits, cache = model.apply(
@@ -178,25 +195,72 @@ def _key_to_mesh(rng, mesh):
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng)) if typed else data
 
 
-def _check_placeholders(cfg: LlavaConfig, ids, pixel_values, image_mask) -> LlavaConfig:
+def _anyres_layout(cfg: LlavaConfig, pixel_values, image_mask, image_layout, image_sizes):
+  """The ``ImageLayout`` of an anyres prompt's images (built from ``image_sizes`` on the
+  host when not given); None for LLaVA-1.5 configs, which take neither."""
+  if not cfg.anyres:
+    if image_layout is not None or image_sizes is not None:
+      raise ValueError(
+          "image_layout / image_sizes are for anyres configs (image_grid_pinpoints set: LLaVA-NeXT, OneVision); "
+          "this config has none"
+      )
+    return None
+  if image_layout is not None and image_sizes is not None:
+    raise ValueError("pass image_layout or image_sizes, not both")
+  if pixel_values is None:
+    if image_layout is not None or image_sizes is not None:
+      raise ValueError("image_layout / image_sizes given without pixel_values")
+    return None
+  if np.ndim(pixel_values) not in (5, 6):
+    raise ValueError(
+        f"anyres pixel_values must be float32[I, P, S, S, 3] or [B, M, P, S, S, 3] tiles "
+        f"(data.anyres.preprocess_anyres + pad_tiles), got shape {np.shape(pixel_values)}"
+    )
+  if image_layout is None:
+    if image_sizes is None:
+      raise ValueError(
+          "an anyres config needs the images' original sizes: pass image_sizes int[I, 2] (or [B, M, 2]) "
+          "(height, width), as data.anyres.preprocess_anyres returns them, or image_layout"
+      )
+    image_layout = anyres.image_layout(image_sizes, cfg, image_mask)
+  slots = int(np.prod(np.shape(pixel_values)[:-4]))
+  if np.shape(image_layout.num_tokens)[0] != slots:
+    raise ValueError(
+        f"the image layout is for {np.shape(image_layout.num_tokens)[0]} images but pixel_values "
+        f"{np.shape(pixel_values)} holds {slots} image slots"
+    )
+  return image_layout
+
+
+def _check_placeholders(cfg: LlavaConfig, ids, pixel_values, image_mask, image_layout=None) -> LlavaConfig:
   """The placeholder/image count check on the host, before anything is compiled (inside
   jit it is a device callback, whose error arrives late, wrapped, and which on a mesh
   gathers the counts to one device on every call). Returns ``cfg`` without the in-jit
-  check once checked here; inputs that are global arrays not all on this process keep it."""
+  check once checked here; inputs that are global arrays not all on this process keep it.
+  Anyres configs: each image's count is ``image_layout.num_tokens`` (checked per row
+  when the images come as [B, M] slots)."""
   from llava_jax.models.llava import check_image_tokens
 
   local = lambda x: not (isinstance(x, jax.Array) and not x.is_fully_addressable)
-  if not (local(ids) and local(image_mask)):
+  counts = None if image_layout is None else image_layout.num_tokens
+  if not (local(ids) and local(image_mask) and local(counts)):
     return cfg
-  if image_mask is not None:
-    num_images = int(np.sum(np.asarray(image_mask)))
-  elif pixel_values is None:
-    num_images = 0
-  else:
-    shape = np.shape(pixel_values)
-    num_images = int(np.prod(shape[:2])) if len(shape) == 5 else shape[0]
   per_row = np.sum(np.asarray(ids) == cfg.image_token_id, axis=1)
-  check_image_tokens(per_row, num_images, cfg.num_image_tokens)
+  if cfg.anyres:
+    counts = np.zeros(0, np.int32) if counts is None else np.asarray(counts).reshape(-1)
+    if image_mask is not None and counts.size:
+      counts = np.where(np.asarray(image_mask, bool).reshape(-1), counts, 0)
+    per_slot = np.shape(pixel_values)[1] if pixel_values is not None and np.ndim(pixel_values) == 6 else None
+    anyres.check_anyres_tokens(per_row, counts, per_slot)
+  else:
+    if image_mask is not None:
+      num_images = int(np.sum(np.asarray(image_mask)))
+    elif pixel_values is None:
+      num_images = 0
+    else:
+      shape = np.shape(pixel_values)
+      num_images = int(np.prod(shape[:2])) if len(shape) == 5 else shape[0]
+    check_image_tokens(per_row, num_images, cfg.num_image_tokens)
   return dataclasses.replace(cfg, check_image_tokens=False) if cfg.check_image_tokens else cfg
 
 
@@ -213,9 +277,12 @@ def _inputs(
     stop_token_ids,
     mesh,
     rules,
+    image_layout=None,
+    image_sizes=None,
 ):
   """Validated inputs (and ``cfg``, see ``_check_placeholders``); with a mesh, as global
-  arrays on it (see ``to_mesh``)."""
+  arrays on it (see ``to_mesh``). Returns (cfg, ids, mask, pixels, image_mask, layout,
+  stop ids, rng, ctx)."""
   if np.ndim(input_ids) != 2:
     raise ValueError(f"input_ids must be int32[B, P], got shape {np.shape(input_ids)}")
   if temperature > 0 and rng is None:
@@ -226,7 +293,8 @@ def _inputs(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if attention_mask is not None and np.shape(attention_mask) != np.shape(input_ids):
     raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
-  cfg = _check_placeholders(cfg, input_ids, pixel_values, image_mask)
+  layout = _anyres_layout(cfg, pixel_values, image_mask, image_layout, image_sizes)
+  cfg = _check_placeholders(cfg, input_ids, pixel_values, image_mask, layout)
   stops = set(int(s) for s in (stop_token_ids or ()))
   if eos_token_id is not None:
     stops.add(int(eos_token_id))
@@ -239,8 +307,10 @@ def _inputs(
     ids = to_mesh(as_int32(input_ids), mesh, rules)
     mask = to_mesh(np.ones(ids.shape, np.int32) if attention_mask is None else as_int32(attention_mask), mesh, rules)
     pixel_values, image_mask = to_mesh(pixel_values, mesh, rules), to_mesh(image_mask, mesh, rules)
+    if layout is not None:  # [I, ...] rows, like the images: split over the batch axes when they divide
+      layout = anyres.ImageLayout(*(to_mesh(x, mesh, rules) for x in layout))
     rng = _key_to_mesh(rng, mesh)
-  return cfg, ids, mask, pixel_values, image_mask, tuple(sorted(stops)), rng, _ctx_key(mesh, rules)
+  return cfg, ids, mask, pixel_values, image_mask, layout, tuple(sorted(stops)), rng, _ctx_key(mesh, rules)
 
 
 def generate(
@@ -261,13 +331,18 @@ def generate(
     mesh=None,
     rules=None,
     return_num_steps: bool = False,
+    image_sizes=None,
+    image_layout=None,
 ):
   """Generates up to ``max_new_tokens`` per prompt (prefill + jitted decode loop).
 
   Args:
     input_ids: int32[B, P], prompts left-padded (``attention_mask`` 0 on the left), with
-      ``cfg.num_image_tokens`` image placeholders per image.
+      ``cfg.num_image_tokens`` image placeholders per image (anyres configs: image i's
+      ``models.anyres.num_image_tokens(size_i, cfg)``).
     pixel_values: float32[I, S, S, 3] normalised NHWC (or [B, M, S, S, 3]), or None.
+      Anyres configs: float32[I, P, S, S, 3] tiles (or [B, M, P, S, S, 3]), P =
+      ``cfg.tiles_per_image`` (``data.anyres.preprocess_anyres`` + ``pad_tiles``).
     attention_mask: int[B, P] or None (no padding).
     temperature, top_k, top_p: sampling controls; greedy when temperature == 0.
     eos_token_id, stop_token_ids: a row stops after emitting any of them (the stop token
@@ -281,14 +356,21 @@ def generate(
       pass the same values.
     return_num_steps: also return the int32 number of tokens generated per row before
       the loop ended (``max_new_tokens`` unless every row stopped earlier).
+    image_sizes: anyres configs only: int[I, 2] (or [B, M, 2]) original (height, width)
+      of each image slot (ignored where ``image_mask`` is False); the layout
+      (``models.anyres.image_layout``) is built from them on the host.
+    image_layout: anyres configs only, instead of ``image_sizes``: a precomputed
+      ``models.anyres.ImageLayout`` of the I image slots.
   Returns:
     int32[B, max_new_tokens] (and the step count with ``return_num_steps``); with a mesh,
     replicated over it (every process can read all rows).
   Raises:
     ValueError before compiling if the image placeholders in ``input_ids`` do not match
-    the images given (``models.llava.check_image_tokens``).
+    the images given (``models.llava.check_image_tokens``; anyres:
+    ``models.anyres.check_anyres_tokens``, row by row for [B, M] slots), or if an anyres
+    image needs more tiles / tokens than the config's budget.
   """
-  cfg, ids, mask, pixel_values, image_mask, stops, rng, ctx = _inputs(
+  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx = _inputs(
       cfg,
       input_ids,
       pixel_values,
@@ -301,6 +383,8 @@ def generate(
       stop_token_ids,
       mesh,
       rules,
+      image_layout,
+      image_sizes,
   )
   with _mesh_ctx(ctx):
     tokens, steps = _generate(
@@ -310,6 +394,7 @@ def generate(
         pixel_values,
         mask,
         image_mask,
+        layout,
         rng,
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
@@ -331,6 +416,7 @@ def _generate(
     pixel_values,
     attention_mask,
     image_mask,
+    image_layout,
     rng,
     *,
     max_new_tokens,
@@ -343,7 +429,9 @@ def _generate(
   b, p = input_ids.shape
   n = max_new_tokens
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, p + n, ctx)
+  logits, cache, positions = _prefill(
+      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, p + n, ctx
+  )
   first = sample(logits, jax.random.fold_in(rng, 0))
   tokens = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
 
@@ -380,12 +468,14 @@ def generate_stream(
     stop_token_ids: Sequence[int] = (),
     mesh=None,
     rules=None,
+    image_sizes=None,
+    image_layout=None,
 ) -> Iterator[np.ndarray]:
   """Like ``generate`` (same arguments, same tokens) but yields each step's tokens as soon as
   they exist: numpy int32[B] per step, at most ``max_new_tokens`` times, stopping after
   the step in which every row has emitted a stop token. A host loop over a jitted
   single-step function (the cache is donated), for interactive use."""
-  cfg, ids, mask, pixel_values, image_mask, stops, rng, ctx = _inputs(
+  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx = _inputs(
       cfg,
       input_ids,
       pixel_values,
@@ -398,12 +488,14 @@ def generate_stream(
       stop_token_ids,
       mesh,
       rules,
+      image_layout,
+      image_sizes,
   )
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops, ctx=ctx)
   p = ids.shape[1]
   with _mesh_ctx(ctx):
     tok, done, cache, positions = _stream_first(
-        cfg, params, ids, pixel_values, mask, image_mask, rng, cache_len=p + max_new_tokens, **sampling
+        cfg, params, ids, pixel_values, mask, image_mask, layout, rng, cache_len=p + max_new_tokens, **sampling
     )
   for i in range(1, max_new_tokens + 1):
     host_tok, host_done = jax.device_get((tok, done))
@@ -427,6 +519,7 @@ def _stream_first(
     pixel_values,
     attention_mask,
     image_mask,
+    image_layout,
     rng,
     *,
     cache_len,
@@ -436,7 +529,9 @@ def _stream_first(
     stop_ids,
     ctx,
 ):
-  logits, cache, positions = _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, cache_len, ctx)
+  logits, cache, positions = _prefill(
+      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx
+  )
   tok = sample_logits(logits, jax.random.fold_in(rng, 0), temperature=temperature, top_k=top_k, top_p=top_p)
   return _replicated(tok, ctx), _replicated(_stop(tok, stop_ids), ctx), cache, positions
 
@@ -465,10 +560,13 @@ def prefill(
     cache_len: int,
     mesh=None,
     rules=None,
+    image_sizes=None,
+    image_layout=None,
 ):
   """Runs the prompt into a fresh cache of ``cache_len`` slots (>= P).
 
-  Args: as ``generate``; attention_mask int[B, P] (None: no padding).
+  Args: as ``generate`` (``image_sizes`` / ``image_layout`` for anyres configs);
+    attention_mask int[B, P] (None: no padding).
   Returns:
     logits float32[B, V] at the last prompt position, the cache
     (``{"k", "v": [L, B, cache_len, K, D], "segment_ids": int32[B, cache_len]}``) and
@@ -476,11 +574,24 @@ def prefill(
   """
   if cache_len < np.shape(input_ids)[1]:
     raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({np.shape(input_ids)[1]})")
-  cfg, input_ids, mask, pixel_values, image_mask, _, _, ctx = _inputs(
-      cfg, input_ids, pixel_values, attention_mask, image_mask, 0.0, None, 1, None, (), mesh, rules
+  cfg, input_ids, mask, pixel_values, image_mask, layout, _, _, ctx = _inputs(
+      cfg,
+      input_ids,
+      pixel_values,
+      attention_mask,
+      image_mask,
+      0.0,
+      None,
+      1,
+      None,
+      (),
+      mesh,
+      rules,
+      image_layout,
+      image_sizes,
   )
   with _mesh_ctx(ctx):
-    return _prefill_jit(cfg, params, input_ids, pixel_values, mask, image_mask, cache_len=cache_len, ctx=ctx)
+    return _prefill_jit(cfg, params, input_ids, pixel_values, mask, image_mask, layout, cache_len=cache_len, ctx=ctx)
 
 
 def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, *, mesh=None, rules=None):
@@ -501,8 +612,8 @@ def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len", "ctx"))
-def _prefill_jit(cfg, params, input_ids, pixel_values, attention_mask, image_mask, *, cache_len, ctx):
-  return _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, cache_len, ctx)
+def _prefill_jit(cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, *, cache_len, ctx):
+  return _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("ctx",))
