@@ -195,7 +195,7 @@ def _key_to_mesh(rng, mesh):
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng)) if typed else data
 
 
-def _anyres_layout(cfg: LlavaConfig, pixel_values, image_mask, image_layout, image_sizes):
+def _anyres_layout(cfg: LlavaConfig, input_ids, pixel_values, image_mask, image_layout, image_sizes):
   """The ``ImageLayout`` of an anyres prompt's images (built from ``image_sizes`` on the
   host when not given); None for LLaVA-1.5 configs, which take neither."""
   if not cfg.anyres:
@@ -216,11 +216,22 @@ def _anyres_layout(cfg: LlavaConfig, pixel_values, image_mask, image_layout, ima
         f"anyres pixel_values must be float32[I, P, S, S, 3] or [B, M, P, S, S, 3] tiles "
         f"(data.anyres.preprocess_anyres + pad_tiles), got shape {np.shape(pixel_values)}"
     )
+  if np.ndim(pixel_values) == 6 and np.shape(pixel_values)[0] != np.shape(input_ids)[0]:
+    raise ValueError(
+        f"pixel_values {np.shape(pixel_values)} has {np.shape(pixel_values)[0]} rows of image slots but input_ids "
+        f"has {np.shape(input_ids)[0]} rows"
+    )
   if image_layout is None:
     if image_sizes is None:
       raise ValueError(
           "an anyres config needs the images' original sizes: pass image_sizes int[I, 2] (or [B, M, 2]) "
           "(height, width), as data.anyres.preprocess_anyres returns them, or image_layout"
+      )
+    sizes = np.asarray(image_sizes).reshape(-1, 2)
+    real = np.ones(len(sizes), bool) if image_mask is None else np.asarray(image_mask, bool).reshape(-1)
+    if len(real) == len(sizes) and np.any(sizes[real] < 1):
+      raise ValueError(
+          f"image_sizes must be positive (height, width) wherever image_mask marks a real image, got {sizes.tolist()}"
       )
     image_layout = anyres.image_layout(image_sizes, cfg, image_mask)
   slots = int(np.prod(np.shape(pixel_values)[:-4]))
@@ -293,7 +304,7 @@ def _inputs(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if attention_mask is not None and np.shape(attention_mask) != np.shape(input_ids):
     raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
-  layout = _anyres_layout(cfg, pixel_values, image_mask, image_layout, image_sizes)
+  layout = _anyres_layout(cfg, input_ids, pixel_values, image_mask, image_layout, image_sizes)
   cfg = _check_placeholders(cfg, input_ids, pixel_values, image_mask, layout)
   stops = set(int(s) for s in (stop_token_ids or ()))
   if eos_token_id is not None:
