@@ -23,6 +23,12 @@ Shapes stay fixed so each (batch, length bucket) compiles once: the last batch i
 with dummy rows, prompts are left-padded to a multiple of ``length_bucket``, and every row
 has M image slots (one for single-image tasks; ``image_mask`` False where unused).
 
+Any-resolution checkpoints (LLaVA-NeXT, OneVision: ``model.cfg.anyres``): each image is
+``cfg.tiles_per_image`` tiles (zero tiles after its own), so the pixels are float32[B,
+M, P, S, S, 3] whatever the sizes; each image's placeholder count follows its size
+(``LoadedModel.encode_prompt``), within the config's fixed ``image_token_budget``, and
+``generate`` builds the packing layout from the batch's int32[B, M, 2] image sizes.
+
 Several processes (``jax.distributed``, the model on a mesh spanning them: ``load_model(...,
 mesh=)``): every process calls ``run_eval`` with the same arguments and must see the same
 question and image files. Process 0 alone reads and appends the answer file and writes
@@ -48,7 +54,7 @@ import numpy as np
 
 from llava_jax import distributed
 from llava_jax import storage
-from llava_jax.data.images import load_image, preprocess
+from llava_jax.data.images import load_image
 from llava_jax.data.templates import IMAGE_TAG
 from llava_jax.eval.answers import AnswerWriter, answered_ids, read_answers
 from llava_jax.eval.questions import read_annotations, read_questions
@@ -60,12 +66,14 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Prepared:
   """One question ready to batch: prompt ids int32[T] and pixels float32[K, S, S, 3] | None
-  (its K images in order)."""
+  (its K images in order; anyres: tiles float32[K, P, S, S, 3] and ``image_sizes``
+  int32[K, 2], the images' (height, width))."""
 
   question: dict
   prompt: str
   ids: np.ndarray
   pixels: np.ndarray | None
+  image_sizes: np.ndarray | None = None
 
 
 def answers_path(workdir: str | os.PathLike, task: str) -> Path:
@@ -99,13 +107,15 @@ def prepare(model, question: dict, task: str, image_root: str | None) -> Prepare
   its ``<image>`` tags do not match its images."""
   names = _image_names(question)
   qid = question["question_id"]
-  images = []
+  images, sizes = [], []
   for k, name in enumerate(names):
-    try:
-      images.append(preprocess(load_image(_image_source(name, image_root)), model.image_config))
+    try:  # LoadedModel.preprocess_images: tiles and (height, width) for anyres models
+      pixels, size = model.preprocess_images([load_image(_image_source(name, image_root))])
     except (ValueError, OSError) as e:
       which = f" (image {k + 1} of {len(names)})" if len(names) > 1 else ""
       raise ValueError(f"question {qid!r}{which}: {e}") from e
+    images.append(pixels[0])
+    sizes.append(None if size is None else size[0])
   text = prompt_text(question, task)
   tags = text.count(IMAGE_TAG)
   if len(images) > 1 and tags:  # interleaved: the tags say where each image goes
@@ -113,32 +123,48 @@ def prepare(model, question: dict, task: str, image_root: str | None) -> Prepare
       raise ValueError(f"question {qid!r}: {tags} {IMAGE_TAG} tags for {len(images)} images")
   else:  # LLaVA's model_vqa_loader: the image(s) first
     text = f"{IMAGE_TAG}\n" * len(images) + text.replace(IMAGE_TAG, "").strip()
-  prompt, ids = model.encode_prompt([{"from": "human", "value": text}])
-  return Prepared(question, prompt, ids, np.stack(images) if images else None)
+  image_sizes = np.stack(sizes) if sizes and sizes[0] is not None else None
+  try:
+    prompt, ids = model.encode_prompt([{"from": "human", "value": text}], image_sizes)
+  except ValueError as e:
+    raise ValueError(f"question {qid!r}: {e}") from e
+  return Prepared(question, prompt, ids, np.stack(images) if images else None, image_sizes)
 
 
 def make_batch(
-    items: Sequence[Prepared], batch_size: int, length_bucket: int, image_size: int, pad_id: int, slots: int = 1
+    items: Sequence[Prepared],
+    batch_size: int,
+    length_bucket: int,
+    image_size: int,
+    pad_id: int,
+    slots: int = 1,
+    tiles: int | None = None,
 ):
   """Left-padded fixed-shape arrays for ``sampler.generate``.
 
+  Args: ``tiles``: anyres models: P, the tiles per image (``cfg.tiles_per_image``).
   Returns: ids int32[batch_size, T] (T a multiple of ``length_bucket``), mask int32[same],
-    pixels float32[batch_size, M, S, S, 3] and image_mask bool[batch_size, M] (M = slots);
-    rows beyond ``len(items)`` are dummies (one pad token).
+    pixels float32[batch_size, M, S, S, 3] (anyres: [batch_size, M, P, S, S, 3]),
+    image_mask bool[batch_size, M] (M = slots) and image_sizes int32[batch_size, M, 2]
+    (anyres; else None); rows beyond ``len(items)`` are dummies (one pad token).
   """
   longest = max(len(p.ids) for p in items)
   t = -(-longest // length_bucket) * length_bucket
   ids = np.full((batch_size, t), pad_id, np.int32)
   mask = np.zeros((batch_size, t), np.int32)
   mask[:, -1] = 1  # dummy rows: a single pad token, so no row is empty
-  pixels = np.zeros((batch_size, slots, image_size, image_size, 3), np.float32)
+  per_image = (image_size, image_size, 3) if tiles is None else (tiles, image_size, image_size, 3)
+  pixels = np.zeros((batch_size, slots) + per_image, np.float32)
   image_mask = np.zeros((batch_size, slots), bool)
+  image_sizes = None if tiles is None else np.zeros((batch_size, slots, 2), np.int32)  # empty slots: ignored
   for r, p in enumerate(items):
     ids[r, t - len(p.ids) :], mask[r, t - len(p.ids) :] = p.ids, 1
     if p.pixels is not None:
       k = len(p.pixels)
       pixels[r, :k], image_mask[r, :k] = p.pixels, True
-  return ids, mask, pixels, image_mask
+      if image_sizes is not None:
+        image_sizes[r, :k] = p.image_sizes
+  return ids, mask, pixels, image_mask, image_sizes
 
 
 def _todo(asked: Sequence[dict], out: Path) -> list[int]:
@@ -250,8 +276,9 @@ def run_eval(
       _check_same_batch(ready, todo[start : start + batch_size])
       if not ready:
         continue
-      ids, mask, pixels, image_mask = make_batch(
-          ready, batch_size, length_bucket, model.cfg.vision.image_size, model.tokenizer.pad_id, slots
+      tiles = model.cfg.tiles_per_image if model.cfg.anyres else None
+      ids, mask, pixels, image_mask, image_sizes = make_batch(
+          ready, batch_size, length_bucket, model.cfg.vision.image_size, model.tokenizer.pad_id, slots, tiles
       )
       tokens = generate(
           model.cfg,
@@ -260,6 +287,7 @@ def run_eval(
           pixels,
           mask,
           image_mask=image_mask,
+          image_sizes=image_sizes,
           max_new_tokens=max_new_tokens,
           temperature=temperature,
           eos_token_id=None,

@@ -5,8 +5,8 @@ r"""Chat with a LLaVA checkpoint about an image; text is printed as tokens arriv
   python -m llava_jax.generate --checkpoint=DIR --image=a.png --image=b.png \
       --prompt="Which image has more circles, <image> or <image>?"
 
-DIR: a training workdir, a HF LLaVA or an original LLaVA directory
-(``llava_jax.infer.loading.load_model``). ``--interactive`` keeps the whole conversation
+DIR: a training workdir, a HF LLaVA (also LLaVA-NeXT / OneVision, any resolution) or an
+original LLaVA directory (``llava_jax.infer.loading.load_model``). ``--interactive`` keeps the whole conversation
 in the template (the image in the first user turn, as LLaVA's ``cli.py``) and answers
 each line read from stdin until an empty line or EOF.
 
@@ -31,7 +31,6 @@ import os
 import sys
 from typing import Sequence, TextIO
 
-import numpy as np
 from absl import app, flags
 
 from llava_jax import distributed
@@ -68,6 +67,7 @@ def stream_answer(
     conversation: Sequence[dict],
     pixels=None,
     *,
+    image_sizes=None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float | None = None,
@@ -78,14 +78,16 @@ def stream_answer(
 
   Args:
     model: ``LoadedModel``; conversation: turns ending with a user turn.
-    pixels: float32[I, S, S, 3], one per ``<image>`` of the conversation in order, or None.
+    pixels: float32[I, S, S, 3], one per ``<image>`` of the conversation in order, or None;
+      anyres models: tiles float32[I, P, S, S, 3] and their ``image_sizes`` int32[I, 2]
+      (both from ``model.preprocess_images``).
   Returns: the answer text (as ``model.decode_answer`` gives it).
   """
   import jax
 
   from llava_jax.infer.sampler import generate_stream
 
-  _, ids = model.encode_prompt(conversation)
+  _, ids = model.encode_prompt(conversation, image_sizes)
   stops = model.stop_token_ids()
   stop_text = model.stop_text()
   tokens, printed = [], ""
@@ -94,6 +96,7 @@ def stream_answer(
       model.params,
       ids[None],
       pixels,
+      image_sizes=image_sizes,
       max_new_tokens=max_new_tokens,
       temperature=temperature,
       top_p=top_p,
@@ -153,7 +156,7 @@ def main(argv):
     _native_stdout_to_stderr()
 
   from llava_jax import sharding, storage
-  from llava_jax.data.images import load_image, preprocess
+  from llava_jax.data.images import load_image
   from llava_jax.data.templates import IMAGE_TAG
   from llava_jax.infer.loading import load_model, parse_mesh_shape
 
@@ -178,10 +181,17 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--mesh: {e}") from e
   model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value, mesh=mesh)
-  pixels = None
-  if images:
-    pixels = np.stack([preprocess(load_image(image), model.image_config) for image in images])
-  kwargs = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value)
+  try:  # anyres models: tiles and each image's (height, width)
+    pixels, sizes = model.preprocess_images([load_image(image) for image in images])
+  except ValueError as e:
+    raise app.UsageError(f"--image: {e}") from e
+  kwargs = dict(
+      image_sizes=sizes,
+      max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value,
+      top_p=_TOP_P.value,
+      seed=_SEED.value,
+  )
   out = sys.stdout if distributed.is_primary() else io.StringIO()
   conversation: list[dict] = []
 

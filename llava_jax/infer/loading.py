@@ -6,9 +6,11 @@ Three kinds of directory are recognised, in this order:
 
 * a training workdir: ``DIR/run.json`` (``llava_jax.checkpoint.orbax.load_run``; the run
   records its tokenizer, template and image preprocessing);
-* a Hugging Face ``LlavaForConditionalGeneration`` directory: ``config.json`` with
-  ``model_type == "llava"`` and a ``text_config`` (``load_hf_llava``), the tokenizer in
-  the same directory, the template guessed from the text model family;
+* a Hugging Face ``LlavaForConditionalGeneration`` (or any-resolution
+  ``LlavaNext`` / ``LlavaOnevision``) directory: ``config.json`` with ``model_type``
+  ``"llava"`` / ``"llava_next"`` / ``"llava_onevision"`` and a ``text_config``
+  (``load_hf_llava``), the tokenizer in the same directory, the template guessed from
+  the text model family, the image preprocessing from ``preprocessor_config.json``;
 * an original LLaVA directory: ``config.json`` with ``mm_vision_tower`` /
   ``mm_projector_type`` (``load_llava_original``).
 
@@ -38,6 +40,9 @@ from llava_jax.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+# HF model types ``load_hf_llava`` reads (``checkpoint.convert.hf.LLAVA_TYPES``).
+HF_LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
+
 # Text model family (``checkpoint.convert.hf.llm_family``) -> conversation template.
 # Llama-family LLaVA (1.5, vicuna) uses LLaVA's conv_llava_v1.
 FAMILY_TEMPLATES = {"llama": "llava_v1", "mistral": "mistral_instruct", "qwen2": "chatml", "gemma": "gemma"}
@@ -66,18 +71,88 @@ class LoadedModel:
   mesh: Any = None
   rules: Any = None
 
-  def encode_prompt(self, conversation) -> tuple[str, np.ndarray]:
+  def image_token_counts(self, image_sizes) -> list[int]:
+    """Image placeholders of each image: ``cfg.num_image_tokens`` (LLaVA-1.5), or for
+    anyres configs ``models.anyres.num_image_tokens(size, cfg)`` of its (height, width).
+
+    Raises ValueError naming the image when it needs more tiles or tokens than the
+    config's fixed budget (``cfg.tiles_per_image`` / ``cfg.image_token_budget``)."""
+    if not self.cfg.anyres:
+      return [self.cfg.num_image_tokens] * len(image_sizes)
+    from llava_jax.models import anyres
+
+    counts = []
+    for k, size in enumerate(np.asarray(image_sizes).reshape(-1, 2)):
+      size = (int(size[0]), int(size[1]))
+      try:
+        n = anyres.num_image_tokens(size, self.cfg)
+      except ValueError as e:
+        raise ValueError(f"image {k + 1} of {len(image_sizes)}: {e}") from e
+      if n > self.cfg.image_token_budget:
+        raise ValueError(
+            f"image {k + 1} of {len(image_sizes)} (height x width {size[0]} x {size[1]}) packs to {n} image tokens, "
+            f"more than the config's budget of {self.cfg.image_token_budget} (max_image_tokens)"
+        )
+      counts.append(n)
+    return counts
+
+  def encode_prompt(self, conversation, image_sizes=None) -> tuple[str, np.ndarray]:
     """A conversation ending with a user turn (``<image>`` tags where images go) ->
-    (prompt text, int32[T] ids with ``cfg.num_image_tokens`` placeholders per image)."""
+    (prompt text, int32[T] ids with ``cfg.num_image_tokens`` placeholders per image).
+
+    Anyres configs (``cfg.anyres``): ``image_sizes`` int[I, 2], the (height, width) of
+    the I images in tag order (``preprocess_images`` returns them), and each tag becomes
+    that image's ``image_token_counts`` placeholders; a tag count that differs from I is
+    a ValueError. LLaVA-1.5 configs ignore ``image_sizes``."""
     text = prompt_for_generation(conversation, self.template, self.tokenizer)
+    tiled = self.cfg.anyres
     ids = tokenize_prompt(
         text,
         self.tokenizer,
         image_token_id=self.cfg.image_token_id,
-        num_image_tokens=self.cfg.num_image_tokens,
+        num_image_tokens=1 if tiled else self.cfg.num_image_tokens,
         template=self.template,
     )
-    return text, ids
+    if not tiled:
+      return text, ids
+    is_image = ids == self.cfg.image_token_id
+    sizes = np.zeros((0, 2), np.int64) if image_sizes is None else np.asarray(image_sizes).reshape(-1, 2)
+    if int(is_image.sum()) != len(sizes):
+      raise ValueError(
+          f"the prompt has {int(is_image.sum())} image tag(s) but {len(sizes)} image size(s) were given; "
+          "an anyres model needs each image's (height, width) (LoadedModel.preprocess_images returns them)"
+      )
+    repeats = np.ones(len(ids), np.int64)
+    repeats[is_image] = self.image_token_counts(sizes)
+    return text, np.repeat(ids, repeats).astype(np.int32)
+
+  def preprocess_images(self, images) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """PIL images (or uint8 arrays) in tag order -> ``(pixels, image_sizes)`` for ``generate``.
+
+    LLaVA-1.5 configs: float32[I, S, S, 3] (``data.images.preprocess`` with
+    ``image_config``) and None. Anyres configs: float32[I, P, S, S, 3] tiles
+    (``data.anyres.preprocess_anyres``, zero tiles up to P = ``cfg.tiles_per_image``) and
+    int32[I, 2] original (height, width). No images: (None, None).
+    """
+    images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
+      return None, None
+    if not self.cfg.anyres:
+      from llava_jax.data.images import preprocess
+
+      return np.stack([preprocess(im, self.image_config) for im in images]), None
+    from llava_jax.data import anyres
+
+    tiles, sizes = [], []
+    for k, im in enumerate(images):
+      try:
+        t, size = anyres.preprocess_anyres(im, self.image_config, self.cfg.image_grid_pinpoints)
+        self.image_token_counts([size])
+        tiles.append(anyres.pad_tiles(t, self.cfg.tiles_per_image))
+      except ValueError as e:
+        raise ValueError(f"image {k + 1} of {len(images)}: {e}") from e
+      sizes.append(size)
+    return np.stack(tiles), np.asarray(sizes, np.int32)
 
   def decode(self, ids) -> str:
     """Ids -> text, special tokens dropped; ids the tokenizer does not have (the image
@@ -102,19 +177,18 @@ class LoadedModel:
 
   def answer(self, conversation, image=None, *, max_new_tokens: int = 64) -> str:
     """Greedy answer to a conversation ending with a user turn. ``image``: a PIL image for
-    its ``<image>`` tag, or a list of them, one per tag in order (preprocessed with
-    ``image_config``), or None."""
-    from llava_jax.data.images import preprocess
+    its ``<image>`` tag, or a list of them, one per tag in order (``preprocess_images``:
+    tiles and sizes for anyres configs), or None."""
     from llava_jax.infer.sampler import generate
 
-    _, ids = self.encode_prompt(conversation)
-    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-    pixels = np.stack([preprocess(im, self.image_config) for im in images]) if images else None
+    pixels, sizes = self.preprocess_images(image)
+    _, ids = self.encode_prompt(conversation, sizes)
     out = generate(
         self.cfg,
         self.params,
         ids[None],
         pixels,
+        image_sizes=sizes,
         max_new_tokens=max_new_tokens,
         stop_token_ids=self.stop_token_ids(),
         mesh=self.mesh,
@@ -190,6 +264,12 @@ def _hf_image_config(path: str, cfg: LlavaConfig) -> ImageConfig:
   if not storage.exists(pre):
     return base
   d = read_json(pre)
+  points = d.get("image_grid_pinpoints")
+  if cfg.anyres and points is not None and tuple(map(tuple, points)) != tuple(map(tuple, cfg.image_grid_pinpoints)):
+    raise ValueError(
+        f"{pre}: image_grid_pinpoints {points} differ from config.json's {[list(p) for p in cfg.image_grid_pinpoints]}; "
+        "the images would be tiled on one grid and packed on another"
+    )
   crop = bool(d.get("do_center_crop", base.mode == "square"))
   return ImageConfig(
       size=cfg.vision.image_size,
@@ -258,7 +338,7 @@ def load_model(
   d = read_json(config_path)
   tok = load_tokenizer(tokenizer_path or path)
   overrides = {"remat": "none", **(llm_overrides or {})}
-  if "text_config" in d and d.get("model_type") == "llava":
+  if "text_config" in d and d.get("model_type") in HF_LLAVA_TYPES:
     from llava_jax.checkpoint.convert.hf import load_hf_llava
 
     cfg, params = load_hf_llava(path, llm_overrides=overrides)
@@ -282,6 +362,6 @@ def load_model(
     )
   raise ValueError(
       f"{config_path}: model_type {d.get('model_type')!r} is neither a HF LLaVA "
-      "(model_type 'llava' with text_config) nor an original LLaVA config "
+      f"(model_type one of {HF_LLAVA_TYPES} with text_config) nor an original LLaVA config "
       "(mm_vision_tower / mm_projector_type)"
   )
