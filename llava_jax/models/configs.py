@@ -162,6 +162,12 @@ class LlavaConfig:
   # tiles (base included) and image tokens after packing.
   max_tiles_per_image: int | None = None
   max_image_tokens: int | None = None
+  # Videos (``llava_jax.models.video``), all three set or all None: the placeholder id,
+  # how a frame's patch grid is pooled ("bilinear": OneVision, "average" / "max":
+  # NeXT-Video) and the pooling stride.
+  video_token_id: int | None = None
+  video_pooling: str | None = None
+  video_pool_stride: int | None = None
 
   def __post_init__(self):
     _check(
@@ -172,6 +178,9 @@ class LlavaConfig:
         self.projector.out_dim == self.llm.hidden_size,
         f"projector out_dim {self.projector.out_dim} != llm hidden {self.llm.hidden_size}",
     )
+    from llava_jax.models import video  # the video rules live with the code that applies them
+
+    video.check_config(self)
     if self.image_grid_pinpoints is None:
       _check(
           self.vision_aspect_ratio is None and self.max_tiles_per_image is None and self.max_image_tokens is None,
@@ -208,9 +217,9 @@ class LlavaConfig:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
-    # Unset anyres fields are left out, so a LLaVA-1.5 config's dict (run.json, the
-    # resume check) is what it was before they existed.
-    for k in ("image_grid_pinpoints", "vision_aspect_ratio", "max_tiles_per_image", "max_image_tokens"):
+    # Unset anyres and video fields are left out, so a LLaVA-1.5 config's dict (run.json,
+    # the resume check) is what it was before they existed.
+    for k in _OPTIONAL_FIELDS:
       if d[k] is None:
         del d[k]
     return d
@@ -225,6 +234,16 @@ class LlavaConfig:
         vision=VisionConfig(**d["vision"]), projector=ProjectorConfig(**d["projector"]), llm=LLMConfig(**llm), **rest
     )
 
+
+_OPTIONAL_FIELDS = (
+    "image_grid_pinpoints",
+    "vision_aspect_ratio",
+    "max_tiles_per_image",
+    "max_image_tokens",
+    "video_token_id",
+    "video_pooling",
+    "video_pool_stride",
+)
 
 _CLIP = dict(
     kind="clip",

@@ -8,7 +8,9 @@ image, E LLM embed, V vocab.
 
 Any-resolution configs (``cfg.image_grid_pinpoints`` set: LLaVA-NeXT, OneVision) take
 tiled images and an ``image_layout``, and add the ``image_newline`` parameter at the top
-of the tree; the contract is in ``llava_jax.models.anyres``.
+of the tree; the contract is in ``llava_jax.models.anyres``. Video configs
+(``cfg.video_token_id`` set: OneVision, NeXT-Video) also take ``pixel_values_videos``,
+frames pooled per ``llava_jax.models.video``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax.models import anyres
+from llava_jax.models import anyres, video
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.layers import logical
 from llava_jax.models.llm import Decoder
@@ -79,6 +81,15 @@ def merge_image_features(
   return merged.reshape(b, t, e)
 
 
+def text_ids(input_ids, cfg: LlavaConfig):
+  """int32[B, T] with image and video placeholders set to 0: they may lie outside the
+  vocabulary, and their embeddings are overwritten anyway."""
+  is_placeholder = input_ids == cfg.image_token_id
+  if cfg.video_token_id is not None:
+    is_placeholder = is_placeholder | (input_ids == cfg.video_token_id)
+  return jnp.where(is_placeholder, 0, input_ids)
+
+
 def default_positions(input_ids, attention_mask):
   """int32[B, T]: 0, 1, … over the valid (mask == 1) tokens; left padding stays at 0."""
   if attention_mask is None:
@@ -119,8 +130,7 @@ class Llava(nn.Module):
     if image_mask is not None:
       image_mask = image_mask.reshape(-1).astype(bool)
     is_image = input_ids == c.image_token_id
-    # Placeholder ids may lie outside the vocabulary; they are overwritten anyway.
-    embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
+    embeds = self.llm.embed(text_ids(input_ids, c))
     num_images = 0 if pixel_values is None else pixel_values.shape[0]
     if image_mask is not None:
       num_images = jnp.sum(image_mask)
@@ -151,7 +161,7 @@ class Llava(nn.Module):
   def embed_inputs_anyres(self, input_ids, pixel_values, image_mask, image_layout):
     c = self.cfg
     is_image = input_ids == c.image_token_id
-    embeds = self.llm.embed(jnp.where(is_image, 0, input_ids))
+    embeds = self.llm.embed(text_ids(input_ids, c))
     per_row = jnp.sum(is_image, axis=1)
     if pixel_values is None or pixel_values.shape[0] == 0:
       if self.is_initializing():
@@ -179,6 +189,51 @@ class Llava(nn.Module):
     feature_mask = jnp.arange(feats.shape[1])[None, :] < num_tokens[:, None]
     return merge_image_features(embeds, input_ids, feats, c.image_token_id, feature_mask=feature_mask)
 
+  def embed_videos(self, pixel_values_videos):
+    """float32[V, F, S, S, 3] frames -> float[V, num_video_tokens(cfg, F), E] (``models.video``)."""
+    c = self.cfg
+    v, f = pixel_values_videos.shape[:2]
+    frames = pixel_values_videos.reshape((v * f,) + pixel_values_videos.shape[2:])
+    if c.video_pooling == "bilinear":  # OneVision: pool the projected grid, one newline per video
+      feats = video.pool_frames(self.embed_image(frames), c).reshape(v, -1, c.llm.hidden_size)
+      newline = jnp.broadcast_to(self.image_newline.astype(feats.dtype), (v, 1, feats.shape[-1]))
+      return jnp.concatenate([feats, newline], axis=1)
+    feats = self.projector(video.pool_frames(self.img(frames), c))  # NeXT-Video: pool the tower's grid
+    return feats.reshape(v, -1, c.llm.hidden_size)
+
+  def merge_videos(self, embeds, input_ids, pixel_values_videos=None, video_mask=None):
+    """Writes each video's pooled frame tokens into its ``cfg.video_token_id`` placeholders.
+
+    ``pixel_values_videos`` float32[V, F, S, S, 3] or [B, M, F, S, S, 3]; ``video_mask``
+    bool[V] or [B, M] marks real videos. Returns float[B, T, E].
+    """
+    c = self.cfg
+    if c.video_token_id is None:
+      if pixel_values_videos is not None:
+        raise ValueError("pixel_values_videos given, but this config has no video_token_id (no video support)")
+      return embeds
+    if pixel_values_videos is not None and pixel_values_videos.ndim == 6:
+      pixel_values_videos = pixel_values_videos.reshape((-1,) + pixel_values_videos.shape[2:])
+    if pixel_values_videos is not None and pixel_values_videos.ndim != 5:
+      raise ValueError(
+          f"pixel_values_videos must be [V, F, S, S, 3] or [B, M, F, S, S, 3], got {pixel_values_videos.shape}"
+      )
+    frames = None if pixel_values_videos is None else pixel_values_videos.shape[1]
+    per_row = jnp.sum(input_ids == c.video_token_id, axis=1)
+    num_videos = 0 if pixel_values_videos is None else pixel_values_videos.shape[0]
+    if video_mask is not None:
+      video_mask = video_mask.reshape(-1).astype(bool)
+      num_videos = jnp.sum(video_mask)
+    args = (per_row, num_videos, frames, video.num_video_tokens(c, frames or 0))
+    if not isinstance(per_row, jax.core.Tracer) and not isinstance(num_videos, jax.core.Tracer):
+      video.check_video_tokens(*args)
+    elif c.check_image_tokens:
+      jax.debug.callback(video.check_video_tokens, *args)
+    if pixel_values_videos is None or pixel_values_videos.shape[0] == 0:
+      return embeds
+    feats = self.embed_videos(pixel_values_videos)
+    return merge_image_features(embeds, input_ids, feats, c.video_token_id, video_mask)
+
   def __call__(
       self,
       input_ids,
@@ -188,6 +243,8 @@ class Llava(nn.Module):
       image_mask=None,
       hidden_only: bool = False,
       image_layout=None,
+      pixel_values_videos=None,
+      video_mask=None,
   ):
     """LLaVA forward.
 
@@ -206,10 +263,15 @@ class Llava(nn.Module):
         ``pixel_values`` are then float32[I, P, S, S, 3] tiles (or [B, M, P, S, S, 3]).
       hidden_only: return the LLM's last-layer output float[B, T, E] instead; ``head``
         (``apply(..., method=Llava.head)``) gives the logits of chosen positions.
+      pixel_values_videos: video configs only: float32[V, F, S, S, 3] normalised frames
+        (or [B, M, F, S, S, 3]); ``input_ids`` then holds
+        ``models.video.num_video_tokens(cfg, F)`` ``cfg.video_token_id`` per video.
+      video_mask: bool[V] (or [B, M]); False = padding video slot.
     Returns:
       logits float32[B, T, V].
     """
     embeds = self.embed_inputs(input_ids, pixel_values, image_mask, image_layout)
+    embeds = self.merge_videos(embeds, input_ids, pixel_values_videos, video_mask)
     if positions is None:
       positions = default_positions(input_ids, attention_mask)
     segment_ids = None if attention_mask is None else attention_mask.astype(jnp.int32)

@@ -8,7 +8,10 @@ Both LLaVA key layouts load: transformers >= 4.52 (``model.vision_tower…``,
 ``language_model.model…``, ``language_model.lm_head``, ``image_newline``), which
 transformers 5 still writes. ``save_hf_llava`` writes the newer layout. LLaVA-NeXT and
 OneVision (``model_type`` ``llava_next`` / ``llava_onevision``) add ``image_newline`` and
-the anyres fields ``image_grid_pinpoints`` (and OneVision's ``vision_aspect_ratio``).
+the anyres fields ``image_grid_pinpoints`` (and OneVision's ``vision_aspect_ratio`` and
+``video_token_index``, with its bilinear stride-2 frame pooling). LLaVA-NeXT-Video
+(``llava_next_video``) is NeXT plus ``video_token_index`` and ``spatial_pool_mode`` /
+``spatial_pool_stride`` (average or max; its ``conv`` pooler is not supported).
 """
 
 from __future__ import annotations
@@ -330,12 +333,24 @@ LLAVA_TYPES = {
             "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
         },
     ),
+    "llava_next_video": (
+        "LlavaNextVideoForConditionalGeneration",
+        {
+            "vision_feature_layer": -2,
+            "image_token_id": 32001,
+            "video_token_id": 32000,
+            "spatial_pool_mode": "average",
+            "spatial_pool_stride": 2,
+            "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        },
+    ),
     "llava_onevision": (
         "LlavaOnevisionForConditionalGeneration",
         {
             "vision_feature_layer": -1,
             "vision_feature_select_strategy": "full",
             "image_token_id": 151646,
+            "video_token_id": 151647,
             "vision_aspect_ratio": "anyres_max_9",
             "image_grid_pinpoints": [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)],
         },
@@ -382,6 +397,16 @@ def llava_config_from_hf(d: dict, tensors: dict | None = None, **llm_overrides) 
     anyres["image_grid_pinpoints"] = d["image_grid_pinpoints"]
   if model_type == "llava_onevision":
     anyres["vision_aspect_ratio"] = d["vision_aspect_ratio"]
+    # transformers pools every video frame's grid to half its side (apply_pooling).
+    video_token = d.get("video_token_index", d.get("video_token_id"))
+    anyres.update(video_token_id=video_token, video_pooling="bilinear", video_pool_stride=2)
+  if model_type == "llava_next_video":
+    if d["spatial_pool_mode"] not in ("average", "max"):
+      raise ValueError(f"spatial_pool_mode {d['spatial_pool_mode']!r}: only 'average' and 'max' are supported")
+    video_token = d.get("video_token_index", d.get("video_token_id"))
+    anyres.update(
+        video_token_id=video_token, video_pooling=d["spatial_pool_mode"], video_pool_stride=d["spatial_pool_stride"]
+    )
   strategy = d.get("vision_feature_select_strategy", "default")
   vd = d["vision_config"]
   if strategy == "default" and vd.get("model_type") == "siglip_vision_model":
@@ -421,7 +446,7 @@ def finalize(cfg: LlavaConfig, flat: common.Flat) -> dict:
 def load_hf_llava(
     path: str, *, vision_overrides: dict | None = None, llm_overrides: dict | None = None
 ) -> tuple[LlavaConfig, dict]:
-  """Loads a HF ``Llava`` / ``LlavaNext`` / ``LlavaOnevision`` ``ForConditionalGeneration`` directory.
+  """Loads a HF ``Llava`` / ``LlavaNext`` / ``LlavaNextVideo`` / ``LlavaOnevision`` ``ForConditionalGeneration`` directory.
 
   Returns ``(LlavaConfig, params)`` with params a nested dict of float32 numpy arrays
   ``{"img", "projector", "llm"}``. Overrides set non-architectural config fields
@@ -445,9 +470,17 @@ def _flat_params(params: dict) -> common.Flat:
 
 def save_hf_llava(cfg: LlavaConfig, params: dict, path: str, *, dtype=np.float32, max_shard_bytes: int | None = None):
   """Writes a directory that ``transformers.LlavaForConditionalGeneration`` loads
-  (``LlavaNext…`` for an anyres config, ``LlavaOnevision…`` if it has ``vision_aspect_ratio``)."""
+  (``LlavaNext…`` for an anyres config, ``LlavaOnevision…`` if it has ``vision_aspect_ratio``,
+  ``LlavaNextVideo…`` if it pools video frames by average or max)."""
   if cfg.projector.kind != "mlp2x_gelu":
     raise ValueError(f"HF LLaVA has only the mlp2x_gelu projector, not {cfg.projector.kind!r}")
+  if cfg.video_pooling == "bilinear" and (cfg.vision_aspect_ratio is None or cfg.video_pool_stride != 2):
+    raise ValueError(
+        "HF has bilinear video pooling only in OneVision (stride 2, with vision_aspect_ratio); this config has "
+        f"stride {cfg.video_pool_stride}, vision_aspect_ratio {cfg.vision_aspect_ratio!r}"
+    )
+  if cfg.video_pooling in ("average", "max") and cfg.vision_aspect_ratio is not None:
+    raise ValueError(f"HF OneVision pools video bilinearly, not by {cfg.video_pooling!r}")
   tensors = common.invert_specs(llava_specs(cfg), _flat_params(params), dtype)
   tensors = join_in_proj(tensors, "vision_tower.head.attention.")
   renamed = {}
@@ -461,9 +494,14 @@ def save_hf_llava(cfg: LlavaConfig, params: dict, path: str, *, dtype=np.float32
   model_type, extra = "llava", {}
   if cfg.anyres:
     model_type = "llava_next" if cfg.vision_aspect_ratio is None else "llava_onevision"
+    if cfg.video_pooling in ("average", "max"):
+      model_type = "llava_next_video"
+      extra.update(spatial_pool_mode=cfg.video_pooling, spatial_pool_stride=cfg.video_pool_stride)
     extra["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
     if cfg.vision_aspect_ratio is not None:
       extra["vision_aspect_ratio"] = cfg.vision_aspect_ratio
+  if cfg.video_token_id is not None:
+    extra["video_token_index"] = cfg.video_token_id
   common.write_json(
       {
           **extra,
