@@ -62,7 +62,7 @@ def test_image_tag_without_image_is_a_usage_error(tmp_path):
       timeout=120,
   )
   assert outs[0].returncode == 1
-  assert "--prompt contains <image> but no --image was given" in outs[0].stderr
+  assert "--prompt has 1 <image> tag(s) but 0 --image file(s) were given" in outs[0].stderr
 
 
 def test_placeholder_mismatch_raises_before_compiling(tiny):
