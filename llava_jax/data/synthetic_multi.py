@@ -12,7 +12,8 @@ template "NAME@inline", e.g. "vicuna_v1@inline"):
             -> "second" (exactly one shows it), "Is there a square in both images?" -> "no".
     video   three frames of one shape moving along the middle row or column, or staying:
             "Frames: <image> <image> <image>\\nWhich way does the circle move?" -> "right"
-            (or "left", "up", "down", "none"). Positions along the row are left, center,
+            (or "left", "up", "down", "none"); training conversations also ask where the
+            shape is in the first and in the last frame, in random order with it. Positions along the row are left, center,
             right (column: top, center, bottom); a moving shape goes from a start cell to
             another in one direction, the middle frame the middle cell or a repeat of an
             end (left, left, center); a still one stays in one of the five cells. No frame
@@ -129,6 +130,7 @@ def write_multi(
     n_val: int = 100,
     image_size: int = 42,
     questions_per_pair: int = 2,
+    frame_questions: int = 2,
     replay: int = 0,
 ) -> dict[str, str]:
   """Writes the pairs and videos into `out_dir` (see the module docstring).
@@ -139,7 +141,9 @@ def write_multi(
       of the same seed is unchanged).
     n_train, n_val: pairs and videos per split (each n: n pairs and n videos).
     image_size: S, as the single-image data's.
-    questions_per_pair: conversation turns per pair (a video has one question).
+    questions_per_pair: conversation turns per pair.
+    frame_questions: turns of a video conversation besides its motion question (0-2:
+      where the shape is in the first, then the last frame), in random order with it.
     replay: stage-2 training conversations mixed into stage3.jsonl (so the single-image
       skills are kept).
 
@@ -182,9 +186,14 @@ def write_multi(
           for k, f in enumerate(frames)
       ]
       q = f"Which way does the {shape.kind} move?"
-      rows.append(
-          {"id": sid, "image": images, "conversations": _conversation(VIDEO_PROMPT, [(q, direction, "motion")])}
-      )
+      # With the motion question, in random order, where the shape is in the first and the
+      # last frame: the two looks the answer is made of (the held-out question is asked first).
+      qas = [(q, direction, "motion")] + [
+          (f"Where is the {shape.kind} in the {which} frame?", positions[k], "frame")
+          for which, k in (("first", 0), ("last", -1))
+      ][:frame_questions]
+      qas = [qas[j] for j in rng.permutation(len(qas))]
+      rows.append({"id": sid, "image": images, "conversations": _conversation(VIDEO_PROMPT, qas)})
       if heldout:
         eval_rows.append(
             {"question_id": sid, "image": images, "text": VIDEO_PROMPT + sy.question_text(q), "category": "motion"}

@@ -74,12 +74,11 @@ def test_files_split_and_determinism(ds, tmp_path):
   # Held out: no training video moves a held-out (colour, shape) in its held-out direction.
   for r in train:
     if r["id"].split("-")[1] == "video":
-      kind = r["conversations"][0]["value"].split("Which way does the ")[1].split()[0]
-      assert not any(
-          sm.video_heldout(sy.Shape(kind, color, "center"), r["conversations"][1]["value"])
-          and _video_color(d, r) == color
-          for color in sy.COLORS
-      )
+      turns = r["conversations"]
+      k = next(k for k, t in enumerate(turns) if "Which way does the " in t["value"])
+      kind = turns[k]["value"].split("Which way does the ")[1].split()[0]
+      assert not sm.video_heldout(sy.Shape(kind, _video_color(d, r), "center"), turns[k + 1]["value"])
+      assert len(turns) == 6 and {t["value"] for t in turns[1::2]} <= set(sm.DIRECTIONS) | set(sy.POSITIONS)
   # Deterministic, and written into an existing directory without touching its tokenizer.
   again = tmp_path / "again"
   sy.write_synthetic(again, seed=1, n_train=100, n_val=20, image_size=28, array_record=False)
