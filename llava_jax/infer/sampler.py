@@ -18,6 +18,10 @@ Any-resolution configs (LLaVA-NeXT, OneVision: ``cfg.anyres``) take tiles float3
 S, S, 3] (or [B, M, P, S, S, 3]) and ``image_sizes`` int[I, 2] (or an ``ImageLayout``,
 ``models.anyres``); each image then has its own placeholder count.
 
+Video configs (OneVision, NeXT-Video: ``cfg.video_token_id``) also take
+``pixel_values_videos`` float32[V, F, S, S, 3] (or [B, M, F, S, S, 3] with ``video_mask``),
+merged at the video placeholders in the prefill (``Llava.merge_videos``).
+
 Sharding. Pass ``mesh=`` (a ``llava_jax.sharding`` mesh) with params placed on it
 (``sharding.param_shardings``, or ``infer.loading.load_model(..., mesh=)``): the cache and
 activations follow the logical-axis annotations (batch over ``data``/``fsdp``, kv heads
@@ -34,7 +38,6 @@ K kv heads, D head dim, E embed, V vocab.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from typing import Iterator, Sequence
 
@@ -42,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.infer.inputs import anyres_layout, check_placeholders, check_video_inputs
 from llava_jax.models import anyres
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava, default_positions
@@ -115,13 +119,17 @@ def _prefill(
     image_layout,
     cache_len: int,
     ctx=None,
+    videos=None,
 ):
-  """-> (last logits float32[B, V], cache, next positions int32[B])."""
+  """-> (last logits float32[B, V], cache, next positions int32[B]). ``videos``:
+  (pixel_values_videos, video_mask) or None."""
   model = Llava(cfg)
   b = input_ids.shape[0]
   embeds = model.apply(
       {"params": params}, input_ids, pixel_values, image_mask, image_layout=image_layout, method=Llava.embed_inputs
   )
+  if videos is not None:
+    embeds = model.apply({"params": params}, embeds, input_ids, *videos, method=Llava.merge_videos)
   positions = default_positions(input_ids, attention_mask)
   cache = _constrain_cache(init_cache(cfg.llm, b, cache_len), ctx)
   logits, cache = model.apply(
@@ -195,86 +203,6 @@ def _key_to_mesh(rng, mesh):
   return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng)) if typed else data
 
 
-def _anyres_layout(cfg: LlavaConfig, input_ids, pixel_values, image_mask, image_layout, image_sizes):
-  """The ``ImageLayout`` of an anyres prompt's images (built from ``image_sizes`` on the
-  host when not given); None for LLaVA-1.5 configs, which take neither."""
-  if not cfg.anyres:
-    if image_layout is not None or image_sizes is not None:
-      raise ValueError(
-          "image_layout / image_sizes are for anyres configs (image_grid_pinpoints set: LLaVA-NeXT, OneVision); "
-          "this config has none"
-      )
-    return None
-  if image_layout is not None and image_sizes is not None:
-    raise ValueError("pass image_layout or image_sizes, not both")
-  if pixel_values is None:
-    if image_layout is not None or image_sizes is not None:
-      raise ValueError("image_layout / image_sizes given without pixel_values")
-    return None
-  if np.ndim(pixel_values) not in (5, 6):
-    raise ValueError(
-        f"anyres pixel_values must be float32[I, P, S, S, 3] or [B, M, P, S, S, 3] tiles "
-        f"(data.anyres.preprocess_anyres + pad_tiles), got shape {np.shape(pixel_values)}"
-    )
-  if np.ndim(pixel_values) == 6 and np.shape(pixel_values)[0] != np.shape(input_ids)[0]:
-    raise ValueError(
-        f"pixel_values {np.shape(pixel_values)} has {np.shape(pixel_values)[0]} rows of image slots but input_ids "
-        f"has {np.shape(input_ids)[0]} rows"
-    )
-  if image_layout is None:
-    if image_sizes is None:
-      raise ValueError(
-          "an anyres config needs the images' original sizes: pass image_sizes int[I, 2] (or [B, M, 2]) "
-          "(height, width), as data.anyres.preprocess_anyres returns them, or image_layout"
-      )
-    sizes = np.asarray(image_sizes).reshape(-1, 2)
-    real = np.ones(len(sizes), bool) if image_mask is None else np.asarray(image_mask, bool).reshape(-1)
-    if len(real) == len(sizes) and np.any(sizes[real] < 1):
-      raise ValueError(
-          f"image_sizes must be positive (height, width) wherever image_mask marks a real image, got {sizes.tolist()}"
-      )
-    image_layout = anyres.image_layout(image_sizes, cfg, image_mask)
-  slots = int(np.prod(np.shape(pixel_values)[:-4]))
-  if np.shape(image_layout.num_tokens)[0] != slots:
-    raise ValueError(
-        f"the image layout is for {np.shape(image_layout.num_tokens)[0]} images but pixel_values "
-        f"{np.shape(pixel_values)} holds {slots} image slots"
-    )
-  return image_layout
-
-
-def _check_placeholders(cfg: LlavaConfig, ids, pixel_values, image_mask, image_layout=None) -> LlavaConfig:
-  """The placeholder/image count check on the host, before anything is compiled (inside
-  jit it is a device callback, whose error arrives late, wrapped, and which on a mesh
-  gathers the counts to one device on every call). Returns ``cfg`` without the in-jit
-  check once checked here; inputs that are global arrays not all on this process keep it.
-  Anyres configs: each image's count is ``image_layout.num_tokens`` (checked per row
-  when the images come as [B, M] slots)."""
-  from llava_jax.models.llava import check_image_tokens
-
-  local = lambda x: not (isinstance(x, jax.Array) and not x.is_fully_addressable)
-  counts = None if image_layout is None else image_layout.num_tokens
-  if not (local(ids) and local(image_mask) and local(counts)):
-    return cfg
-  per_row = np.sum(np.asarray(ids) == cfg.image_token_id, axis=1)
-  if cfg.anyres:
-    counts = np.zeros(0, np.int32) if counts is None else np.asarray(counts).reshape(-1)
-    if image_mask is not None and counts.size:
-      counts = np.where(np.asarray(image_mask, bool).reshape(-1), counts, 0)
-    per_slot = np.shape(pixel_values)[1] if pixel_values is not None and np.ndim(pixel_values) == 6 else None
-    anyres.check_anyres_tokens(per_row, counts, per_slot)
-  else:
-    if image_mask is not None:
-      num_images = int(np.sum(np.asarray(image_mask)))
-    elif pixel_values is None:
-      num_images = 0
-    else:
-      shape = np.shape(pixel_values)
-      num_images = int(np.prod(shape[:2])) if len(shape) == 5 else shape[0]
-    check_image_tokens(per_row, num_images, cfg.num_image_tokens)
-  return dataclasses.replace(cfg, check_image_tokens=False) if cfg.check_image_tokens else cfg
-
-
 def _inputs(
     cfg,
     input_ids,
@@ -290,10 +218,12 @@ def _inputs(
     rules,
     image_layout=None,
     image_sizes=None,
+    pixel_values_videos=None,
+    video_mask=None,
 ):
-  """Validated inputs (and ``cfg``, see ``_check_placeholders``); with a mesh, as global
-  arrays on it (see ``to_mesh``). Returns (cfg, ids, mask, pixels, image_mask, layout,
-  stop ids, rng, ctx)."""
+  """Validated inputs (and ``cfg``, see ``inputs.check_placeholders``); with a mesh, as
+  global arrays on it (see ``to_mesh``). Returns (cfg, ids, mask, pixels, image_mask,
+  layout, stop ids, rng, ctx, videos), videos (pixel_values_videos, video_mask) or None."""
   if np.ndim(input_ids) != 2:
     raise ValueError(f"input_ids must be int32[B, P], got shape {np.shape(input_ids)}")
   if temperature > 0 and rng is None:
@@ -304,8 +234,9 @@ def _inputs(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if attention_mask is not None and np.shape(attention_mask) != np.shape(input_ids):
     raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
-  layout = _anyres_layout(cfg, input_ids, pixel_values, image_mask, image_layout, image_sizes)
-  cfg = _check_placeholders(cfg, input_ids, pixel_values, image_mask, layout)
+  layout = anyres_layout(cfg, input_ids, pixel_values, image_mask, image_layout, image_sizes)
+  check_video_inputs(cfg, input_ids, pixel_values_videos, video_mask)
+  cfg = check_placeholders(cfg, input_ids, pixel_values, image_mask, layout, pixel_values_videos, video_mask)
   stops = set(int(s) for s in (stop_token_ids or ()))
   if eos_token_id is not None:
     stops.add(int(eos_token_id))
@@ -320,8 +251,10 @@ def _inputs(
     pixel_values, image_mask = to_mesh(pixel_values, mesh, rules), to_mesh(image_mask, mesh, rules)
     if layout is not None:  # [I, ...] rows, like the images: split over the batch axes when they divide
       layout = anyres.ImageLayout(*(to_mesh(x, mesh, rules) for x in layout))
+    pixel_values_videos, video_mask = to_mesh(pixel_values_videos, mesh, rules), to_mesh(video_mask, mesh, rules)
     rng = _key_to_mesh(rng, mesh)
-  return cfg, ids, mask, pixel_values, image_mask, layout, tuple(sorted(stops)), rng, _ctx_key(mesh, rules)
+  videos = None if pixel_values_videos is None else (pixel_values_videos, video_mask)
+  return cfg, ids, mask, pixel_values, image_mask, layout, tuple(sorted(stops)), rng, _ctx_key(mesh, rules), videos
 
 
 def generate(
@@ -344,6 +277,8 @@ def generate(
     return_num_steps: bool = False,
     image_sizes=None,
     image_layout=None,
+    pixel_values_videos=None,
+    video_mask=None,
 ):
   """Generates up to ``max_new_tokens`` per prompt (prefill + jitted decode loop).
 
@@ -372,6 +307,10 @@ def generate(
       (``models.anyres.image_layout``) is built from them on the host.
     image_layout: anyres configs only, instead of ``image_sizes``: a precomputed
       ``models.anyres.ImageLayout`` of the I image slots.
+    pixel_values_videos: video configs only (``cfg.video_token_id``): float32[V, F, S, S,
+      3] normalised frames (or [B, M, F, S, S, 3]); ``input_ids`` then hold
+      ``models.video.num_video_tokens(cfg, F)`` ids ``cfg.video_token_id`` per video.
+    video_mask: bool[V] (or [B, M]); False marks padding video slots.
   Returns:
     int32[B, max_new_tokens] (and the step count with ``return_num_steps``); with a mesh,
     replicated over it (every process can read all rows).
@@ -379,9 +318,11 @@ def generate(
     ValueError before compiling if the image placeholders in ``input_ids`` do not match
     the images given (``models.llava.check_image_tokens``; anyres:
     ``models.anyres.check_anyres_tokens``, row by row for [B, M] slots), or if an anyres
-    image needs more tiles / tokens than the config's budget.
+    image needs more tiles / tokens than the config's budget; the same for the video
+    placeholders (``models.video.check_video_tokens``) and videos given to a config
+    without ``video_token_id``.
   """
-  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx = _inputs(
+  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx, videos = _inputs(
       cfg,
       input_ids,
       pixel_values,
@@ -396,6 +337,8 @@ def generate(
       rules,
       image_layout,
       image_sizes,
+      pixel_values_videos,
+      video_mask,
   )
   with _mesh_ctx(ctx):
     tokens, steps = _generate(
@@ -413,6 +356,7 @@ def generate(
         top_p=top_p,
         stop_ids=stops,
         ctx=ctx,
+        videos=videos,
     )
   return (tokens, steps) if return_num_steps else tokens
 
@@ -436,12 +380,13 @@ def _generate(
     top_p,
     stop_ids,
     ctx,
+    videos=None,
 ):
   b, p = input_ids.shape
   n = max_new_tokens
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   logits, cache, positions = _prefill(
-      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, p + n, ctx
+      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, p + n, ctx, videos
   )
   first = sample(logits, jax.random.fold_in(rng, 0))
   tokens = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -481,12 +426,14 @@ def generate_stream(
     rules=None,
     image_sizes=None,
     image_layout=None,
+    pixel_values_videos=None,
+    video_mask=None,
 ) -> Iterator[np.ndarray]:
   """Like ``generate`` (same arguments, same tokens) but yields each step's tokens as soon as
   they exist: numpy int32[B] per step, at most ``max_new_tokens`` times, stopping after
   the step in which every row has emitted a stop token. A host loop over a jitted
   single-step function (the cache is donated), for interactive use."""
-  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx = _inputs(
+  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx, videos = _inputs(
       cfg,
       input_ids,
       pixel_values,
@@ -501,12 +448,24 @@ def generate_stream(
       rules,
       image_layout,
       image_sizes,
+      pixel_values_videos,
+      video_mask,
   )
   sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops, ctx=ctx)
   p = ids.shape[1]
   with _mesh_ctx(ctx):
     tok, done, cache, positions = _stream_first(
-        cfg, params, ids, pixel_values, mask, image_mask, layout, rng, cache_len=p + max_new_tokens, **sampling
+        cfg,
+        params,
+        ids,
+        pixel_values,
+        mask,
+        image_mask,
+        layout,
+        rng,
+        videos,
+        cache_len=p + max_new_tokens,
+        **sampling,
     )
   for i in range(1, max_new_tokens + 1):
     host_tok, host_done = jax.device_get((tok, done))
@@ -532,6 +491,7 @@ def _stream_first(
     image_mask,
     image_layout,
     rng,
+    videos,
     *,
     cache_len,
     temperature,
@@ -541,7 +501,7 @@ def _stream_first(
     ctx,
 ):
   logits, cache, positions = _prefill(
-      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx
+      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx, videos
   )
   tok = sample_logits(logits, jax.random.fold_in(rng, 0), temperature=temperature, top_k=top_k, top_p=top_p)
   return _replicated(tok, ctx), _replicated(_stop(tok, stop_ids), ctx), cache, positions
@@ -573,10 +533,13 @@ def prefill(
     rules=None,
     image_sizes=None,
     image_layout=None,
+    pixel_values_videos=None,
+    video_mask=None,
 ):
   """Runs the prompt into a fresh cache of ``cache_len`` slots (>= P).
 
-  Args: as ``generate`` (``image_sizes`` / ``image_layout`` for anyres configs);
+  Args: as ``generate`` (``image_sizes`` / ``image_layout`` for anyres configs,
+    ``pixel_values_videos`` / ``video_mask`` for video configs);
     attention_mask int[B, P] (None: no padding).
   Returns:
     logits float32[B, V] at the last prompt position, the cache
@@ -585,7 +548,7 @@ def prefill(
   """
   if cache_len < np.shape(input_ids)[1]:
     raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({np.shape(input_ids)[1]})")
-  cfg, input_ids, mask, pixel_values, image_mask, layout, _, _, ctx = _inputs(
+  cfg, input_ids, mask, pixel_values, image_mask, layout, _, _, ctx, videos = _inputs(
       cfg,
       input_ids,
       pixel_values,
@@ -600,9 +563,13 @@ def prefill(
       rules,
       image_layout,
       image_sizes,
+      pixel_values_videos,
+      video_mask,
   )
   with _mesh_ctx(ctx):
-    return _prefill_jit(cfg, params, input_ids, pixel_values, mask, image_mask, layout, cache_len=cache_len, ctx=ctx)
+    return _prefill_jit(
+        cfg, params, input_ids, pixel_values, mask, image_mask, layout, videos, cache_len=cache_len, ctx=ctx
+    )
 
 
 def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, *, mesh=None, rules=None):
@@ -623,8 +590,12 @@ def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions,
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len", "ctx"))
-def _prefill_jit(cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, *, cache_len, ctx):
-  return _prefill(cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx)
+def _prefill_jit(
+    cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, videos, *, cache_len, ctx
+):
+  return _prefill(
+      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx, videos
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("ctx",))
