@@ -35,6 +35,7 @@ import dataclasses
 from typing import Mapping, NamedTuple, Sequence
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"  # where a video goes (infer.loading.LoadedModel.encode_prompt expands it)
 
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant", "model")

@@ -26,15 +26,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from llava_jax import storage
 from llava_jax.checkpoint.convert.common import read_json
 from llava_jax.data.images import CLIP_MEAN, CLIP_STD, ImageConfig, image_config_for
-from llava_jax.data.templates import get_template, prompt_for_generation
+from llava_jax.data.templates import IMAGE_TAG, VIDEO_TAG, get_template, prompt_for_generation
 from llava_jax.data.tokenize import tokenize_prompt
+from llava_jax.infer import media
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -46,6 +47,20 @@ HF_LLAVA_TYPES = ("llava", "llava_next", "llava_onevision")
 # Text model family (``checkpoint.convert.hf.llm_family``) -> conversation template.
 # Llama-family LLaVA (1.5, vicuna) uses LLaVA's conv_llava_v1.
 FAMILY_TEMPLATES = {"llama": "llava_v1", "mistral": "mistral_instruct", "qwen2": "chatml", "gemma": "gemma"}
+
+
+class Media(NamedTuple):
+  """A prompt's preprocessed images and videos (``LoadedModel.preprocess_media``).
+
+  pixels, image_sizes: as ``LoadedModel.preprocess_images`` (a frames-as-images model's
+  video frames among them); pixel_values_videos: float32[V, F, S, S, 3] or None (video
+  configs); video_frames: [F] per video in tag order, or None without videos.
+  """
+
+  pixels: np.ndarray | None
+  image_sizes: np.ndarray | None
+  pixel_values_videos: np.ndarray | None
+  video_frames: list[int] | None
 
 
 @dataclasses.dataclass
@@ -96,34 +111,68 @@ class LoadedModel:
       counts.append(n)
     return counts
 
-  def encode_prompt(self, conversation, image_sizes=None) -> tuple[str, np.ndarray]:
-    """A conversation ending with a user turn (``<image>`` tags where images go) ->
-    (prompt text, int32[T] ids with ``cfg.num_image_tokens`` placeholders per image).
+  def encode_prompt(self, conversation, image_sizes=None, video_frames=None) -> tuple[str, np.ndarray]:
+    """A conversation ending with a user turn (``<image>`` / ``<video>`` tags where the
+    media go) -> (prompt text, int32[T] ids with the placeholders expanded).
 
-    Anyres configs (``cfg.anyres``): ``image_sizes`` int[I, 2], the (height, width) of
-    the I images in tag order (``preprocess_images`` returns them), and each tag becomes
-    that image's ``image_token_counts`` placeholders; a tag count that differs from I is
-    a ValueError. LLaVA-1.5 configs ignore ``image_sizes``."""
+    Each ``<image>`` becomes ``cfg.num_image_tokens`` placeholders; anyres configs
+    (``cfg.anyres``): ``image_sizes`` int[I, 2], the (height, width) of the I images in
+    tag order (``preprocess_images`` returns them), and each tag becomes that image's
+    ``image_token_counts`` placeholders (a tag count that differs from I is a ValueError;
+    LLaVA-1.5 configs ignore ``image_sizes``).
+
+    ``video_frames``: each ``<video>``'s frame count F in tag order (or one int for all).
+    With ``cfg.video_token_id`` a tag becomes ``models.video.num_video_tokens(cfg, F)``
+    ids ``cfg.video_token_id``; without, F ``<image>`` tags separated by spaces (the
+    frames are then images: ``image_sizes`` counts them, ``preprocess_media``). The
+    returned text is the rendered prompt, before the expansion of the ``<video>`` tags
+    for video configs, after it for the others."""
+    frames = media.frames_per_video(video_frames, media.count_videos(conversation))
+    if frames and self.cfg.video_token_id is None:
+      conversation, frames = media.expand_videos_as_images(conversation, frames), []
     text = prompt_for_generation(conversation, self.template, self.tokenizer)
     tiled = self.cfg.anyres
+    if not tiled and not frames:
+      ids = tokenize_prompt(
+          text,
+          self.tokenizer,
+          image_token_id=self.cfg.image_token_id,
+          num_image_tokens=self.cfg.num_image_tokens,
+          template=self.template,
+      )
+      return text, ids
+    # One id per tag (videos tokenized as images are, split at the tag), then each expanded.
     ids = tokenize_prompt(
-        text,
+        text.replace(VIDEO_TAG, IMAGE_TAG),
         self.tokenizer,
         image_token_id=self.cfg.image_token_id,
-        num_image_tokens=1 if tiled else self.cfg.num_image_tokens,
+        num_image_tokens=1,
         template=self.template,
     )
-    if not tiled:
-      return text, ids
-    is_image = ids == self.cfg.image_token_id
-    sizes = np.zeros((0, 2), np.int64) if image_sizes is None else np.asarray(image_sizes).reshape(-1, 2)
-    if int(is_image.sum()) != len(sizes):
+    at = np.flatnonzero(ids == self.cfg.image_token_id)
+    is_video = np.asarray([tag == VIDEO_TAG for tag in media.tag_order([{"value": text}])], bool)
+    if len(is_video) != len(at) or int(is_video.sum()) != len(frames):
       raise ValueError(
-          f"the prompt has {int(is_image.sum())} image tag(s) but {len(sizes)} image size(s) were given; "
-          "an anyres model needs each image's (height, width) (LoadedModel.preprocess_images returns them)"
+          f"template {self.template!r} rendered {len(frames)} {VIDEO_TAG} tag(s) as {int(is_video.sum())} and "
+          f"{len(at)} media tags in all as {len(is_video)} ids: a template that drops or adds tags cannot take videos"
       )
     repeats = np.ones(len(ids), np.int64)
-    repeats[is_image] = self.image_token_counts(sizes)
+    num_images = int((~is_video).sum())
+    if tiled:
+      sizes = np.zeros((0, 2), np.int64) if image_sizes is None else np.asarray(image_sizes).reshape(-1, 2)
+      if num_images != len(sizes):
+        raise ValueError(
+            f"the prompt has {num_images} image tag(s) but {len(sizes)} image size(s) were given; "
+            "an anyres model needs each image's (height, width) (LoadedModel.preprocess_images returns them)"
+        )
+      repeats[at[~is_video]] = self.image_token_counts(sizes)
+    else:
+      repeats[at[~is_video]] = self.cfg.num_image_tokens
+    if frames:
+      from llava_jax.models.video import num_video_tokens
+
+      ids[at[is_video]] = self.cfg.video_token_id
+      repeats[at[is_video]] = [num_video_tokens(self.cfg, f) for f in frames]
     return text, np.repeat(ids, repeats).astype(np.int32)
 
   def preprocess_images(self, images) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -154,6 +203,49 @@ class LoadedModel:
       sizes.append(size)
     return np.stack(tiles), np.asarray(sizes, np.int32)
 
+  def preprocess_videos(self, videos) -> np.ndarray | None:
+    """Video configs: uint8[F, H, W, 3] frames per video (same F for all) ->
+    float32[V, F, S, S, 3] (``media.video_image_config``); no videos: None."""
+    videos = media.as_list(videos)
+    if not videos:
+      return None
+    if self.cfg.video_token_id is None:
+      raise ValueError(
+          "this model has no video_token_id: its videos are frames given as images (preprocess_media, "
+          "encode_prompt(..., video_frames=))"
+      )
+    counts = [len(v) for v in videos]
+    if len(set(counts)) > 1:
+      raise ValueError(f"every video of a prompt needs the same number of frames, got {counts}")
+    from llava_jax.data.images import preprocess
+
+    config = media.video_image_config(self.cfg, self.image_config)
+    return np.stack([np.stack([preprocess(frame, config) for frame in v]) for v in videos])
+
+  def preprocess_media(self, conversation, images=None, videos=None, *, num_frames=8, fps=None) -> Media:
+    """The images and videos of ``conversation``'s tags, in tag order, for ``generate``.
+
+    Args:
+      images: PIL images (or uint8 arrays), one per ``<image>``, or one, or None.
+      videos: one per ``<video>``: paths, encoded bytes, uint8[F, H, W, 3] frames or
+        ``data.video.VideoFrames``; files are sampled to ``num_frames`` frames (or by
+        ``fps``, frames per second).
+    Returns: ``Media``; give ``video_frames`` and ``image_sizes`` to ``encode_prompt``.
+      A model without ``cfg.video_token_id`` gets each video's frames as images, in
+      place among the images (``media.interleave``).
+    Raises: ValueError naming a bad video file, or when tags and media differ in number.
+    """
+    images = media.as_list(images)
+    videos = media.load_videos(videos, num_frames, fps)
+    frames = [len(v) for v in videos] or None
+    pixel_values_videos = None
+    if videos and self.cfg.video_token_id is None:
+      images = media.interleave(conversation, images, videos)
+    else:
+      pixel_values_videos = self.preprocess_videos(videos)
+    pixels, sizes = self.preprocess_images(images)
+    return Media(pixels, sizes, pixel_values_videos, frames)
+
   def decode(self, ids) -> str:
     """Ids -> text, special tokens dropped; ids the tokenizer does not have (the image
     placeholder, the padded rows of a model's vocabulary) are dropped too."""
@@ -175,20 +267,25 @@ class LoadedModel:
       text = text[: text.index(stop)]
     return text.strip()
 
-  def answer(self, conversation, image=None, *, max_new_tokens: int = 64) -> str:
+  def answer(
+      self, conversation, image=None, video=None, *, num_frames: int = 8, fps=None, max_new_tokens: int = 64
+  ) -> str:
     """Greedy answer to a conversation ending with a user turn. ``image``: a PIL image for
     its ``<image>`` tag, or a list of them, one per tag in order (``preprocess_images``:
-    tiles and sizes for anyres configs), or None."""
+    tiles and sizes for anyres configs), or None. ``video``: a path, bytes or frames for
+    its ``<video>`` tag, or a list of them, sampled to ``num_frames`` (or by ``fps``)
+    (``preprocess_media``)."""
     from llava_jax.infer.sampler import generate
 
-    pixels, sizes = self.preprocess_images(image)
-    _, ids = self.encode_prompt(conversation, sizes)
+    pixels, sizes, videos, frames = self.preprocess_media(conversation, image, video, num_frames=num_frames, fps=fps)
+    _, ids = self.encode_prompt(conversation, sizes, frames)
     out = generate(
         self.cfg,
         self.params,
         ids[None],
         pixels,
         image_sizes=sizes,
+        pixel_values_videos=videos,
         max_new_tokens=max_new_tokens,
         stop_token_ids=self.stop_token_ids(),
         mesh=self.mesh,
