@@ -1,9 +1,11 @@
-r"""Chat with a LLaVA checkpoint about an image; text is printed as tokens arrive.
+r"""Chat with a LLaVA checkpoint about an image or a video; text is printed as tokens arrive.
 
   python -m llava_jax.generate --checkpoint=DIR --image=cat.jpg --prompt="What is this?"
   python -m llava_jax.generate --checkpoint=DIR --image=cat.jpg --interactive
   python -m llava_jax.generate --checkpoint=DIR --image=a.png --image=b.png \
       --prompt="Which image has more circles, <image> or <image>?"
+  python -m llava_jax.generate --checkpoint=DIR --video=clip.mp4 --video_frames=8 \
+      --prompt="Where does the disc move?"
 
 DIR: a training workdir, a HF LLaVA (also LLaVA-NeXT / OneVision, any resolution) or an
 original LLaVA directory (``llava_jax.infer.loading.load_model``). ``--interactive`` keeps the whole conversation
@@ -14,6 +16,12 @@ Several images (``--image`` repeated, in order): the first message must hold one
 ``<image>`` tag per image where the conversation puts them (a template "NAME@inline"
 keeps them there; LLaVA-1.5's move them to the front of the turn, as it was trained),
 or no tag, and then they all go first. One image without a tag goes first by itself.
+
+A video (``--video``, ``--video_frames`` frames sampled uniformly, or ``--video_fps`` per
+second): the first message's ``<video>`` tag says where it goes (none: first). A model
+with a video token (OneVision, NeXT-Video) sees it as pooled frame tokens; any other
+model sees its frames as that many images in its place (``infer.media``). A video that
+cannot be read is a usage error naming the file, before anything is compiled.
 
 Several processes (``launch/local_pod.sh N llava_jax.generate ...``, a pod's hosts): the
 job is joined first (``llava_jax.distributed``), the params are sharded on a mesh of all
@@ -39,6 +47,9 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory", re
 _IMAGE = flags.DEFINE_multi_string(
     "image", [], "image file; repeat for several images, one per <image> tag in order (none: text only)"
 )
+_VIDEO = flags.DEFINE_string("video", None, "video file for the <video> tag (none: first)")
+_VIDEO_FRAMES = flags.DEFINE_integer("video_frames", 8, "frames sampled uniformly from --video")
+_VIDEO_FPS = flags.DEFINE_float("video_fps", None, "instead of --video_frames: frames per second of --video")
 _PROMPT = flags.DEFINE_string("prompt", None, "the (first) user message")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "multi-turn chat on stdin")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "answer length limit")
@@ -68,6 +79,8 @@ def stream_answer(
     pixels=None,
     *,
     image_sizes=None,
+    pixel_values_videos=None,
+    video_frames=None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float | None = None,
@@ -81,13 +94,14 @@ def stream_answer(
     pixels: float32[I, S, S, 3], one per ``<image>`` of the conversation in order, or None;
       anyres models: tiles float32[I, P, S, S, 3] and their ``image_sizes`` int32[I, 2]
       (both from ``model.preprocess_images``).
+    pixel_values_videos, video_frames: the videos (``model.preprocess_media``), or None.
   Returns: the answer text (as ``model.decode_answer`` gives it).
   """
   import jax
 
   from llava_jax.infer.sampler import generate_stream
 
-  _, ids = model.encode_prompt(conversation, image_sizes)
+  _, ids = model.encode_prompt(conversation, image_sizes, video_frames)
   stops = model.stop_token_ids()
   stop_text = model.stop_text()
   tokens, printed = [], ""
@@ -97,6 +111,7 @@ def stream_answer(
       ids[None],
       pixels,
       image_sizes=image_sizes,
+      pixel_values_videos=pixel_values_videos,
       max_new_tokens=max_new_tokens,
       temperature=temperature,
       top_p=top_p,
@@ -157,13 +172,16 @@ def main(argv):
 
   from llava_jax import sharding, storage
   from llava_jax.data.images import load_image
-  from llava_jax.data.templates import IMAGE_TAG
+  from llava_jax.data.templates import IMAGE_TAG, VIDEO_TAG
+  from llava_jax.infer import media
   from llava_jax.infer.loading import load_model, parse_mesh_shape
 
   try:  # an unusable path scheme (local and gs:// work): refused before loading anything
     storage.check(_CHECKPOINT.value, "--checkpoint")
     for image in _IMAGE.value:
       storage.check(image, "--image")
+    if _VIDEO.value:
+      storage.check(_VIDEO.value, "--video")
   except storage.UnsupportedPathError as e:
     raise app.UsageError(str(e)) from e
   if not _INTERACTIVE.value and not _PROMPT.value:
@@ -175,18 +193,41 @@ def main(argv):
         f"--prompt has {tags} {IMAGE_TAG} tag(s) but {len(images)} --image file(s) were given; "
         f"pass one --image per tag (in order), or no tag and the images go first"
     )
+  video_tags = (_PROMPT.value or "").count(VIDEO_TAG)
+  if video_tags > (1 if _VIDEO.value else 0):
+    raise app.UsageError(f"--prompt has {video_tags} {VIDEO_TAG} tag(s) but {int(bool(_VIDEO.value))} --video")
+  videos = []
+  if _VIDEO.value:  # decoded before loading the model: a bad file fails in seconds
+    if _VIDEO_FPS.value is None and _VIDEO_FRAMES.value < 1:
+      raise app.UsageError(f"--video_frames must be >= 1, got {_VIDEO_FRAMES.value}")
+    try:
+      videos = media.load_videos(_VIDEO.value, _VIDEO_FRAMES.value, _VIDEO_FPS.value)
+    except (ValueError, OSError) as e:
+      raise app.UsageError(f"--video: {e}") from e
   mesh_shape = _MESH.value or ("-1,1,1" if jax.process_count() > 1 else None)
   try:
     mesh = sharding.make_mesh(parse_mesh_shape(mesh_shape)) if mesh_shape else None
   except ValueError as e:
     raise app.UsageError(f"--mesh: {e}") from e
   model = load_model(_CHECKPOINT.value, template=_TEMPLATE.value, step=_STEP.value, mesh=mesh)
-  try:  # anyres models: tiles and each image's (height, width)
-    pixels, sizes = model.preprocess_images([load_image(image) for image in images])
-  except ValueError as e:
+  try:
+    loaded_images = [load_image(image) for image in images]
+  except (ValueError, OSError) as e:
     raise app.UsageError(f"--image: {e}") from e
+  inputs = {}
+
+  def preprocess(conversation):
+    """The first turn's media (anyres: tiles and sizes; videos: frames or pooled frames)."""
+    try:
+      pixels, sizes, pixel_values_videos, frames = model.preprocess_media(conversation, loaded_images, videos)
+    except ValueError as e:
+      raise app.UsageError(f"{'--image / --video' if videos else '--image'}: {e}") from e
+    return dict(image_sizes=sizes, pixel_values_videos=pixel_values_videos, video_frames=frames), pixels
+
+  if not (videos and model.cfg.video_token_id is None):  # no frames to place among the images: now
+    inputs.update(zip(("media", "pixels"), preprocess([])))
+
   kwargs = dict(
-      image_sizes=sizes,
       max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value,
       top_p=_TOP_P.value,
@@ -205,8 +246,19 @@ def main(argv):
       if distributed.is_primary():
         print(f"({IMAGE_TAG} ignored: only the first message can show the --image files)", file=sys.stderr)
       message = message.replace(IMAGE_TAG, "").strip()
+    if not conversation and videos:
+      if VIDEO_TAG not in message:  # the video goes first
+        message = f"{VIDEO_TAG}\n" + message.strip()
+      elif message.count(VIDEO_TAG) != 1:
+        raise app.UsageError(f"the first message needs one {VIDEO_TAG} for --video or none")
+    elif VIDEO_TAG in message:
+      if distributed.is_primary():
+        print(f"({VIDEO_TAG} ignored: only the first message can show the --video file)", file=sys.stderr)
+      message = message.replace(VIDEO_TAG, "").strip()
     conversation.append({"from": "human", "value": message})
-    answer = stream_answer(model, conversation, pixels, out=out, **kwargs)
+    if not inputs:
+      inputs.update(zip(("media", "pixels"), preprocess(conversation)))
+    answer = stream_answer(model, conversation, inputs["pixels"], out=out, **inputs["media"], **kwargs)
     out.write("\n")
     out.flush()
     conversation.append({"from": "gpt", "value": answer})
