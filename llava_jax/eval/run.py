@@ -15,7 +15,13 @@ the text keeps one ``<image>`` tag per image where it puts them (the template de
 whether they move; "NAME@inline" keeps them), or has none and they all go first; every
 row then has M image slots, M the most images of any question in the file.
 
-A question whose image is missing or cannot be decoded is not a crash: it gets an answer
+A video question (``"video": "clip.mp4"``, one per question) is sampled to ``video_frames``
+frames (``data.video.sample_frames``; the same F for every question, so shapes stay
+fixed) and goes where its text's ``<video>`` tag is, else first. A model with a video
+token (OneVision, NeXT-Video) gets float32[B, 1, F, S, S, 3] videos with a ``video_mask``;
+any other model the frames as images (``infer.media``), which the image slots count.
+
+A question whose image or video is missing or cannot be decoded is not a crash: it gets an answer
 row with empty text and ``metadata.error`` (so it scores as wrong and is not retried),
 and the count is reported as ``<task>/errors``.
 
@@ -55,10 +61,11 @@ import numpy as np
 from llava_jax import distributed
 from llava_jax import storage
 from llava_jax.data.images import load_image
-from llava_jax.data.templates import IMAGE_TAG
+from llava_jax.data.templates import IMAGE_TAG, VIDEO_TAG
 from llava_jax.eval.answers import AnswerWriter, answered_ids, read_answers
 from llava_jax.eval.questions import read_annotations, read_questions
 from llava_jax.eval.tasks import get_task, prompt_text, score
+from llava_jax.infer import media
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,7 @@ class Prepared:
   ids: np.ndarray
   pixels: np.ndarray | None
   image_sizes: np.ndarray | None = None
+  videos: np.ndarray | None = None  # float32[1, F, S, S, 3]: video configs' video
 
 
 def answers_path(workdir: str | os.PathLike, task: str) -> Path:
@@ -97,25 +105,35 @@ def _image_source(name, image_root: str | None):
   return storage.join(image_root, name)
 
 
-def max_images(questions: Sequence[dict]) -> int:
-  """Image slots per row: the most images of any question (at least 1)."""
-  return max([1] + [len(_image_names(q)) for q in questions])
+def _video_names(question: dict) -> list:
+  name = question.get("video")
+  return [name] if name else []
 
 
-def prepare(model, question: dict, task: str, image_root: str | None) -> Prepared:
-  """Question row -> Prepared. Raises ValueError naming the question if an image fails or
-  its ``<image>`` tags do not match its images."""
+def max_images(questions: Sequence[dict], frames_per_video: int = 0) -> int:
+  """Image slots per row: the most images of any question (at least 1), a video counting
+  ``frames_per_video`` (a model that takes a video as its frames)."""
+  return max([1] + [len(_image_names(q)) + frames_per_video * len(_video_names(q)) for q in questions])
+
+
+def prepare(model, question: dict, task: str, image_root: str | None, video_frames: int = 8) -> Prepared:
+  """Question row -> Prepared. Raises ValueError naming the question if an image or its
+  video fails or its ``<image>`` / ``<video>`` tags do not match them."""
   names = _image_names(question)
   qid = question["question_id"]
-  images, sizes = [], []
+  videos = []
+  for name in _video_names(question):
+    try:
+      videos += media.load_videos(_image_source(name, image_root), num_frames=video_frames)
+    except (ValueError, OSError) as e:
+      raise ValueError(f"question {qid!r} (video): {e}") from e
+  images = []
   for k, name in enumerate(names):
-    try:  # LoadedModel.preprocess_images: tiles and (height, width) for anyres models
-      pixels, size = model.preprocess_images([load_image(_image_source(name, image_root))])
+    try:
+      images.append(load_image(_image_source(name, image_root)))
     except (ValueError, OSError) as e:
       which = f" (image {k + 1} of {len(names)})" if len(names) > 1 else ""
       raise ValueError(f"question {qid!r}{which}: {e}") from e
-    images.append(pixels[0])
-    sizes.append(None if size is None else size[0])
   text = prompt_text(question, task)
   tags = text.count(IMAGE_TAG)
   if len(images) > 1 and tags:  # interleaved: the tags say where each image goes
@@ -123,12 +141,15 @@ def prepare(model, question: dict, task: str, image_root: str | None) -> Prepare
       raise ValueError(f"question {qid!r}: {tags} {IMAGE_TAG} tags for {len(images)} images")
   else:  # LLaVA's model_vqa_loader: the image(s) first
     text = f"{IMAGE_TAG}\n" * len(images) + text.replace(IMAGE_TAG, "").strip()
-  image_sizes = np.stack(sizes) if sizes and sizes[0] is not None else None
-  try:
-    prompt, ids = model.encode_prompt([{"from": "human", "value": text}], image_sizes)
+  if videos and text.count(VIDEO_TAG) != 1:  # no tag (or several): the video first
+    text = f"{VIDEO_TAG}\n" + text.replace(VIDEO_TAG, "").strip()
+  conversation = [{"from": "human", "value": text}]
+  try:  # LoadedModel.preprocess_media: tiles and (height, width) for anyres models; frames
+    pixels, image_sizes, pixel_values_videos, frames = model.preprocess_media(conversation, images, videos)
+    prompt, ids = model.encode_prompt(conversation, image_sizes, frames)
   except ValueError as e:
     raise ValueError(f"question {qid!r}: {e}") from e
-  return Prepared(question, prompt, ids, np.stack(images) if images else None, image_sizes)
+  return Prepared(question, prompt, ids, pixels, image_sizes, pixel_values_videos)
 
 
 def make_batch(
@@ -139,14 +160,18 @@ def make_batch(
     pad_id: int,
     slots: int = 1,
     tiles: int | None = None,
+    video_frames: int | None = None,
 ):
   """Left-padded fixed-shape arrays for ``sampler.generate``.
 
-  Args: ``tiles``: anyres models: P, the tiles per image (``cfg.tiles_per_image``).
+  Args: ``tiles``: anyres models: P, the tiles per image (``cfg.tiles_per_image``);
+    ``video_frames``: F, for one video slot per row (video configs), else None.
   Returns: ids int32[batch_size, T] (T a multiple of ``length_bucket``), mask int32[same],
     pixels float32[batch_size, M, S, S, 3] (anyres: [batch_size, M, P, S, S, 3]),
-    image_mask bool[batch_size, M] (M = slots) and image_sizes int32[batch_size, M, 2]
-    (anyres; else None); rows beyond ``len(items)`` are dummies (one pad token).
+    image_mask bool[batch_size, M] (M = slots), image_sizes int32[batch_size, M, 2]
+    (anyres; else None), videos float32[batch_size, 1, F, S, S, 3] and video_mask
+    bool[batch_size, 1] (or None, None); rows beyond ``len(items)`` are dummies (one pad
+    token).
   """
   longest = max(len(p.ids) for p in items)
   t = -(-longest // length_bucket) * length_bucket
@@ -157,6 +182,10 @@ def make_batch(
   pixels = np.zeros((batch_size, slots) + per_image, np.float32)
   image_mask = np.zeros((batch_size, slots), bool)
   image_sizes = None if tiles is None else np.zeros((batch_size, slots, 2), np.int32)  # empty slots: ignored
+  videos = video_mask = None
+  if video_frames is not None:
+    videos = np.zeros((batch_size, 1, video_frames, image_size, image_size, 3), np.float32)
+    video_mask = np.zeros((batch_size, 1), bool)
   for r, p in enumerate(items):
     ids[r, t - len(p.ids) :], mask[r, t - len(p.ids) :] = p.ids, 1
     if p.pixels is not None:
@@ -164,7 +193,9 @@ def make_batch(
       pixels[r, :k], image_mask[r, :k] = p.pixels, True
       if image_sizes is not None:
         image_sizes[r, :k] = p.image_sizes
-  return ids, mask, pixels, image_mask, image_sizes
+    if p.videos is not None:
+      videos[r], video_mask[r] = p.videos, True
+  return ids, mask, pixels, image_mask, image_sizes, videos, video_mask
 
 
 def _todo(asked: Sequence[dict], out: Path) -> list[int]:
@@ -218,6 +249,7 @@ def run_eval(
     model_id: str | None = None,
     mesh=None,
     progress: bool = True,
+    video_frames: int = 8,
 ) -> dict[str, Any]:
   """Answers the (first ``limit``) questions not yet answered, then scores all of them.
 
@@ -230,6 +262,7 @@ def run_eval(
     image_root: directory the questions' relative ``image`` paths are under (default:
       the questions file's directory).
     mesh: the mesh the params are on (default ``model.mesh``); None runs unsharded.
+    video_frames: frames sampled from each question's ``video``.
   Returns:
     the dict written to ``eval.json``: ``{"step", "<task>/<metric>": …, "<task>/errors"}``
     (on every process; only process 0 writes files).
@@ -254,7 +287,10 @@ def run_eval(
     asked = asked[:limit]
   out = answers_path(workdir, task)
   todo = [asked[i] for i in _todo(asked, out)]
-  slots = max_images(asked)  # of the whole file, so a resumed run compiles the same shapes
+  # Slots of the whole file, so a resumed run compiles the same shapes.
+  video_config = model.cfg.video_token_id is not None
+  slots = max_images(asked, 0 if video_config else video_frames)
+  video_slots = video_frames if video_config and any(_video_names(q) for q in asked) else None
   log.info("%s: %d questions, %d already answered, %d to go", task, len(asked), len(asked) - len(todo), len(todo))
   stops = model.stop_token_ids()
   rng = jax.random.key(seed)
@@ -267,7 +303,7 @@ def run_eval(
       ready = []
       for q in todo[start : start + batch_size]:
         try:
-          ready.append(prepare(model, q, task, image_root))
+          ready.append(prepare(model, q, task, image_root, video_frames))
         except ValueError as e:
           if writer is not None:
             log.warning("%s", e)
@@ -277,8 +313,15 @@ def run_eval(
       if not ready:
         continue
       tiles = model.cfg.tiles_per_image if model.cfg.anyres else None
-      ids, mask, pixels, image_mask, image_sizes = make_batch(
-          ready, batch_size, length_bucket, model.cfg.vision.image_size, model.tokenizer.pad_id, slots, tiles
+      ids, mask, pixels, image_mask, image_sizes, videos, video_mask = make_batch(
+          ready,
+          batch_size,
+          length_bucket,
+          model.cfg.vision.image_size,
+          model.tokenizer.pad_id,
+          slots,
+          tiles,
+          video_slots,
       )
       tokens = generate(
           model.cfg,
@@ -288,6 +331,8 @@ def run_eval(
           mask,
           image_mask=image_mask,
           image_sizes=image_sizes,
+          pixel_values_videos=videos,
+          video_mask=video_mask,
           max_new_tokens=max_new_tokens,
           temperature=temperature,
           eos_token_id=None,
