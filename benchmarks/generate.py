@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results import replace_section  # noqa: E402
-from timing import timed_interleaved  # noqa: E402
+from timing import host_description, timed_interleaved  # noqa: E402
 
 
 def build_model(path: str, *, layers: int, width: int, vocab: int, image_token: int):
@@ -159,7 +159,7 @@ def main(argv=None):
       f"greedy, no early stop. Median of {args.repeats} interleaved runs after a warm-up. jax {jax.__version__} "
       f"({jax.default_backend()}, {jax.device_count()} devices), torch {torch.__version__} "
       f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-      f"{os.cpu_count()} CPU cores (1-min load average {load_before:.1f} at the start: other "
+      f"host {host_description()} (1-min load average {load_before:.1f} at the start: other "
       "processes share these cores, so absolute numbers are noisy; the ratio is the point).",
       "",
       "| | prefill s | prefill tok/s | decode s | decode tok/s | end-to-end new tok/s |",
