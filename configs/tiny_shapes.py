@@ -75,11 +75,11 @@ def get_config(arg: str = "stage1"):
   # at most max_nonfinite); SIGTERM/Ctrl-C write a checkpoint of the current step; a
   # damaged checkpoint is moved aside and the one before restored.
   c.train.update(
-      steps={"stage1": 600, "stage3": 600}.get(stage, 1200),
+      steps={"stage1": 600, "stage3": 800}.get(stage, 1200),
       batch_size=32,
       log_every=25,
-      ckpt_every=200 if stage == "stage1" else 300,
-      eval_every=200 if stage == "stage1" else 300,
+      ckpt_every=300 if stage == "stage2" else 200,
+      eval_every=300 if stage == "stage2" else 200,
       eval_batch_size=50,
   )
   if stage in ("stage2", "stage3"):
