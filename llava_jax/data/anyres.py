@@ -29,12 +29,15 @@ the original ``image_size`` this module returns.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from PIL import Image
 
-from llava_jax.data.images import _RESAMPLE, ImageConfig, ImageLike, preprocess, to_rgb
+if TYPE_CHECKING:  # the geometry below is imported by the model (models/anyres), which must
+  # not need PIL: an accelerator machine may lack it (benchmarks/accelerator.py)
+  from PIL import Image
+
+  from llava_jax.data.images import ImageConfig, ImageLike
 
 Size = tuple[int, int]  # (height, width), as HF's image_sizes
 
@@ -109,6 +112,10 @@ def max_tiles(grid_pinpoints: Sequence[Sequence[int]], tile: int) -> int:
 
 def tile_images(img: Image.Image, grid_pinpoints: Sequence[Sequence[int]], tile: int, resample: str) -> list:
   """RGB PIL image -> [base, tile_0, ...]: S×S uint8 PIL images, the grid row-major."""
+  from PIL import Image
+
+  from llava_jax.data.images import _RESAMPLE
+
   width, height = img.size
   best = select_best_resolution((height, width), grid_pinpoints)
   new_h, new_w = resize_for_patching((height, width), best)
@@ -144,6 +151,10 @@ def preprocess_anyres(
     ``(tiles, (h, w))``: float32[1 + rows * cols, S, S, 3] (base tile first, NHWC,
     normalised as ``images.preprocess``) and the original image's (height, width).
   """
+  from PIL import Image
+
+  from llava_jax.data.images import preprocess, to_rgb
+
   if isinstance(img, np.ndarray):
     if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] != 3):
       raise ValueError(f"preprocess_anyres expects uint8[H, W, 3] or uint8[H, W], got {img.dtype}{list(img.shape)}")
