@@ -1,19 +1,176 @@
-"""Host-side checks of ``sampler.generate``'s inputs, run before anything is compiled.
+"""``sampler.generate``'s model inputs: checked on the host before anything is compiled, then
+placed as the jitted functions take them (``PreparedInputs``, built by ``prepare_inputs``).
 
-Image placeholders against the images (LLaVA-1.5 counts, or each anyres image's packed
-count from its ``ImageLayout``), and video placeholders against ``pixel_values_videos``
-(``models.video.num_video_tokens(cfg, F)`` per real video, row by row for [B, M] slots).
+Checks (``check_inputs`` runs them all): the prompt's shapes (``input_ids`` int[B, P], a
+matching ``attention_mask``), the anyres ``ImageLayout`` (``anyres_layout``), the videos'
+shapes (``check_video_inputs``), then image placeholders against the images (LLaVA-1.5
+counts, or each anyres image's packed count from its ``ImageLayout``) and video
+placeholders against ``pixel_values_videos`` (``models.video.num_video_tokens(cfg, F)``
+per real video, row by row for [B, M] slots): ``check_placeholders``. The sampling
+arguments (temperature, rng, ``max_new_tokens``, stop ids) are the sampler's own.
+
+Placement: without a mesh, device arrays; with one, global arrays on it (``to_mesh``,
+``key_to_mesh``), each process placing only its own devices' rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.models import anyres, video
 from llava_jax.models.configs import LlavaConfig
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=(
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_mask",
+        "image_layout",
+        "pixel_values_videos",
+        "video_mask",
+    ),
+    meta_fields=("cfg", "ctx"),
+)
+@dataclasses.dataclass(frozen=True)
+class PreparedInputs:
+  """A prompt and its media, checked, as the sampler's jitted functions take them.
+
+  A pytree: the arrays are its leaves (device arrays, or global arrays on the mesh); ``cfg``
+  and ``ctx`` are static, part of the jitted functions' cache key.
+  """
+
+  cfg: LlavaConfig  # without the in-jit placeholder check once checked here
+  input_ids: jax.Array  # int32[B, P]
+  attention_mask: jax.Array  # int32[B, P]; ones when none was given
+  pixel_values: jax.Array | None
+  image_mask: jax.Array | None
+  image_layout: anyres.ImageLayout | None  # anyres configs (``anyres_layout``), else None
+  pixel_values_videos: jax.Array | None
+  video_mask: jax.Array | None
+  ctx: tuple | None  # ``ctx_key(mesh, rules)``
+
+
+def prepare_inputs(
+    cfg: LlavaConfig,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    *,
+    image_mask=None,
+    image_sizes=None,
+    image_layout=None,
+    pixel_values_videos=None,
+    video_mask=None,
+    mesh=None,
+    rules=None,
+) -> PreparedInputs:
+  """``generate``'s prompt and media arguments (same names), checked (``check_inputs``);
+  with a mesh, as global arrays on it (see ``to_mesh``)."""
+  cfg, layout = check_inputs(
+      cfg,
+      input_ids,
+      pixel_values,
+      attention_mask,
+      image_mask,
+      image_layout,
+      image_sizes,
+      pixel_values_videos,
+      video_mask,
+  )
+  if mesh is None:
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  else:
+    as_int32 = lambda x: x if isinstance(x, jax.Array) else np.asarray(x, np.int32)
+    ids = to_mesh(as_int32(input_ids), mesh, rules)
+    mask = to_mesh(np.ones(ids.shape, np.int32) if attention_mask is None else as_int32(attention_mask), mesh, rules)
+    pixel_values, image_mask = to_mesh(pixel_values, mesh, rules), to_mesh(image_mask, mesh, rules)
+    if layout is not None:  # [I, ...] rows, like the images: split over the batch axes when they divide
+      layout = anyres.ImageLayout(*(to_mesh(x, mesh, rules) for x in layout))
+    pixel_values_videos, video_mask = to_mesh(pixel_values_videos, mesh, rules), to_mesh(video_mask, mesh, rules)
+  return PreparedInputs(
+      cfg=cfg,
+      input_ids=ids,
+      attention_mask=mask,
+      pixel_values=pixel_values,
+      image_mask=image_mask,
+      image_layout=layout,
+      pixel_values_videos=pixel_values_videos,
+      video_mask=video_mask,
+      ctx=ctx_key(mesh, rules),
+  )
+
+
+def ctx_key(mesh, rules):
+  """Hashable (mesh, rule overrides), a static jit argument so each mesh traces its own."""
+  return None if mesh is None else (mesh, tuple(tuple(r) for r in (rules or ())))
+
+
+def to_mesh(x, mesh, rules=None):
+  """A host array (the same on every process) -> a global ``jax.Array`` on ``mesh``.
+
+  Dim 0 is split over the mesh's batch axes (``sharding.batch_sharding``) when it divides
+  them, else the array is replicated. Built with ``jax.make_array_from_callback``, so each
+  process places only its own devices' rows: no numpy array reaches a jit with a global
+  sharding. An array already on all of ``mesh``'s devices is returned as it is; None too.
+  """
+  from llava_jax import sharding
+
+  if x is None:
+    return None
+  if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
+    return x
+  host = np.asarray(x)
+  split = host.ndim > 0 and host.shape[0] % sharding.batch_shards(mesh, rules) == 0
+  target = sharding.batch_sharding(mesh, host.ndim, rules) if split else sharding.replicated(mesh)
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def key_to_mesh(rng, mesh):
+  """A PRNG key (new-style or raw uint32) replicated over ``mesh``."""
+  from llava_jax import sharding
+
+  if isinstance(rng, jax.Array) and rng.sharding.device_set == set(mesh.devices.flat):
+    return rng
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  host = np.asarray(jax.random.key_data(rng) if typed else rng)
+  data = jax.make_array_from_callback(host.shape, sharding.replicated(mesh), lambda index: host[index])
+  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng)) if typed else data
+
+
+# ------------------------------------------------------------------- checks
+
+
+def check_inputs(
+    cfg: LlavaConfig,
+    input_ids,
+    pixel_values,
+    attention_mask,
+    image_mask,
+    image_layout=None,
+    image_sizes=None,
+    pixel_values_videos=None,
+    video_mask=None,
+) -> tuple[LlavaConfig, anyres.ImageLayout | None]:
+  """Every check of the prompt and its media, on the host. Returns ``cfg`` (without the
+  in-jit placeholder check once checked here, see ``check_placeholders``) and the anyres
+  ``ImageLayout`` of the images (``anyres_layout``; None for LLaVA-1.5 configs)."""
+  if np.ndim(input_ids) != 2:
+    raise ValueError(f"input_ids must be int32[B, P], got shape {np.shape(input_ids)}")
+  if attention_mask is not None and np.shape(attention_mask) != np.shape(input_ids):
+    raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
+  layout = anyres_layout(cfg, input_ids, pixel_values, image_mask, image_layout, image_sizes)
+  check_video_inputs(cfg, input_ids, pixel_values_videos, video_mask)
+  cfg = check_placeholders(cfg, input_ids, pixel_values, image_mask, layout, pixel_values_videos, video_mask)
+  return cfg, layout
 
 
 def anyres_layout(cfg: LlavaConfig, input_ids, pixel_values, image_mask, image_layout, image_sizes):

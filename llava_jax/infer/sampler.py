@@ -31,6 +31,12 @@ functions as global arrays (``to_mesh``: rows split over the batch axes when the
 else replicated), and the generated tokens come back replicated, readable on every
 process with ``np.asarray``.
 
+What lives where. This module: sampling (``sample_logits``, the sampling arguments'
+checks), the prefill and decode passes and the loops around them. ``infer.inputs``: the
+prompt and media arguments' host-side checks (shapes, placeholder counts, anyres layouts,
+videos) and their placement, as one ``PreparedInputs`` the jitted functions take
+(``prepare_inputs``; ``to_mesh`` is re-exported here).
+
 Einsum letters: B batch, P prompt length, N new tokens, S cache slots, L layers,
 K kv heads, D head dim, E embed, V vocab.
 """
@@ -45,8 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llava_jax.infer.inputs import anyres_layout, check_placeholders, check_video_inputs
-from llava_jax.models import anyres
+from llava_jax.infer.inputs import PreparedInputs, ctx_key, key_to_mesh, prepare_inputs, to_mesh
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava, default_positions
 from llava_jax.models.layers import ACT_TOKENS, CACHE_AXES
@@ -77,11 +82,6 @@ def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: int | None = 
 # ------------------------------------------------------------------- traced pieces
 
 
-def _ctx_key(mesh, rules):
-  """Hashable (mesh, rule overrides), a static jit argument so each mesh traces its own."""
-  return None if mesh is None else (mesh, tuple(tuple(r) for r in (rules or ())))
-
-
 def _mesh_ctx(ctx):
   """Entered around the jitted calls, so tracing sees the mesh and the logical rules."""
   if ctx is None:
@@ -109,38 +109,33 @@ def _constrain_cache(cache, ctx):
   }
 
 
-def _prefill(
-    cfg: LlavaConfig,
-    params,
-    input_ids,
-    pixel_values,
-    attention_mask,
-    image_mask,
-    image_layout,
-    cache_len: int,
-    ctx=None,
-    videos=None,
-):
-  """-> (last logits float32[B, V], cache, next positions int32[B]). ``videos``:
-  (pixel_values_videos, video_mask) or None."""
-  model = Llava(cfg)
-  b = input_ids.shape[0]
+def _prefill(params, x: PreparedInputs, cache_len: int):
+  """-> (last logits float32[B, V], cache, next positions int32[B])."""
+  model = Llava(x.cfg)
+  b = x.input_ids.shape[0]
   embeds = model.apply(
-      {"params": params}, input_ids, pixel_values, image_mask, image_layout=image_layout, method=Llava.embed_inputs
+      {"params": params},
+      x.input_ids,
+      x.pixel_values,
+      x.image_mask,
+      image_layout=x.image_layout,
+      method=Llava.embed_inputs,
   )
-  if videos is not None:
-    embeds = model.apply({"params": params}, embeds, input_ids, *videos, method=Llava.merge_videos)
-  positions = default_positions(input_ids, attention_mask)
-  cache = _constrain_cache(init_cache(cfg.llm, b, cache_len), ctx)
+  if x.pixel_values_videos is not None:
+    embeds = model.apply(
+        {"params": params}, embeds, x.input_ids, x.pixel_values_videos, x.video_mask, method=Llava.merge_videos
+    )
+  positions = default_positions(x.input_ids, x.attention_mask)
+  cache = _constrain_cache(init_cache(x.cfg.llm, b, cache_len), x.ctx)
   logits, cache = model.apply(
       {"params": params},
       embeds,
       positions,
-      attention_mask,
+      x.attention_mask,
       cache,
       method=lambda m, e, q, s, c: m.llm(e, q, s, c, last_only=True),
   )
-  return logits[:, 0], _constrain_cache(cache, ctx), jnp.sum(attention_mask, axis=1).astype(jnp.int32)
+  return logits[:, 0], _constrain_cache(cache, x.ctx), jnp.sum(x.attention_mask, axis=1).astype(jnp.int32)
 
 
 def _decode(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, ctx=None):
@@ -171,90 +166,21 @@ def _stop(tokens, stop_ids: tuple[int, ...]):
 # ------------------------------------------------------------------- public API
 
 
-def to_mesh(x, mesh, rules=None):
-  """A host array (the same on every process) -> a global ``jax.Array`` on ``mesh``.
-
-  Dim 0 is split over the mesh's batch axes (``sharding.batch_sharding``) when it divides
-  them, else the array is replicated. Built with ``jax.make_array_from_callback``, so each
-  process places only its own devices' rows: no numpy array reaches a jit with a global
-  sharding. An array already on all of ``mesh``'s devices is returned as it is; None too.
-  """
-  from llava_jax import sharding
-
-  if x is None:
-    return None
-  if isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat):
-    return x
-  host = np.asarray(x)
-  split = host.ndim > 0 and host.shape[0] % sharding.batch_shards(mesh, rules) == 0
-  target = sharding.batch_sharding(mesh, host.ndim, rules) if split else sharding.replicated(mesh)
-  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
-
-
-def _key_to_mesh(rng, mesh):
-  """A PRNG key (new-style or raw uint32) replicated over ``mesh``."""
-  from llava_jax import sharding
-
-  if isinstance(rng, jax.Array) and rng.sharding.device_set == set(mesh.devices.flat):
-    return rng
-  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-  host = np.asarray(jax.random.key_data(rng) if typed else rng)
-  data = jax.make_array_from_callback(host.shape, sharding.replicated(mesh), lambda index: host[index])
-  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng)) if typed else data
-
-
-def _inputs(
-    cfg,
-    input_ids,
-    pixel_values,
-    attention_mask,
-    image_mask,
-    temperature,
-    rng,
-    max_new_tokens,
-    eos_token_id,
-    stop_token_ids,
-    mesh,
-    rules,
-    image_layout=None,
-    image_sizes=None,
-    pixel_values_videos=None,
-    video_mask=None,
-):
-  """Validated inputs (and ``cfg``, see ``inputs.check_placeholders``); with a mesh, as
-  global arrays on it (see ``to_mesh``). Returns (cfg, ids, mask, pixels, image_mask,
-  layout, stop ids, rng, ctx, videos), videos (pixel_values_videos, video_mask) or None."""
-  if np.ndim(input_ids) != 2:
-    raise ValueError(f"input_ids must be int32[B, P], got shape {np.shape(input_ids)}")
+def _sampling(temperature, rng, max_new_tokens, eos_token_id, stop_token_ids, mesh):
+  """Checks the sampling arguments. -> (rng, stop ids): the key (``key(0)`` when greedy
+  without one; replicated over ``mesh``, see ``inputs.key_to_mesh``) and the sorted ids of
+  ``eos_token_id`` and ``stop_token_ids``."""
   if temperature > 0 and rng is None:
     raise ValueError("sampling (temperature > 0) needs an explicit rng key")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if attention_mask is not None and np.shape(attention_mask) != np.shape(input_ids):
-    raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {np.shape(input_ids)}")
-  layout = anyres_layout(cfg, input_ids, pixel_values, image_mask, image_layout, image_sizes)
-  check_video_inputs(cfg, input_ids, pixel_values_videos, video_mask)
-  cfg = check_placeholders(cfg, input_ids, pixel_values, image_mask, layout, pixel_values_videos, video_mask)
   stops = set(int(s) for s in (stop_token_ids or ()))
   if eos_token_id is not None:
     stops.add(int(eos_token_id))
   rng = jax.random.key(0) if rng is None else rng
-  if mesh is None:
-    ids = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-  else:
-    as_int32 = lambda x: x if isinstance(x, jax.Array) else np.asarray(x, np.int32)
-    ids = to_mesh(as_int32(input_ids), mesh, rules)
-    mask = to_mesh(np.ones(ids.shape, np.int32) if attention_mask is None else as_int32(attention_mask), mesh, rules)
-    pixel_values, image_mask = to_mesh(pixel_values, mesh, rules), to_mesh(image_mask, mesh, rules)
-    if layout is not None:  # [I, ...] rows, like the images: split over the batch axes when they divide
-      layout = anyres.ImageLayout(*(to_mesh(x, mesh, rules) for x in layout))
-    pixel_values_videos, video_mask = to_mesh(pixel_values_videos, mesh, rules), to_mesh(video_mask, mesh, rules)
-    rng = _key_to_mesh(rng, mesh)
-  videos = None if pixel_values_videos is None else (pixel_values_videos, video_mask)
-  return cfg, ids, mask, pixel_values, image_mask, layout, tuple(sorted(stops)), rng, _ctx_key(mesh, rules), videos
+  return (rng if mesh is None else key_to_mesh(rng, mesh)), tuple(sorted(stops))
 
 
 def generate(
@@ -322,72 +248,36 @@ def generate(
     placeholders (``models.video.check_video_tokens``) and videos given to a config
     without ``video_token_id``.
   """
-  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx, videos = _inputs(
+  rng, stop_ids = _sampling(temperature, rng, max_new_tokens, eos_token_id, stop_token_ids, mesh)
+  x = prepare_inputs(
       cfg,
       input_ids,
       pixel_values,
       attention_mask,
-      image_mask,
-      temperature,
-      rng,
-      max_new_tokens,
-      eos_token_id,
-      stop_token_ids,
-      mesh,
-      rules,
-      image_layout,
-      image_sizes,
-      pixel_values_videos,
-      video_mask,
+      image_mask=image_mask,
+      image_sizes=image_sizes,
+      image_layout=image_layout,
+      pixel_values_videos=pixel_values_videos,
+      video_mask=video_mask,
+      mesh=mesh,
+      rules=rules,
   )
-  with _mesh_ctx(ctx):
-    tokens, steps = _generate(
-        cfg,
-        params,
-        ids,
-        pixel_values,
-        mask,
-        image_mask,
-        layout,
-        rng,
-        max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=top_k,
-        top_p=top_p,
-        stop_ids=stops,
-        ctx=ctx,
-        videos=videos,
-    )
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stop_ids)
+  with _mesh_ctx(x.ctx):
+    tokens, steps = _generate(params, x, rng, max_new_tokens=max_new_tokens, **sampling)
   return (tokens, steps) if return_num_steps else tokens
 
 
-@functools.partial(
-    jax.jit, static_argnums=0, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "ctx")
-)
-def _generate(
-    cfg,
-    params,
-    input_ids,
-    pixel_values,
-    attention_mask,
-    image_mask,
-    image_layout,
-    rng,
-    *,
-    max_new_tokens,
-    temperature,
-    top_k,
-    top_p,
-    stop_ids,
-    ctx,
-    videos=None,
-):
-  b, p = input_ids.shape
+_SAMPLING_STATIC = ("temperature", "top_k", "top_p", "stop_ids")
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",) + _SAMPLING_STATIC)
+def _generate(params, x: PreparedInputs, rng, *, max_new_tokens, temperature, top_k, top_p, stop_ids):
+  cfg, ctx = x.cfg, x.ctx
+  b, p = x.input_ids.shape
   n = max_new_tokens
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-  logits, cache, positions = _prefill(
-      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, p + n, ctx, videos
-  )
+  logits, cache, positions = _prefill(params, x, p + n)
   first = sample(logits, jax.random.fold_in(rng, 0))
   tokens = jnp.full((b, n), cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
 
@@ -433,81 +323,42 @@ def generate_stream(
   they exist: numpy int32[B] per step, at most ``max_new_tokens`` times, stopping after
   the step in which every row has emitted a stop token. A host loop over a jitted
   single-step function (the cache is donated), for interactive use."""
-  cfg, ids, mask, pixel_values, image_mask, layout, stops, rng, ctx, videos = _inputs(
+  rng, stop_ids = _sampling(temperature, rng, max_new_tokens, eos_token_id, stop_token_ids, mesh)
+  x = prepare_inputs(
       cfg,
       input_ids,
       pixel_values,
       attention_mask,
-      image_mask,
-      temperature,
-      rng,
-      max_new_tokens,
-      eos_token_id,
-      stop_token_ids,
-      mesh,
-      rules,
-      image_layout,
-      image_sizes,
-      pixel_values_videos,
-      video_mask,
+      image_mask=image_mask,
+      image_sizes=image_sizes,
+      image_layout=image_layout,
+      pixel_values_videos=pixel_values_videos,
+      video_mask=video_mask,
+      mesh=mesh,
+      rules=rules,
   )
-  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stops, ctx=ctx)
-  p = ids.shape[1]
-  with _mesh_ctx(ctx):
-    tok, done, cache, positions = _stream_first(
-        cfg,
-        params,
-        ids,
-        pixel_values,
-        mask,
-        image_mask,
-        layout,
-        rng,
-        videos,
-        cache_len=p + max_new_tokens,
-        **sampling,
-    )
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stop_ids)
+  step = functools.partial(_stream_step, x.cfg, params, ctx=x.ctx, **sampling)
+  p = x.input_ids.shape[1]
+  with _mesh_ctx(x.ctx):
+    tok, done, cache, positions = _stream_first(params, x, rng, cache_len=p + max_new_tokens, **sampling)
   for i in range(1, max_new_tokens + 1):
     host_tok, host_done = jax.device_get((tok, done))
     yield np.asarray(host_tok, np.int32)
     if i == max_new_tokens or bool(np.all(host_done)):
       return
-    with _mesh_ctx(ctx):
-      tok, done, cache, positions = _stream_step(
-          cfg, params, tok, done, cache, positions, np.int32(p + i - 1), jax.random.fold_in(rng, i), **sampling
-      )
+    with _mesh_ctx(x.ctx):
+      tok, done, cache, positions = step(tok, done, cache, positions, np.int32(p + i - 1), jax.random.fold_in(rng, i))
 
 
-_STREAM_STATIC = ("temperature", "top_k", "top_p", "stop_ids", "ctx")
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len",) + _STREAM_STATIC)
-def _stream_first(
-    cfg,
-    params,
-    input_ids,
-    pixel_values,
-    attention_mask,
-    image_mask,
-    image_layout,
-    rng,
-    videos,
-    *,
-    cache_len,
-    temperature,
-    top_k,
-    top_p,
-    stop_ids,
-    ctx,
-):
-  logits, cache, positions = _prefill(
-      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx, videos
-  )
+@functools.partial(jax.jit, static_argnames=("cache_len",) + _SAMPLING_STATIC)
+def _stream_first(params, x: PreparedInputs, rng, *, cache_len, temperature, top_k, top_p, stop_ids):
+  logits, cache, positions = _prefill(params, x, cache_len)
   tok = sample_logits(logits, jax.random.fold_in(rng, 0), temperature=temperature, top_k=top_k, top_p=top_p)
-  return _replicated(tok, ctx), _replicated(_stop(tok, stop_ids), ctx), cache, positions
+  return _replicated(tok, x.ctx), _replicated(_stop(tok, stop_ids), x.ctx), cache, positions
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=_STREAM_STATIC, donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=_SAMPLING_STATIC + ("ctx",), donate_argnames=("cache",))
 def _stream_step(
     cfg, params, last, done, cache, positions, cache_index, key, *, temperature, top_k, top_p, stop_ids, ctx
 ):
@@ -548,28 +399,21 @@ def prefill(
   """
   if cache_len < np.shape(input_ids)[1]:
     raise ValueError(f"cache_len {cache_len} is shorter than the prompt ({np.shape(input_ids)[1]})")
-  cfg, input_ids, mask, pixel_values, image_mask, layout, _, _, ctx, videos = _inputs(
+  x = prepare_inputs(
       cfg,
       input_ids,
       pixel_values,
       attention_mask,
-      image_mask,
-      0.0,
-      None,
-      1,
-      None,
-      (),
-      mesh,
-      rules,
-      image_layout,
-      image_sizes,
-      pixel_values_videos,
-      video_mask,
+      image_mask=image_mask,
+      image_sizes=image_sizes,
+      image_layout=image_layout,
+      pixel_values_videos=pixel_values_videos,
+      video_mask=video_mask,
+      mesh=mesh,
+      rules=rules,
   )
-  with _mesh_ctx(ctx):
-    return _prefill_jit(
-        cfg, params, input_ids, pixel_values, mask, image_mask, layout, videos, cache_len=cache_len, ctx=ctx
-    )
+  with _mesh_ctx(x.ctx):
+    return _prefill_jit(params, x, cache_len=cache_len)
 
 
 def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions, *, mesh=None, rules=None):
@@ -579,7 +423,7 @@ def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions,
     the slot the tokens go to (P + step); positions int32[B] their RoPE positions.
   Returns: (logits float32[B, V] for the next token, the updated cache).
   """
-  ctx = _ctx_key(mesh, rules)
+  ctx = ctx_key(mesh, rules)
   if mesh is None:
     tokens, positions = jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32)
   else:
@@ -589,13 +433,9 @@ def decode_step(cfg: LlavaConfig, params, tokens, cache, cache_index, positions,
     return _decode_jit(cfg, params, tokens, cache, np.int32(cache_index), positions, ctx=ctx)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("cache_len", "ctx"))
-def _prefill_jit(
-    cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, videos, *, cache_len, ctx
-):
-  return _prefill(
-      cfg, params, input_ids, pixel_values, attention_mask, image_mask, image_layout, cache_len, ctx, videos
-  )
+@functools.partial(jax.jit, static_argnames=("cache_len",))
+def _prefill_jit(params, x: PreparedInputs, *, cache_len):
+  return _prefill(params, x, cache_len)
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("ctx",))
