@@ -41,12 +41,19 @@ compared on the conversation template's own text and a warning names the
 first difference (they differ e.g. on runs of spaces, "safe.  Your" in
 Llama-2's system prompt): training and serving one checkpoint through
 different back ends would give different ids. `backend=` overrides.
+
+What lives where. This module: the two back ends (`SentencePieceTokenizer`,
+`HFTokenizer`), opening them, comparing them (`compare_backends`) and
+`load_tokenizer`. `llava_jax.tokenizer_files`: finding a checkpoint's
+tokenizer files, reading `tokenizer_config.json` and its siblings
+(`read_tokenizer_config`) and choosing the back end by the rule above
+(`choose_backend`); `SPIECE_UNDERLINE`, `BACKENDS` and `read_tokenizer_config`
+are importable from here too.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -55,11 +62,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import sentencepiece as spm
 
 from llava_jax import storage
+from llava_jax.tokenizer_files import BACKENDS, SPIECE_UNDERLINE, choose_backend, file_backend, find_files
+from llava_jax.tokenizer_files import read_tokenizer_config
 
 log = logging.getLogger(__name__)
-
-SPIECE_UNDERLINE = "\u2581"
-BACKENDS = ("auto", "sentencepiece", "tokenizer.json")
 
 
 class Tokenizer:
@@ -370,107 +376,7 @@ class HFTokenizer(Tokenizer):
     return self._tok.id_to_token(int(token_id))
 
 
-# ----------------------------------------------------------------------------- checkpoint files
-
-
-def _token_content(value) -> str | None:
-  """tokenizer_config.json stores a token as a string or as {"content": ...}."""
-  if isinstance(value, dict):
-    return value.get("content")
-  return value
-
-
-def _read_json(path: str) -> dict:
-  if not storage.exists(path):
-    return {}
-  try:
-    return json.loads(storage.read_text(path))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def read_tokenizer_config(directory: str) -> dict:
-  """What the back ends need from a checkpoint directory's tokenizer files.
-
-  Returns a dict with (each present only if the files say):
-    "bos_token", "eos_token", "pad_token", "unk_token": str or None
-      (`tokenizer_config.json` wins over `special_tokens_map.json`);
-    "legacy": bool; "added_tokens": list of {"id", "content", "special",
-      "lstrip", "rstrip"} (`added_tokens_decoder`, then `added_tokens.json`);
-    "chat_template": str (`chat_template.jinja`, else `tokenizer_config.json`'s
-      "chat_template" (a string, or a list of {"name", "template"}: "default"),
-      else `chat_template.json`, as processors save it).
-  """
-  out: dict[str, Any] = {}
-  for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins
-    cfg = _read_json(os.path.join(directory, fname))
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-      if key in cfg:
-        out[key] = _token_content(cfg[key])
-  cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
-  if isinstance(cfg.get("legacy"), bool):
-    out["legacy"] = cfg["legacy"]
-  added = {}
-  for i, t in (cfg.get("added_tokens_decoder") or {}).items():
-    added[int(i)] = {
-        "id": int(i),
-        "content": t["content"],
-        "special": bool(t.get("special", True)),
-        "lstrip": bool(t.get("lstrip", False)),
-        "rstrip": bool(t.get("rstrip", False)),
-    }
-  for content, i in _read_json(os.path.join(directory, "added_tokens.json")).items():
-    added.setdefault(int(i), {"id": int(i), "content": content, "special": True, "lstrip": False, "rstrip": False})
-  if added:
-    out["added_tokens"] = [added[i] for i in sorted(added)]
-  jinja = os.path.join(directory, "chat_template.jinja")
-  template = cfg.get("chat_template")
-  if isinstance(template, list):
-    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-    template = named.get("default")
-  if storage.exists(jinja):
-    template = storage.read_text(jinja)
-  if template is None:
-    template = _read_json(os.path.join(directory, "chat_template.json")).get("chat_template")
-  if isinstance(template, str):
-    out["chat_template"] = template
-  return out
-
-
-def _json_prefixes_every_stretch(path: str) -> bool:
-  """Whether a tokenizer.json puts "▁" before every stretch between added tokens (HF legacy=True behaviour)."""
-  spec = _read_json(path)
-
-  def parts(node):
-    if not node:
-      return []
-    if node.get("type") == "Sequence":
-      return [p for sub in node.get("normalizers", node.get("pretokenizers", [])) for p in parts(sub)]
-    return [node]
-
-  for n in parts(spec.get("normalizer")):
-    if n.get("type") == "Prepend" and n.get("prepend") == SPIECE_UNDERLINE:
-      return True
-  for p in parts(spec.get("pre_tokenizer")):
-    if p.get("type") == "Metaspace":
-      scheme = p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never")
-      return scheme == "always"
-  return False
-
-
-def _find_files(directory: str) -> dict[str, str]:
-  """{"tokenizer.json": path, "sentencepiece": path} for the files a checkpoint directory ships."""
-  found = {}
-  names = set(storage.listdir(directory))
-  if "tokenizer.json" in names:
-    found["tokenizer.json"] = os.path.join(directory, "tokenizer.json")
-  if "tokenizer.model" in names:
-    found["sentencepiece"] = os.path.join(directory, "tokenizer.model")
-  else:
-    models = sorted(f for f in names if f.endswith(".model"))
-    if len(models) == 1:
-      found["sentencepiece"] = os.path.join(directory, models[0])
-  return found
+# ----------------------------------------------------------------------------- opening
 
 
 def _open(backend: str, path: str, cfg: Mapping, legacy: bool | None, special_tokens: Mapping) -> Tokenizer:
@@ -535,29 +441,13 @@ def load_tokenizer(
   path = storage.check(path, "tokenizer")
   if not storage.isdir(path):
     cfg = read_tokenizer_config(os.path.dirname(path) or ".")
-    kind = "tokenizer.json" if path.endswith(".json") else "sentencepiece"
-    if backend not in ("auto", kind):
-      raise ValueError(f"backend={backend!r} but {path} is a {kind} file")
+    kind = file_backend(path, backend)
     tok = _open(kind, path, cfg, legacy, special_tokens)
     log.info("tokenizer %s: %s back end%s", path, kind, _legacy_note(tok))
     return tok
-  found = _find_files(path)
-  if not found:
-    raise FileNotFoundError(f"no tokenizer.json or single *.model in {path}: found {storage.listdir(path)}")
+  found = find_files(path)
   cfg = read_tokenizer_config(path)
-  if backend != "auto":
-    if backend not in found:
-      raise FileNotFoundError(f"backend={backend!r}: {path} has no such file (it has {sorted(found)})")
-    chosen, why = backend, "asked for"
-  elif len(found) == 1:
-    chosen, why = next(iter(found)), "the only tokenizer file"
-  elif cfg.get("legacy") is False and legacy is not True and _json_prefixes_every_stretch(found["tokenizer.json"]):
-    chosen, why = "sentencepiece", (
-        'tokenizer_config.json says "legacy": false, which its tokenizer.json does '
-        'not implement (it prefixes "▁" after every special token)'
-    )
-  else:
-    chosen, why = "tokenizer.json", "as AutoTokenizer loads it"
+  chosen, why = choose_backend(path, found, cfg, backend, legacy)
   tok = _open(chosen, found[chosen], cfg, legacy, special_tokens if chosen == "tokenizer.json" else {})
   log.info("tokenizer %s: %s back end (%s)%s", path, chosen, why, _legacy_note(tok))
   if len(found) == 2:
