@@ -13,15 +13,21 @@ rule would be ``projector/.*`` only (see ``llava15_stage1.py``). Stage 3 starts 
 about two images, the direction of a shape moving over three frames) with every
 ``<image>`` where the text puts it (``vicuna_v1@inline``), single-image conversations
 mixed back in.
+
+``anyres=1`` (any stage) makes the model any-resolution (LLaVA-NeXT's tiling over
+``ANYRES_PINPOINTS``, ``llava_jax/data/anyres_example.py``): each 42 px scene becomes a
+base tile plus a 1x2 grid of 42 px tiles, 30 image tokens instead of 9. The multi-process
+and CLI tests train it that way.
 """
 
 from llava_jax.train.run_config import parse_arg, skeleton
 
 STAGES = ("stage1", "stage2", "stage3", "test")
+ANYRES_PINPOINTS = ((42, 84), (84, 42), (84, 84))  # tile side 42: 1x2, 2x1, 2x2 grids
 
 
 def get_config(arg: str = "stage1"):
-  a = parse_arg(arg, positional="stage", stage="stage1", root="runs/shapes")
+  a = parse_arg(arg, positional="stage", stage="stage1", root="runs/shapes", anyres="0")
   stage, root = a["stage"], a["root"]
   if stage not in STAGES:
     raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
@@ -40,6 +46,10 @@ def get_config(arg: str = "stage1"):
   # 8000 training scenes (24,000 VQA conversations; stage 2 sees each about 1.6 times): with
   # 4000 the same 1200 steps reached 88.5% held-out greedy exact match on seed 1 (97.5% on
   # seed 0); with 8000, 99.3 / 96.0 / 89.7% on seeds 0 / 1 / 2 (README, "Demo figures").
+  if a["anyres"] not in ("0", "1"):
+    raise ValueError(f"anyres={a['anyres']!r}: expected 0 or 1")
+  if a["anyres"] == "1":
+    c.model.anyres = dict(image_grid_pinpoints=[list(p) for p in ANYRES_PINPOINTS])
   c.data.synthetic = dict(dir=data_dir, seed=0, n_train=8000, n_val=200, image_size=42)
   if stage == "stage3":  # written when stage 3 first asks for it (the stage-1/2 files stay as they are)
     c.data.synthetic.multi = dict(n_train=4000, n_val=100, replay=4000)

@@ -10,6 +10,7 @@ processes. `pipeline` assembles them (see its module docstring for the whole pic
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +23,8 @@ from llava_jax.data.tokenize import Rejected, RejectReason, apply_policy
 # (template, image root, max_len), not the data: raise rather than spin forever.
 MAX_CONSECUTIVE_REJECTS = 10_000
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class EmptySlot:
@@ -32,14 +35,34 @@ class EmptySlot:
 # ----------------------------------------------------------------------------- rejection counting
 
 
+# Samples trained on after an adjustment, counted like rejections but not skipped: an
+# example carries them under "notes" as (kind, detail) pairs (`anyres_example`).
+NOTE_KINDS = ("image_downscaled",)
+_LOG_FIRST_NOTES = 10  # per kind, then every 1000th
+
+
 class RejectCounter:
-  """Rejections per reason (every `RejectReason`, zero until seen). `counts()` -> dict[str, int]."""
+  """Rejections per reason (every `RejectReason`, zero until seen). `counts()` -> dict[str, int].
+
+  Also the adjustments samples were trained with (`NOTE_KINDS`): `notes()`.
+  """
 
   def __init__(self):
     self._counts = {r.value: 0 for r in RejectReason}
+    self._notes = {k: 0 for k in NOTE_KINDS}
 
   def counts(self) -> dict[str, int]:
     return dict(self._counts)
+
+  def notes(self) -> dict[str, int]:
+    return dict(self._notes)
+
+  def note(self, sample_id: str, kind: str, detail: str) -> None:
+    """Counts one adjustment of a trained sample and logs it (the first few per kind, then every 1000th)."""
+    self._notes[kind] += 1
+    n = self._notes[kind]
+    if n <= _LOG_FIRST_NOTES or n % 1000 == 0:
+      log.warning("sample %s: %s [%s #%d]", sample_id, detail, kind, n)
 
   @property
   def total(self) -> int:
@@ -50,9 +73,10 @@ class RejectCounter:
     ValueError naming it (`tokenize.apply_policy`)."""
     apply_policy(rejected, policy, self._counts)
 
-  def restore(self, counts: Mapping[str, int]):
-    """Sets the counts to a saved `counts()` (reasons it lacks count 0)."""
+  def restore(self, counts: Mapping[str, int], notes: Mapping[str, int] | None = None):
+    """Sets the counts to a saved `counts()` and `notes()` (reasons it lacks count 0)."""
     self._counts = {r.value: int(counts.get(r.value, 0)) for r in RejectReason}
+    self._notes = {k: int((notes or {}).get(k, 0)) for k in NOTE_KINDS}
 
 
 class _CountRejectedIterator(grain.DatasetIterator):
@@ -75,6 +99,10 @@ class _CountRejectedIterator(grain.DatasetIterator):
       value = next(self._parent)
       self._consumed += 1
       if not isinstance(value, Rejected):
+        if isinstance(value, dict) and "notes" in value:
+          value = dict(value)
+          for kind, detail in value.pop("notes"):
+            self._counter.note(value.get("ids", ""), kind, detail)
         return value
       self._counter.count(value, self._policy)  # raises under "raise"
       if self._keep_slots:
@@ -87,11 +115,16 @@ class _CountRejectedIterator(grain.DatasetIterator):
         )
 
   def get_state(self) -> dict[str, Any]:
-    return {"parent": self._parent.get_state(), "rejected": self._counter.counts(), "consumed": self._consumed}
+    return {
+        "parent": self._parent.get_state(),
+        "rejected": self._counter.counts(),
+        "notes": self._counter.notes(),
+        "consumed": self._consumed,
+    }
 
   def set_state(self, state: dict[str, Any]):
     self._parent.set_state(state["parent"])
-    self._counter.restore(state["rejected"])
+    self._counter.restore(state["rejected"], state.get("notes"))
     self._consumed = int(state.get("consumed", 0))
 
   def __str__(self) -> str:
@@ -154,6 +187,10 @@ class LlavaBatchIterator(grain.DatasetIterator):
   def counts(self) -> dict[str, int]:
     """Rejected samples per reason so far (all workers; all `RejectReason` values as keys)."""
     return self._counter.counts()
+
+  def notes(self) -> dict[str, int]:
+    """Samples trained after an adjustment, per kind (`NOTE_KINDS`: "image_downscaled")."""
+    return self._counter.notes()
 
   def position(self) -> dict[str, int]:
     """start_batch, rows (per global batch), process_index/count and elements consumed."""

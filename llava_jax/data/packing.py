@@ -12,6 +12,7 @@ examples apart:
     positions       int32[T]   0, 1, ... restarting at each example (RoPE positions)
     pixel_values    [M, S, S, 3]  the examples' images in token order, then zeros
     image_mask      bool[M]    True on the slots holding an image
+    image_index ... anyres rows: each image's layout keys follow its slot (`anyres_example`)
 
 `train.step.token_loss` never scores a prediction across a segment boundary, so a
 packed row gives the same loss and gradients as its examples in separate rows
@@ -21,6 +22,7 @@ includes the packer's, so resumption is exact.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import grain
@@ -38,6 +40,7 @@ def pack(
     num_bins: int,
     seed: int,
     shuffle_bins: bool = True,
+    image_keys: tuple[str, ...] = (),
 ) -> grain.IterDataset:
   """Packs unpadded examples (`prepare_example(record, spec, pad=False)`) into rows.
 
@@ -51,6 +54,8 @@ def pack(
       rows: fuller rows, more examples held in memory.
     seed, shuffle_bins: the emitted rows are shuffled (seeded) so that rows filled
       late (short examples only) are not always last.
+    image_keys: further per-image keys ([I, ...], like "pixel_values") packed into the
+      same M slots (anyres: `anyres_example.LAYOUT_KEYS`).
 
   Returns:
     an IterDataset of rows (see the module docstring; plus "input_ids", "labels"
@@ -60,19 +65,21 @@ def pack(
     raise ValueError(f"num_bins must be >= 1, got {num_bins}")
   packed = grain.experimental.FirstFitPackIterDataset(
       ds,
-      length_struct={"input_ids": max_len, "labels": max_len, "pixel_values": max_images},
+      length_struct={"input_ids": max_len, "labels": max_len, "pixel_values": max_images}
+      | {k: max_images for k in image_keys},
       num_packing_bins=num_bins,
       seed=seed,
       shuffle_bins=shuffle_bins,
       meta_features=("ids",),
-      padding_struct={"input_ids": pad_id, "labels": IGNORE, "pixel_values": 0},
+      padding_struct={"input_ids": pad_id, "labels": IGNORE, "pixel_values": 0} | {k: 0 for k in image_keys},
   )
-  return packed.map(to_row)
+  return packed.map(functools.partial(to_row, image_keys=image_keys))
 
 
-def to_row(packed: Mapping[str, Any]) -> dict[str, Any]:
+def to_row(packed: Mapping[str, Any], image_keys: tuple[str, ...] = ()) -> dict[str, Any]:
   """grain's packed features -> the pipeline's row keys (see the module docstring)."""
   return {
+      **{k: packed[k] for k in image_keys},
       "input_ids": packed["input_ids"].astype(np.int32),
       "labels": packed["labels"].astype(np.int32),
       "attention_mask": packed["input_ids_segment_ids"].astype(np.int32),

@@ -63,6 +63,14 @@ Batch (B = batch_size, T = max_len, M = max_images, S = image_config.size):
 
 (B is this process's rows: batch_size // process_count.)
 
+Any-resolution models (`ExampleSpec.anyres`, LLaVA-NeXT / OneVision; see
+`anyres_example` for the per-slot budget and what an image over it gets):
+
+    pixel_values    float32[B, M, P, S, S, 3]  P = cfg.tiles_per_image tiles per slot
+    image_index     int32[B, M, N, K]    the slots' `models.anyres.ImageLayout`
+    image_weight    float32[B, M, N, K]  (N = cfg.image_token_budget)
+    image_tokens    int32[B, M]          packed tokens per slot, 0 when empty
+
 `ids` is not an array JAX can take: drop it before `jax.device_put`.
 """
 
@@ -75,7 +83,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from llava_jax.data import packing
+from llava_jax.data import anyres_example, packing
 from llava_jax.data.grain_stages import (
     EmptySlot,
     GlobalBatchRows,
@@ -142,6 +150,10 @@ class ExampleSpec:
   S = image_config.size. max_images: image slots M per example; a sample with more
   images is rejected (`image_count_mismatch`). Training and evaluation of one run share
   one (`for_model` takes the image token and its count from the model config).
+  anyres: the anyres `LlavaConfig` whose tiling and token layout images follow
+  (`anyres_example`; `num_image_tokens` is then per image, from its size), or None
+  (LLaVA-1.5: one S x S image per slot). over_budget: "reject" | "downscale", for
+  anyres images that need more tiles or tokens than a slot holds.
   """
 
   tokenizer: Tokenizer
@@ -151,10 +163,16 @@ class ExampleSpec:
   num_image_tokens: int
   max_len: int
   max_images: int
+  anyres: Any = None  # LlavaConfig with image_grid_pinpoints, or None
+  over_budget: str = "reject"
 
   def __post_init__(self):
     if self.max_images < 0 or self.max_len < 1:
       raise ValueError(f"need max_images >= 0 and max_len >= 1; got {self.max_images}, {self.max_len}")
+    if self.over_budget not in anyres_example.OVER_BUDGET_POLICIES:
+      raise ValueError(f"over_budget must be one of {anyres_example.OVER_BUDGET_POLICIES}, got {self.over_budget!r}")
+    if self.anyres is not None and not self.anyres.anyres:
+      raise ValueError("ExampleSpec.anyres must be a LlavaConfig with image_grid_pinpoints (or None)")
 
   @classmethod
   def for_model(
@@ -166,9 +184,25 @@ class ExampleSpec:
       image_config: ImageConfig,
       max_len: int,
       max_images: int,
+      over_budget: str = "reject",
   ) -> "ExampleSpec":
-    """The spec for a `LlavaConfig` `cfg` (its image token id and tokens per image)."""
-    return cls(tokenizer, template, image_config, cfg.image_token_id, cfg.num_image_tokens, max_len, max_images)
+    """The spec for a `LlavaConfig` `cfg` (its image token id and tokens per image; its
+    tiling if it is an anyres config)."""
+    return cls(
+        tokenizer,
+        template,
+        image_config,
+        cfg.image_token_id,
+        cfg.num_image_tokens,
+        max_len,
+        max_images,
+        anyres=cfg if cfg.anyres else None,
+        over_budget=over_budget,
+    )
+
+  def keys(self) -> tuple[str, ...]:
+    """The keys of an example (and of a batch): `BATCH_KEYS`, plus the layout keys of anyres."""
+    return BATCH_KEYS + (anyres_example.LAYOUT_KEYS if self.anyres is not None else ())
 
 
 def prepare_example(record: Mapping, spec: ExampleSpec, *, pad: bool = True) -> dict[str, Any] | Rejected:
@@ -205,6 +239,8 @@ def prepare_example(record: Mapping, spec: ExampleSpec, *, pad: bool = True) -> 
         RejectReason.IMAGE_COUNT_MISMATCH,
         f"{len(images)} images, more than the max_images={max_images} slots per example",
     )
+  if spec.anyres is not None:
+    return _prepare_anyres(record, sid, images, spec, pad)
   tokenized = tokenize_conversation(
       {"id": sid, "conversations": record.get("conversations"), "images": images},
       spec.tokenizer,
@@ -237,6 +273,51 @@ def prepare_example(record: Mapping, spec: ExampleSpec, *, pad: bool = True) -> 
   )
 
 
+def _prepare_anyres(record: Mapping, sid: str, images: list, spec: ExampleSpec, pad: bool) -> dict[str, Any] | Rejected:
+  """`prepare_example` of an anyres spec: images first (their sizes set the token counts)."""
+  decoded = []
+  for k, image in enumerate(images):
+    if image is None:
+      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)} is missing (None)")
+    try:
+      decoded.append(load_image(image))
+    except (ValueError, OSError) as e:
+      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)}: {e}")
+  tiled = anyres_example.prepare_images(decoded, spec.anyres, spec.image_config, spec.over_budget)
+  if tiled.error is not None:
+    return Rejected(sid, RejectReason.IMAGE_OVER_BUDGET, tiled.error)
+  tokenized = tokenize_conversation(
+      {"id": sid, "conversations": record.get("conversations"), "images": images},
+      spec.tokenizer,
+      spec.template,
+      image_token_id=spec.image_token_id,
+      num_image_tokens=[int(n) for n in tiled.image_tokens],
+      max_len=spec.max_len,
+  )
+  if isinstance(tokenized, Rejected):
+    return tokenized
+  arrays = anyres_example.slot_arrays(tiled, spec.max_images if pad else None)
+  if pad:
+    out = pad_example(
+        tokenized,
+        max_len=spec.max_len,
+        pad_id=spec.tokenizer.pad_id,
+        pixel_values=arrays.pop("pixel_values"),
+        num_images=len(images),
+    )
+    out.update(arrays)
+  else:
+    out = {
+        "input_ids": np.asarray(tokenized.input_ids, np.int32),
+        "labels": np.asarray(tokenized.labels, np.int32),
+        **arrays,
+        "ids": tokenized.sample_id,
+    }
+  if tiled.downscaled:
+    out["notes"] = tuple(("image_downscaled", note) for note in tiled.downscaled)
+  return out
+
+
 def pad_example(
     sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_values: np.ndarray, num_images: int
 ) -> dict[str, Any]:
@@ -263,7 +344,7 @@ def pad_example(
 def empty_example(spec: ExampleSpec) -> dict[str, Any]:
   """An empty row: pad tokens, IGNORE labels, mask 0, no images, id ""."""
   max_len, max_images, image_size, pad_id = spec.max_len, spec.max_images, spec.image_config.size, spec.tokenizer.pad_id
-  return {
+  row = {
       "input_ids": np.full((max_len,), pad_id, np.int32),
       "labels": np.full((max_len,), IGNORE, np.int32),
       "attention_mask": np.zeros((max_len,), np.int32),
@@ -272,6 +353,9 @@ def empty_example(spec: ExampleSpec) -> dict[str, Any]:
       "image_mask": np.zeros((max_images,), bool),
       "ids": "",
   }
+  if spec.anyres is not None:
+    row.update(anyres_example.empty_slots(spec.anyres, spec.image_config, max_images))
+  return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +389,7 @@ def collate(
     examples = [empty if isinstance(e, EmptySlot) else e for e in examples]
   if empty is not None and batch_size is not None and len(examples) < batch_size:
     examples = list(examples) + [empty] * (batch_size - len(examples))
-  out = {k: np.stack([e[k] for e in examples]) for k in BATCH_KEYS if k != "ids"}
+  out = {k: np.stack([e[k] for e in examples]) for k in examples[0] if k != "ids"}
   ids = [str(e["ids"]) for e in examples]
   missing = 0 if batch_size is None else batch_size - len(examples)
   if missing > 0:
@@ -440,6 +524,7 @@ def _build(source, config: PipelineConfig, counter: RejectCounter | None):
         it,
         max_len=spec.max_len,
         max_images=spec.max_images,
+        image_keys=anyres_example.LAYOUT_KEYS if spec.anyres is not None else (),
         pad_id=pad_id,
         num_bins=c.pack_bins or 2 * rows,
         seed=c.seed,

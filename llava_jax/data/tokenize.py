@@ -28,7 +28,9 @@ the tokenizer joins to the next turn's first token (llava-hf's Mistral
 template: "</s> [INST]" -> '</s>', '▁[') goes with the next turn.
 Text is split at each `<image>` tag and the stretches are tokenized separately
 (LLaVA's `tokenizer_image_token`); each tag becomes `num_image_tokens` copies
-of `image_token_id` (HF convention: one id per image feature), never learned.
+of `image_token_id` (HF convention: one id per image feature), never learned;
+any-resolution images (LLaVA-NeXT, OneVision) take a count per image, from their
+size (`num_image_tokens=[n_0, n_1, ...]`, `models.anyres.num_image_tokens`).
 With `template="hf"` the text is tokenized whole, `<image>` as the tokenizer's
 own token, as HF processors do (split as above if the tokenizer has none).
 
@@ -80,6 +82,7 @@ class RejectReason(str, enum.Enum):
   BAD_IMAGE = "bad_image"  # reserved for the image loader
   BAD_RECORD = "bad_record"  # unreadable (bad UTF-8, cut or invalid JSON) or contradictory ("image" and "images")
   EMPTY_ANSWER = "empty_answer"  # an assistant turn with no text: it would train an end token only
+  IMAGE_OVER_BUDGET = "image_over_budget"  # an anyres image needs more tiles/tokens than a slot holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +214,7 @@ def tokenize_conversation(
     template: str | Template,
     *,
     image_token_id: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     max_len: int,
     add_bos: bool | None = None,
 ) -> TokenizedSample | Rejected:
@@ -225,7 +228,8 @@ def tokenize_conversation(
       tokenizer's own chat template, `llava_jax.data.chat_template`).
     image_token_id: id written at each image feature position (must not be
       produced by tokenizing the text).
-    num_image_tokens: features per image (N_img), e.g. 576 for CLIP-L/14 at 336.
+    num_image_tokens: features per image (N_img), e.g. 576 for CLIP-L/14 at 336; or
+      one count per image of the sample, in order (any-resolution images).
     max_len: keep at most this many tokens (the end is cut).
     add_bos: prepend BOS; None = iff the tokenizer has one (Llama/Mistral/Gemma
       yes, Qwen2 no) and the rendered text does not start with it already.
@@ -234,7 +238,9 @@ def tokenize_conversation(
     TokenizedSample with input_ids, labels int32[L] (L <= max_len), or
     Rejected(sample_id, reason, detail). Never a sample without a learned token.
   """
-  if num_image_tokens < 1 or max_len < 1 or image_token_id < 0:
+  per_image = None if isinstance(num_image_tokens, (int, np.integer)) else [int(n) for n in num_image_tokens]
+  smallest = num_image_tokens if per_image is None else min(per_image, default=1)
+  if smallest < 1 or max_len < 1 or image_token_id < 0:
     raise ValueError(
         f"need num_image_tokens >= 1, max_len >= 1, image_token_id >= 0; "
         f"got {num_image_tokens}, {max_len}, {image_token_id}"
@@ -308,24 +314,28 @@ def tokenize_conversation(
   ids = np.asarray(whole, np.int64)
   lab = np.asarray(labels, np.int64)
 
+  if per_image is not None and len(per_image) != n_images:
+    raise ValueError(f"sample {sid}: {len(per_image)} image token counts for {n_images} images")
+  counts = np.asarray(per_image if per_image is not None else [num_image_tokens] * n_images, np.int64)
   is_image = ids == _IMAGE
-  reps = np.where(is_image, num_image_tokens, 1)
+  reps = np.ones(len(ids), np.int64)
+  reps[is_image] = counts
   input_ids = np.repeat(np.where(is_image, image_token_id, ids), reps).astype(np.int32)
   labels_out = np.repeat(lab, reps).astype(np.int32)
 
   truncated = len(input_ids) > max_len
   if truncated:
-    image_starts = np.flatnonzero(is_image) + np.arange(n_images) * (num_image_tokens - 1)
+    image_starts = (np.cumsum(reps) - reps)[is_image]
     input_ids, labels_out = input_ids[:max_len], labels_out[:max_len]
     if not (labels_out != IGNORE).any():
       return reject(
           RejectReason.TRUNCATED_NO_TARGET, f"{int(reps.sum())} tokens cut to max_len {max_len}: no answer token left"
       )
-    cut = [k for k, s in enumerate(image_starts) if s + num_image_tokens > max_len]
+    cut = [k for k, s in enumerate(image_starts) if s + counts[k] > max_len]
     if cut:
       return reject(
           RejectReason.TRUNCATED_IMAGE,
-          f"max_len {max_len} cuts image {cut[0]} of {n_images} (its {num_image_tokens} tokens start at "
+          f"max_len {max_len} cuts image {cut[0]} of {n_images} (its {int(counts[cut[0]])} tokens start at "
           f"{int(image_starts[cut[0]])})",
       )
   return TokenizedSample(sid, input_ids, labels_out, n_images, truncated)

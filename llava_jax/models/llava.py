@@ -177,8 +177,11 @@ class Llava(nn.Module):
       pixel_values = pixel_values.reshape((-1,) + pixel_values.shape[2:])
     if pixel_values.ndim != 5:
       raise ValueError(f"anyres pixel_values must be [I, P, S, S, 3] or [B, M, P, S, S, 3], got {pixel_values.shape}")
-    layout = anyres.ImageLayout(*(jnp.asarray(a) for a in image_layout))
-    num_tokens = layout.num_tokens.reshape(-1)
+    index, weight, num_tokens = (jnp.asarray(a) for a in image_layout)  # [I or B, M ...]: flatten the slots
+    layout = anyres.ImageLayout(
+        index.reshape((-1,) + index.shape[-2:]), weight.reshape((-1,) + weight.shape[-2:]), num_tokens.reshape(-1)
+    )
+    num_tokens = layout.num_tokens
     if image_mask is not None:
       num_tokens = jnp.where(image_mask.reshape(-1).astype(bool), num_tokens, 0)
     if not isinstance(per_row, jax.core.Tracer) and not isinstance(num_tokens, jax.core.Tracer):
@@ -259,8 +262,9 @@ class Llava(nn.Module):
         rows pass their own, restarting per segment).
       image_mask: bool[I] (or [B, M] with 5-D pixel_values); False = padding image slot.
       image_layout: anyres configs only: ``models.anyres.ImageLayout`` of the images
-        (``anyres.image_layout(image_sizes, cfg)``, computed on the host);
-        ``pixel_values`` are then float32[I, P, S, S, 3] tiles (or [B, M, P, S, S, 3]).
+        (``anyres.image_layout(image_sizes, cfg)``, computed on the host; its arrays
+        [I, ...] or, as training batches carry them, [B, M, ...]); ``pixel_values`` are
+        then float32[I, P, S, S, 3] tiles (or [B, M, P, S, S, 3]).
       hidden_only: return the LLM's last-layer output float[B, T, E] instead; ``head``
         (``apply(..., method=Llava.head)``) gives the logits of chosen positions.
       pixel_values_videos: video configs only: float32[V, F, S, S, 3] normalised frames

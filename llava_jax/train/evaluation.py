@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from llava_jax import sharding
 from llava_jax.models.llava import Llava
-from llava_jax.train.step import IGNORE, MODEL_KEYS, token_loss
+from llava_jax.train.step import IGNORE, apply_model, batch_ndims, model_keys, token_loss
 
 
 def answer_counts(weights, correct):
@@ -54,17 +54,11 @@ def make_eval_fn(
   Each local batch holds ``global_rows / process_count`` rows; it becomes a global array
   on ``mesh`` and one jitted pass returns the summed statistics, replicated.
   """
-  batch_shardings = {k: sharding.batch_sharding(mesh, 2 if k != "pixel_values" else 5, rules) for k in MODEL_KEYS}
+  keys = model_keys(cfg)
+  batch_shardings = {k: sharding.batch_sharding(mesh, ndim, rules) for k, ndim in batch_ndims(cfg).items()}
 
   def stats(params, batch):
-    logits = Llava(cfg).apply(
-        {"params": params},
-        batch["input_ids"],
-        batch["pixel_values"],
-        batch["attention_mask"],
-        positions=batch.get("positions"),
-        image_mask=batch["image_mask"],
-    )
+    logits = apply_model(Llava(cfg), params, batch)
     nll, w, correct = token_loss(logits, batch["labels"], batch["attention_mask"])
     answers, right = answer_counts(w, correct)
     return jnp.stack([(nll * w).sum(), w.sum(), (correct * w).sum(), answers, right])
@@ -75,7 +69,7 @@ def make_eval_fn(
     del step
     total = jnp.zeros((5,), jnp.float32)
     for batch in batches():
-      local = {k: batch[k] for k in MODEL_KEYS}
+      local = {k: batch[k] for k in keys}
       global_batch = {
           k: jax.make_array_from_process_local_data(batch_shardings[k], v, (global_rows,) + v.shape[1:])
           for k, v in local.items()

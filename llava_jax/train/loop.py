@@ -223,6 +223,7 @@ def _prepare_run(config, workdir: str) -> Run:
       image_config=image_config,
       max_len=d.max_len,
       max_images=d.max_images,
+      over_budget=d.over_budget,
   )
   return Run(tokenizer, cfg, image_config, example)
 
@@ -510,20 +511,20 @@ class NonFiniteGuard:
 
 def _log(step, m, config, setup: TrainSetup, throughput, data, mask) -> dict:
   """One metrics row; counters summed over processes (every process must call this)."""
-  counts = data.counts()
+  counts = {**data.counts(), **{f"adjusted/{k}": v for k, v in data.notes().items()}}  # notes: trained, adjusted
   report = throughput.report(
       reduce=distributed.sum_over_processes,
       extra=list(counts.values()) + [float(np.count_nonzero(mask)), float(mask.size)],
   )
   extra = report.pop("extra")
-  skipped = dict(zip(counts, (int(v) for v in extra[: len(counts)])))
+  summed = dict(zip(counts, (int(v) for v in extra[: len(counts)])))
   fill = extra[len(counts)] / max(extra[len(counts) + 1], 1.0)
   return {
       **{k: float(v) for k, v in m.items()},
       "lr": float(optim.current_lr(setup.optim, step - 1)),
       **report,
       "batch_fill": fill,
-      **{f"skipped/{k}": v for k, v in skipped.items()},
+      **{k if k.startswith("adjusted/") else f"skipped/{k}": v for k, v in summed.items()},
   }
 
 

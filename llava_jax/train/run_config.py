@@ -38,6 +38,9 @@ class ConfigError(ValueError):
   """A config key is unknown, missing, or has a value of the wrong type."""
 
 
+ANYRES_KEYS = ("image_grid_pinpoints", "vision_aspect_ratio", "max_tiles_per_image", "max_image_tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
   vision: str  # models.configs.VISION_VARIANTS key
@@ -47,9 +50,19 @@ class ModelOptions:
   image_token: Union[str, int] = "<image>"  # placeholder token (or its id)
   vision_overrides: dict = dataclasses.field(default_factory=dict)  # VisionConfig fields
   llm_overrides: dict = dataclasses.field(default_factory=dict)  # LLMConfig fields
+  # Any resolution (LLaVA-NeXT / OneVision): LlavaConfig's image_grid_pinpoints,
+  # vision_aspect_ratio, max_tiles_per_image, max_image_tokens; None: LLaVA-1.5.
+  anyres: Union[dict, None] = None
 
   def __post_init__(self):
     from llava_jax.models.configs import LLMConfig, VisionConfig
+
+    known = set(ANYRES_KEYS)
+    for name in self.anyres or {}:
+      if name not in known:
+        raise ConfigError(f"unknown config key model.anyres.{name}{_suggest(name, known, 'model.anyres.')}")
+    if self.anyres is not None and not self.anyres.get("image_grid_pinpoints"):
+      raise ConfigError("model.anyres needs image_grid_pinpoints ([[height, width], ...], multiples of the tile)")
 
     for key, cls in (("vision_overrides", VisionConfig), ("llm_overrides", LLMConfig)):
       known = {f.name for f in dataclasses.fields(cls)}
@@ -73,6 +86,8 @@ class DataOptions:
   eval_questions: str = ""  # demo / llava_jax.evaluate inputs
   eval_annotations: str = ""
   max_images: int = 1  # image slots per row (packed: per row too)
+  # anyres: an image needing more tiles/tokens than a slot holds (data.anyres_example)
+  over_budget: Literal["reject", "downscale"] = "reject"
   policy: Literal["skip", "raise"] = "skip"  # a bad record is counted and skipped, or stops
   workers: int = 0  # grain worker processes (0: in-process)
   read_threads: Union[int, None] = None  # parallel image reads (None: by storage)

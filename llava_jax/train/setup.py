@@ -31,7 +31,8 @@ from llava_jax.train import optim
 from llava_jax.train import run_config
 from llava_jax.train import state as state_lib
 from llava_jax.train import validate
-from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step
+from llava_jax.data.anyres_example import sources_per_token
+from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step, model_keys
 
 
 def model_config(config, tokenizer=None) -> LlavaConfig:
@@ -56,7 +57,8 @@ def model_config(config, tokenizer=None) -> LlavaConfig:
   if image_token_id is None:
     image_token_id = llm.vocab_size  # outside the vocabulary: placeholders map to row 0
   pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-  return llava_config(vision, llm, projector=m.projector, image_token_id=image_token_id, pad_token_id=pad)
+  anyres = {k: tuple(map(tuple, v)) if k == "image_grid_pinpoints" else v for k, v in (m.anyres or {}).items()}
+  return llava_config(vision, llm, projector=m.projector, image_token_id=image_token_id, pad_token_id=pad, **anyres)
 
 
 def optim_config(config) -> optim.OptimConfig:
@@ -97,12 +99,13 @@ def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> di
   """Shapes of one global training batch (the model keys of ``data.pipeline``'s batches).
 
   B = ``train.batch_size`` (global), T = ``data.max_len``, M = ``data.max_images``,
-  S = the tower's image size.
+  S = the tower's image size; anyres configs: P tiles per slot and the layout keys
+  (``data.anyres_example``).
   """
   run = run_config.parse(config)
   b = batch_size or run.train.batch_size
   t, m, s = run.data.max_len, run.data.max_images, cfg.vision.image_size
-  return {
+  spec = {
       "input_ids": jax.ShapeDtypeStruct((b, t), jnp.int32),
       "labels": jax.ShapeDtypeStruct((b, t), jnp.int32),
       "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
@@ -110,6 +113,13 @@ def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> di
       "pixel_values": jax.ShapeDtypeStruct((b, m, s, s, 3), jnp.float32),
       "image_mask": jax.ShapeDtypeStruct((b, m), jnp.bool_),
   }
+  if cfg.anyres:  # P tiles per slot and the slots' token layout (data.anyres_example)
+    n, k = cfg.image_token_budget, sources_per_token(cfg)
+    spec["pixel_values"] = jax.ShapeDtypeStruct((b, m, cfg.tiles_per_image, s, s, 3), jnp.float32)
+    spec["image_index"] = jax.ShapeDtypeStruct((b, m, n, k), jnp.int32)
+    spec["image_weight"] = jax.ShapeDtypeStruct((b, m, n, k), jnp.float32)
+    spec["image_tokens"] = jax.ShapeDtypeStruct((b, m), jnp.int32)
+  return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +160,7 @@ class TrainSetup:
     no host-local array reaches the jitted step.
     """
     out = {}
-    for k in MODEL_KEYS:
+    for k in model_keys(self.cfg):
       v = local[k]
       shape = (self.global_batch_size,) + tuple(v.shape[1:])
       out[k] = jax.make_array_from_process_local_data(self.batch_shardings[k], v, shape)
@@ -179,7 +189,7 @@ class TrainSetup:
         self.cfg,
         tokens=int(np.prod(spec["input_ids"].shape)),
         seq_len=spec["input_ids"].shape[1],
-        images=int(np.prod(spec["image_mask"].shape)),
+        images=int(np.prod(spec["pixel_values"].shape[:-3])),  # anyres: every tile slot
         train_img=groups["img"],
         train_projector=groups["projector"],
         train_llm=groups["llm"],

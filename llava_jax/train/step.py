@@ -4,7 +4,9 @@ Batches (from ``llava_jax.data.pipeline``): ``input_ids int32[B, T]``, ``labels
 int32[B, T]`` (IGNORE = -100 except assistant answers), ``attention_mask int32[B, T]``
 (0 = padding; packed rows: segment ids 1, 2, ... one per example), ``positions
 int32[B, T]`` (optional; RoPE positions restarting per example),
-``pixel_values float32[B, M, S, S, 3]``, ``image_mask bool[B, M]``.
+``pixel_values float32[B, M, S, S, 3]``, ``image_mask bool[B, M]``; any-resolution
+configs: ``pixel_values float32[B, M, P, S, S, 3]`` and the layout keys ``image_index``,
+``image_weight``, ``image_tokens`` (``data.anyres_example``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llava_jax.data.anyres_example import LAYOUT_KEYS
 from llava_jax.data.tokenize import IGNORE
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_values", "image_mask")
+
+
+def model_keys(cfg: LlavaConfig) -> tuple[str, ...]:
+  """The batch keys the step reads: ``MODEL_KEYS``, plus the image layout of anyres configs
+  (``data.anyres_example.LAYOUT_KEYS``)."""
+  return MODEL_KEYS + (LAYOUT_KEYS if cfg.anyres else ())
+
+
+def batch_ndims(cfg: LlavaConfig) -> dict[str, int]:
+  """Rank of each ``model_keys(cfg)`` array in a batch (``data.pipeline``)."""
+  ndims = {"pixel_values": 6 if cfg.anyres else 5, "image_index": 4, "image_weight": 4}
+  return {k: ndims.get(k, 2) for k in model_keys(cfg)}
+
+
+def apply_model(model: Llava, params, batch, **kwargs):
+  """``model`` on a batch's model keys (an anyres batch's layout included); kwargs as ``Llava.__call__``."""
+  layout = None
+  if "image_index" in batch:
+    layout = (batch["image_index"], batch["image_weight"], batch["image_tokens"])
+  return model.apply(
+      {"params": params},
+      batch["input_ids"],
+      batch.get("pixel_values"),
+      batch.get("attention_mask"),
+      positions=batch.get("positions"),
+      image_mask=batch.get("image_mask"),
+      image_layout=layout,
+      **kwargs,
+  )
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -138,18 +170,10 @@ def loss_fn(params, batch, cfg: LlavaConfig, step_cfg: StepConfig):
   "examples" and the per-example mean (``loss_norm="example"``) count each example of
   a packed row on its own.
   """
-  model_batch = {k: batch[k] for k in MODEL_KEYS if k in batch}
+  model_batch = {k: batch[k] for k in model_keys(cfg) if k in batch}
   mask = model_batch.get("attention_mask")
   model = Llava(cfg)
-  out = model.apply(
-      {"params": params},
-      model_batch["input_ids"],
-      model_batch.get("pixel_values"),
-      mask,
-      positions=model_batch.get("positions"),
-      image_mask=model_batch.get("image_mask"),
-      hidden_only=step_cfg.target_fraction is not None,
-  )
+  out = apply_model(model, params, model_batch, hidden_only=step_cfg.target_fraction is not None)
   if step_cfg.target_fraction is None:
     nll, w, correct = token_loss(out, model_batch["labels"], mask)
   else:

@@ -58,7 +58,7 @@ def _kw(tok, **over):
 def _config(tok, **over) -> P.PipelineConfig:
   """`_kw` as a PipelineConfig: the example's fields go to its ExampleSpec."""
   kw = _kw(tok, **over)
-  example = {f.name: kw.pop(f.name) for f in dataclasses.fields(P.ExampleSpec)}
+  example = {f.name: kw.pop(f.name) for f in dataclasses.fields(P.ExampleSpec) if f.name in kw}
   return P.PipelineConfig(P.ExampleSpec(**example), **kw)
 
 

@@ -50,7 +50,7 @@ def _kw(tok, **over):
 def _config(tok, **over) -> P.PipelineConfig:
   """`_kw` as a PipelineConfig: the example's fields go to its ExampleSpec."""
   kw = _kw(tok, **over)
-  example = {f.name: kw.pop(f.name) for f in dataclasses.fields(P.ExampleSpec)}
+  example = {f.name: kw.pop(f.name) for f in dataclasses.fields(P.ExampleSpec) if f.name in kw}
   return P.PipelineConfig(P.ExampleSpec(**example), **kw)
 
 
@@ -178,6 +178,7 @@ def test_each_bad_input_is_counted_under_its_reason_and_skipped(data, tmp_path, 
       "truncated_image": 0,
       "bad_record": 0,
       "empty_answer": 0,
+      "image_over_budget": 0,
   }
   for r in bad:
     assert f"'{r['id']}'" in caplog.text  # every rejection logged with its id
