@@ -94,11 +94,22 @@ def max_tiles(cfg) -> int:
 
 
 def max_tokens(cfg) -> int:
-  """An upper bound on the packed tokens of any image size (the default token budget)."""
+  """An upper bound on the packed tokens of any image that fits the tile budget (the default
+  token budget): only pinpoints whose grid fits ``cfg.tiles_per_image`` count."""
   v = cfg.vision
   p = v.image_size // v.patch_size
-  rows = max(h // v.image_size for h, _ in cfg.image_grid_pinpoints) * p
-  full = max((h // v.image_size * p) * (w // v.image_size * p + 1) for h, w in cfg.image_grid_pinpoints)
+  points = [
+      (h, w)
+      for h, w in cfg.image_grid_pinpoints
+      if 1 + (h // v.image_size) * (w // v.image_size) <= cfg.tiles_per_image
+  ]
+  if not points:
+    raise ValueError(
+        f"max_tiles_per_image={cfg.tiles_per_image} holds no pinpoint's grid (the smallest needs "
+        f"{_max_tiles([min(cfg.image_grid_pinpoints, key=lambda q: q[0] * q[1])], v.image_size)} tiles)"
+    )
+  rows = max(h // v.image_size for h, _ in points) * p
+  full = max((h // v.image_size * p) * (w // v.image_size * p + 1) for h, w in points)
   n = max_patches(cfg)
   if n is not None:
     # Unshrunk: h * w <= 1.1**2 * n * p**2; shrunk: h' * w' <= n * p**2; plus one newline a row.
