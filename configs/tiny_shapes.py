@@ -14,7 +14,9 @@ about two images, the direction of a shape moving over three frames) with every
 ``<image>`` where the text puts it (``vicuna_v1@inline``), single-image conversations
 mixed back in.
 
-``anyres=1`` (any stage) makes the model any-resolution (LLaVA-NeXT's tiling over
+``video=1`` (stage 3, or the few-step ``test``) gives the model a video token
+(``model.video``): each clip goes to a video slot (``pixel_values_videos``) instead of
+being its frames as images. ``anyres=1`` (any stage) makes the model any-resolution (LLaVA-NeXT's tiling over
 ``ANYRES_PINPOINTS``, ``llava_jax/data/anyres_example.py``): each 42 px scene becomes a
 base tile plus a 1x2 grid of 42 px tiles, 30 image tokens instead of 9. The multi-process
 and CLI tests train it that way.
@@ -27,7 +29,7 @@ ANYRES_PINPOINTS = ((42, 84), (84, 42), (84, 84))  # tile side 42: 1x2, 2x1, 2x2
 
 
 def get_config(arg: str = "stage1"):
-  a = parse_arg(arg, positional="stage", stage="stage1", root="runs/shapes", anyres="0")
+  a = parse_arg(arg, positional="stage", stage="stage1", root="runs/shapes", anyres="0", video="0")
   stage, root = a["stage"], a["root"]
   if stage not in STAGES:
     raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
@@ -46,8 +48,9 @@ def get_config(arg: str = "stage1"):
   # 8000 training scenes (24,000 VQA conversations; stage 2 sees each about 1.6 times): with
   # 4000 the same 1200 steps reached 88.5% held-out greedy exact match on seed 1 (97.5% on
   # seed 0); with 8000, 99.3 / 96.0 / 89.7% on seeds 0 / 1 / 2 (README, "Demo figures").
-  if a["anyres"] not in ("0", "1"):
-    raise ValueError(f"anyres={a['anyres']!r}: expected 0 or 1")
+  for key in ("anyres", "video"):
+    if a[key] not in ("0", "1"):
+      raise ValueError(f"{key}={a[key]!r}: expected 0 or 1")
   if a["anyres"] == "1":
     c.model.anyres = dict(image_grid_pinpoints=[list(p) for p in ANYRES_PINPOINTS])
   c.data.synthetic = dict(dir=data_dir, seed=0, n_train=8000, n_val=200, image_size=42)
@@ -75,8 +78,9 @@ def get_config(arg: str = "stage1"):
         eval_questions=f"{data_dir}/eval_multi_questions.jsonl",
         eval_annotations=f"{data_dir}/eval_multi_annotations.jsonl",
         template="vicuna_v1@inline",
-        max_images=3,  # two images, or three frames
+        max_images=3,  # two images, or a video's three frames
         max_len=160,
+        video_frames=3,  # the clips' frames (data/synthetic_multi.py: FFV1 .mkv files)
     )
   # There are no pretrained weights to keep: every parameter trains in both stages.
   c.optim.update(lr=3e-3 if stage == "stage1" else 1e-3, warmup_ratio=0.05, final_lr_ratio=0.05, lr_rules=[[".*", 1.0]])
@@ -114,6 +118,12 @@ def get_config(arg: str = "stage1"):
         peak_tflops=1.0,
     )
     c.optim.lr = 1e-3
+    if a["video"] == "1":  # a few multi-image and video conversations (stage 3's tasks)
+      c.data.synthetic.multi = dict(n_train=24, n_val=8, replay=8)
+      c.data.update(template="vicuna_v1@inline", train=f"{data_dir}/stage3.jsonl", max_images=2, max_len=160)
+  if a["video"] == "1":  # a video token: each clip in a video slot, its frames' features unpooled
+    c.model.video = dict(pooling="average", pool_stride=1)
+    c.data.update(video_frames=3, max_videos=1)
   return c
 
 

@@ -142,7 +142,13 @@ def multi(root: str, seed: int):
   d = config.data
   out = os.path.join(root, "eval_multi")
   run_eval(
-      model, out, task="synthetic", questions=d.eval_questions, annotations=d.eval_annotations, image_root=d.image_root
+      model,
+      out,
+      task="synthetic",
+      questions=d.eval_questions,
+      annotations=d.eval_annotations,
+      image_root=d.image_root,
+      video_frames=d.video_frames,
   )
   by_kind = accuracy_by_category(str(answers_path(out, "synthetic")), d.eval_questions, d.eval_annotations)
   shown = ", ".join(f"{k} {acc:.1%} of {n}" for k, (acc, n) in by_kind.items())
@@ -151,9 +157,11 @@ def multi(root: str, seed: int):
     questions = [json.loads(line) for line in f]
   for kind in ("pair", "video"):
     q = next(q for q in questions if f"-{kind}-" in q["question_id"])
-    images = [load_image(os.path.join(d.image_root, name)) for name in q["image"]]
-    answer = model.answer([{"from": "human", "value": q["text"]}], images, max_new_tokens=8)
-    print(f"== {kind} {q['image']}\n   Q: {q['text'].splitlines()[-2]}\n   A: {answer}")
+    images = [load_image(os.path.join(d.image_root, name)) for name in q.get("image", [])]
+    clip = os.path.join(d.image_root, q["video"]) if "video" in q else None
+    turn = [{"from": "human", "value": q["text"]}]
+    answer = model.answer(turn, images or None, clip, num_frames=d.video_frames, max_new_tokens=8)
+    print(f"== {kind} {q.get('image') or q['video']}\n   Q: {q['text'].splitlines()[-2]}\n   A: {answer}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def pack(
     seed: int,
     shuffle_bins: bool = True,
     image_keys: tuple[str, ...] = (),
+    max_videos: int = 0,
 ) -> grain.IterDataset:
   """Packs unpadded examples (`prepare_example(record, spec, pad=False)`) into rows.
 
@@ -56,6 +57,8 @@ def pack(
       late (short examples only) are not always last.
     image_keys: further per-image keys ([I, ...], like "pixel_values") packed into the
       same M slots (anyres: `anyres_example.LAYOUT_KEYS`).
+    max_videos: video slots V per row; > 0: examples carry "pixel_values_videos"
+      [Vi, F, S, S, 3] and rows get it [V, ...] with "video_mask" bool[V].
 
   Returns:
     an IterDataset of rows (see the module docstring; plus "input_ids", "labels"
@@ -66,20 +69,30 @@ def pack(
   packed = grain.experimental.FirstFitPackIterDataset(
       ds,
       length_struct={"input_ids": max_len, "labels": max_len, "pixel_values": max_images}
-      | {k: max_images for k in image_keys},
+      | {k: max_images for k in image_keys}
+      | ({"pixel_values_videos": max_videos} if max_videos else {}),
       num_packing_bins=num_bins,
       seed=seed,
       shuffle_bins=shuffle_bins,
       meta_features=("ids",),
-      padding_struct={"input_ids": pad_id, "labels": IGNORE, "pixel_values": 0} | {k: 0 for k in image_keys},
+      padding_struct={"input_ids": pad_id, "labels": IGNORE, "pixel_values": 0}
+      | {k: 0 for k in image_keys}
+      | ({"pixel_values_videos": 0} if max_videos else {}),
   )
-  return packed.map(functools.partial(to_row, image_keys=image_keys))
+  return packed.map(functools.partial(to_row, image_keys=image_keys, videos=bool(max_videos)))
 
 
-def to_row(packed: Mapping[str, Any], image_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+def to_row(packed: Mapping[str, Any], image_keys: tuple[str, ...] = (), videos: bool = False) -> dict[str, Any]:
   """grain's packed features -> the pipeline's row keys (see the module docstring)."""
+  video = {}
+  if videos:
+    video = {
+        "pixel_values_videos": packed["pixel_values_videos"].astype(np.float32),
+        "video_mask": packed["pixel_values_videos_segment_ids"] != 0,
+    }
   return {
       **{k: packed[k] for k in image_keys},
+      **video,
       "input_ids": packed["input_ids"].astype(np.int32),
       "labels": packed["labels"].astype(np.int32),
       "attention_mask": packed["input_ids_segment_ids"].astype(np.int32),

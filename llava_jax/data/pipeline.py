@@ -71,6 +71,14 @@ Any-resolution models (`ExampleSpec.anyres`, LLaVA-NeXT / OneVision; see
     image_weight    float32[B, M, N, K]  (N = cfg.image_token_budget)
     image_tokens    int32[B, M]          packed tokens per slot, 0 when empty
 
+Models with a video token and `data.max_videos` V > 0 slots (`example.VideoSpec`):
+
+    pixel_values_videos  float32[B, V, F, S, S, 3]  F frames per video, zeros in unused slots
+    video_mask           bool[B, V]                 True for real videos
+
+One example (`ExampleSpec`, `prepare_example`, the media rules and rejections) is
+`llava_jax.data.example`'s; this module batches them.
+
 `ids` is not an array JAX can take: drop it before `jax.device_put`.
 """
 
@@ -92,11 +100,17 @@ from llava_jax.data.grain_stages import (
     _CountRejected,
     resume_batch,
 )
-from llava_jax.data.images import ImageConfig, load_image, preprocess
-from llava_jax.data.templates import Template
-from llava_jax.data.records import RecordError, image_list, sample_id_of
-from llava_jax.data.tokenize import IGNORE, Rejected, RejectReason, TokenizedSample, tokenize_conversation
-from llava_jax.tokenizer import Tokenizer
+from llava_jax.data.example import (
+    BATCH_KEYS,
+    VIDEO_KEYS,
+    ExampleSpec,
+    PrepareExample,
+    VideoSpec,
+    empty_example,
+    pad_example,
+    prepare_example,
+)
+from llava_jax.data.tokenize import IGNORE
 
 REMOTE_READ_THREADS = 16  # grain read threads when data comes from a bucket (see the module docstring)
 LOCAL_READ_THREADS = 2
@@ -114,10 +128,10 @@ def default_read_threads(*paths) -> int:
   return LOCAL_READ_THREADS
 
 
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_values", "image_mask", "ids")
-
 __all__ = [  # the pipeline's API, with what it re-exports from grain_stages
     "BATCH_KEYS",
+    "VIDEO_KEYS",
+    "VideoSpec",
     "EmptySlot",
     "ExampleSpec",
     "GlobalBatchRows",
@@ -136,239 +150,6 @@ __all__ = [  # the pipeline's API, with what it re-exports from grain_stages
     "prepare_example",
     "resume_batch",
 ]
-
-
-# ----------------------------------------------------------------------------- one example
-
-
-@dataclasses.dataclass(frozen=True)
-class ExampleSpec:
-  """What one example is: how a record is tokenized and its images preprocessed.
-
-  tokenizer, template, image_token_id, num_image_tokens, max_len: as
-  `tokenize.tokenize_conversation`; T = max_len. image_config: preprocessing;
-  S = image_config.size. max_images: image slots M per example; a sample with more
-  images is rejected (`image_count_mismatch`). Training and evaluation of one run share
-  one (`for_model` takes the image token and its count from the model config).
-  anyres: the anyres `LlavaConfig` whose tiling and token layout images follow
-  (`anyres_example`; `num_image_tokens` is then per image, from its size), or None
-  (LLaVA-1.5: one S x S image per slot). over_budget: "reject" | "downscale", for
-  anyres images that need more tiles or tokens than a slot holds.
-  """
-
-  tokenizer: Tokenizer
-  template: str | Template
-  image_config: ImageConfig
-  image_token_id: int
-  num_image_tokens: int
-  max_len: int
-  max_images: int
-  anyres: Any = None  # LlavaConfig with image_grid_pinpoints, or None
-  over_budget: str = "reject"
-
-  def __post_init__(self):
-    if self.max_images < 0 or self.max_len < 1:
-      raise ValueError(f"need max_images >= 0 and max_len >= 1; got {self.max_images}, {self.max_len}")
-    if self.over_budget not in anyres_example.OVER_BUDGET_POLICIES:
-      raise ValueError(f"over_budget must be one of {anyres_example.OVER_BUDGET_POLICIES}, got {self.over_budget!r}")
-    if self.anyres is not None and not self.anyres.anyres:
-      raise ValueError("ExampleSpec.anyres must be a LlavaConfig with image_grid_pinpoints (or None)")
-
-  @classmethod
-  def for_model(
-      cls,
-      cfg,
-      *,
-      tokenizer: Tokenizer,
-      template: str | Template,
-      image_config: ImageConfig,
-      max_len: int,
-      max_images: int,
-      over_budget: str = "reject",
-  ) -> "ExampleSpec":
-    """The spec for a `LlavaConfig` `cfg` (its image token id and tokens per image; its
-    tiling if it is an anyres config)."""
-    return cls(
-        tokenizer,
-        template,
-        image_config,
-        cfg.image_token_id,
-        cfg.num_image_tokens,
-        max_len,
-        max_images,
-        anyres=cfg if cfg.anyres else None,
-        over_budget=over_budget,
-    )
-
-  def keys(self) -> tuple[str, ...]:
-    """The keys of an example (and of a batch): `BATCH_KEYS`, plus the layout keys of anyres."""
-    return BATCH_KEYS + (anyres_example.LAYOUT_KEYS if self.anyres is not None else ())
-
-
-def prepare_example(record: Mapping, spec: ExampleSpec, *, pad: bool = True) -> dict[str, Any] | Rejected:
-  """One source record -> a padded example, or a Rejected saying why not.
-
-  Args:
-    record: `{"id", "conversations", "images": [path | bytes | None, ...]}`
-      (a `sources` record; LLaVA's "image" key works too, not both: `records.image_list`).
-    spec: the example's tokenization, image preprocessing, T and M (`ExampleSpec`).
-    pad: False returns the example unpadded, for packing: {"input_ids": int32[L],
-      "labels": int32[L], "pixel_values": float32[I, S, S, 3], "ids": str} with L
-      tokens and I images.
-
-  Returns:
-    {"input_ids": int32[T], "labels": int32[T], "attention_mask": int32[T],
-    "positions": int32[T], "pixel_values": float32[M, S, S, 3], "image_mask": bool[M],
-    "ids": str} with T = max_len, or Rejected(id, reason, detail): `image_count_mismatch`
-    for more than M images, `bad_image` for a missing (None, or no such
-    file) or undecodable image, `bad_record` for an unreadable record or one with
-    both "image" and "images",
-    and every reason of `tokenize_conversation`.
-  """
-  max_images, max_len = spec.max_images, spec.max_len
-  sid = sample_id_of(record)
-  if record.get("error"):  # the source could not read it (sources.bad_record)
-    return Rejected(sid, RejectReason.BAD_RECORD, str(record["error"]))
-  try:
-    images = image_list(record)
-  except RecordError as e:  # both "image" and "images"
-    return Rejected(sid, RejectReason.BAD_RECORD, str(e))
-  if len(images) > max_images:
-    return Rejected(
-        sid,
-        RejectReason.IMAGE_COUNT_MISMATCH,
-        f"{len(images)} images, more than the max_images={max_images} slots per example",
-    )
-  if spec.anyres is not None:
-    return _prepare_anyres(record, sid, images, spec, pad)
-  tokenized = tokenize_conversation(
-      {"id": sid, "conversations": record.get("conversations"), "images": images},
-      spec.tokenizer,
-      spec.template,
-      image_token_id=spec.image_token_id,
-      num_image_tokens=spec.num_image_tokens,
-      max_len=max_len,
-  )
-  if isinstance(tokenized, Rejected):
-    return tokenized
-  s = spec.image_config.size
-  pixels = np.zeros((max_images if pad else len(images), s, s, 3), np.float32)
-  # Images cut away by truncation are already rejected (truncated_image), so all are used.
-  for k, image in enumerate(images):
-    if image is None:  # a source that could not provide it
-      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)} is missing (None)")
-    try:
-      pixels[k] = preprocess(load_image(image), spec.image_config)
-    except (ValueError, OSError) as e:  # load_image: ValueError naming the file; OSError: unreadable
-      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)}: {e}")
-  if not pad:
-    return {
-        "input_ids": np.asarray(tokenized.input_ids, np.int32),
-        "labels": np.asarray(tokenized.labels, np.int32),
-        "pixel_values": pixels,
-        "ids": tokenized.sample_id,
-    }
-  return pad_example(
-      tokenized, max_len=max_len, pad_id=spec.tokenizer.pad_id, pixel_values=pixels, num_images=len(images)
-  )
-
-
-def _prepare_anyres(record: Mapping, sid: str, images: list, spec: ExampleSpec, pad: bool) -> dict[str, Any] | Rejected:
-  """`prepare_example` of an anyres spec: images first (their sizes set the token counts)."""
-  decoded = []
-  for k, image in enumerate(images):
-    if image is None:
-      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)} is missing (None)")
-    try:
-      decoded.append(load_image(image))
-    except (ValueError, OSError) as e:
-      return Rejected(sid, RejectReason.BAD_IMAGE, f"image {k} of {len(images)}: {e}")
-  tiled = anyres_example.prepare_images(decoded, spec.anyres, spec.image_config, spec.over_budget)
-  if tiled.error is not None:
-    return Rejected(sid, RejectReason.IMAGE_OVER_BUDGET, tiled.error)
-  tokenized = tokenize_conversation(
-      {"id": sid, "conversations": record.get("conversations"), "images": images},
-      spec.tokenizer,
-      spec.template,
-      image_token_id=spec.image_token_id,
-      num_image_tokens=[int(n) for n in tiled.image_tokens],
-      max_len=spec.max_len,
-  )
-  if isinstance(tokenized, Rejected):
-    return tokenized
-  arrays = anyres_example.slot_arrays(tiled, spec.max_images if pad else None)
-  if pad:
-    out = pad_example(
-        tokenized,
-        max_len=spec.max_len,
-        pad_id=spec.tokenizer.pad_id,
-        pixel_values=arrays.pop("pixel_values"),
-        num_images=len(images),
-    )
-    out.update(arrays)
-  else:
-    out = {
-        "input_ids": np.asarray(tokenized.input_ids, np.int32),
-        "labels": np.asarray(tokenized.labels, np.int32),
-        **arrays,
-        "ids": tokenized.sample_id,
-    }
-  if tiled.downscaled:
-    out["notes"] = tuple(("image_downscaled", note) for note in tiled.downscaled)
-  return out
-
-
-def pad_example(
-    sample: TokenizedSample, *, max_len: int, pad_id: int, pixel_values: np.ndarray, num_images: int
-) -> dict[str, Any]:
-  """A TokenizedSample (L <= max_len tokens) -> fixed-length arrays (see `prepare_example`)."""
-  n = len(sample.input_ids)
-  input_ids = np.full((max_len,), pad_id, np.int32)
-  labels = np.full((max_len,), IGNORE, np.int32)
-  mask = np.zeros((max_len,), np.int32)
-  positions = np.zeros((max_len,), np.int32)
-  input_ids[:n], labels[:n], mask[:n], positions[:n] = sample.input_ids, sample.labels, 1, np.arange(n)
-  image_mask = np.zeros((pixel_values.shape[0],), bool)
-  image_mask[:num_images] = True
-  return {
-      "input_ids": input_ids,
-      "labels": labels,
-      "attention_mask": mask,
-      "positions": positions,
-      "pixel_values": pixel_values,
-      "image_mask": image_mask,
-      "ids": sample.sample_id,
-  }
-
-
-def empty_example(spec: ExampleSpec) -> dict[str, Any]:
-  """An empty row: pad tokens, IGNORE labels, mask 0, no images, id ""."""
-  max_len, max_images, image_size, pad_id = spec.max_len, spec.max_images, spec.image_config.size, spec.tokenizer.pad_id
-  row = {
-      "input_ids": np.full((max_len,), pad_id, np.int32),
-      "labels": np.full((max_len,), IGNORE, np.int32),
-      "attention_mask": np.zeros((max_len,), np.int32),
-      "positions": np.zeros((max_len,), np.int32),
-      "pixel_values": np.zeros((max_images, image_size, image_size, 3), np.float32),
-      "image_mask": np.zeros((max_images,), bool),
-      "ids": "",
-  }
-  if spec.anyres is not None:
-    row.update(anyres_example.empty_slots(spec.anyres, spec.image_config, max_images))
-  return row
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepareExample(grain.transforms.Map):
-  """`prepare_example` as a picklable grain transform (it runs in worker processes)."""
-
-  spec: ExampleSpec
-  pad: bool = True
-
-  def map(self, record):
-    if isinstance(record, EmptySlot):  # GlobalBatchRows past the end of a finite pass
-      return record
-    return prepare_example(record, self.spec, pad=self.pad)
 
 
 def collate(
@@ -525,6 +306,7 @@ def _build(source, config: PipelineConfig, counter: RejectCounter | None):
         max_len=spec.max_len,
         max_images=spec.max_images,
         image_keys=anyres_example.LAYOUT_KEYS if spec.anyres is not None else (),
+        max_videos=spec.video_slots,
         pad_id=pad_id,
         num_bins=c.pack_bins or 2 * rows,
         seed=c.seed,

@@ -6,6 +6,9 @@ A record names its images under one key:
     "images": a list of paths or encoded bytes (our normalised records: what
               `sources.normalize_record` and the array_record shards return)
 
+and its videos, likewise, under "video" (one path or a list: LLaVA-Video-178K,
+LLaVA-OneVision's video data) or "videos" (a list: our normalised records).
+
 A key whose value is None counts as absent. A record with both keys is ambiguous
 (LLaVA never writes both, and neither list can be trusted over the other), so it is an
 error, `RecordError` naming the record, which the readers turn into a `bad_record`
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Mapping
 
 IMAGE_KEYS = ("image", "images")
+VIDEO_KEYS = ("video", "videos")
 
 
 class RecordError(ValueError):
@@ -34,10 +38,23 @@ def image_list(record: Mapping) -> list:
   Raises:
     RecordError: the record has both an "image" and an "images" value.
   """
-  given = {k: _as_list(record[k]) for k in IMAGE_KEYS if record.get(k) is not None}
+  return _media(record, IMAGE_KEYS, "image")
+
+
+def video_list(record: Mapping) -> list:
+  """The videos `record` names ("video" or "videos"), as a list ([] if none).
+
+  Raises:
+    RecordError: the record has both a "video" and a "videos" value.
+  """
+  return _media(record, VIDEO_KEYS, "video")
+
+
+def _media(record: Mapping, keys: tuple[str, str], kind: str) -> list:
+  given = {k: _as_list(record[k]) for k in keys if record.get(k) is not None}
   if len(given) > 1:
-    counts = " and ".join(f"{k!r} ({len(v)} image{'s' * (len(v) != 1)})" for k, v in given.items())
-    raise RecordError(f"record {sample_id_of(record)!r} has both {counts}; a record names its images under one key")
+    counts = " and ".join(f"{k!r} ({len(v)} {kind}{'s' * (len(v) != 1)})" for k, v in given.items())
+    raise RecordError(f"record {sample_id_of(record)!r} has both {counts}; a record names its {kind}s under one key")
   return next(iter(given.values()), [])
 
 

@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from llava_jax import storage
-from llava_jax.data.records import RecordError, image_list, sample_id_of
+from llava_jax.data.records import RecordError, image_list, sample_id_of, video_list
 
 Record = dict[str, Any]
 
@@ -73,20 +73,25 @@ def resolve_image(image, image_root: str | None):
 def normalize_record(
     record: Mapping, image_root: str | os.PathLike | None = None, *, default_id: str | None = None
 ) -> Record:
-  """A LLaVA JSON record -> `{"id", "conversations", "images"}` (image paths joined to `image_root`).
+  """A LLaVA JSON record -> `{"id", "conversations", "images"}` (image paths joined to `image_root`),
+  plus `"videos"` (joined likewise) when it names any.
 
   Raises:
-    RecordError: the record names images under both "image" and "images".
+    RecordError: the record names images under both "image" and "images" (videos: "video", "videos").
   """
   root = None if image_root is None else os.fspath(image_root)
   sid = sample_id_of(record)
   if sid == "<no id>" and default_id is not None:
     sid = default_id
-  return {
+  out = {
       "id": sid,
       "conversations": record.get("conversations"),
       "images": [resolve_image(im, root) for im in image_list(record)],
   }
+  videos = video_list(record)
+  if videos:  # paths under the same root (LLaVA-NeXT's video_folder: point image_root at it)
+    out["videos"] = [resolve_image(v, root) for v in videos]
+  return out
 
 
 def bad_record(sample_id: str, detail: str) -> Record:

@@ -10,8 +10,8 @@ template "NAME@inline", e.g. "vicuna_v1@inline"):
             both images: "Which image has more shapes, the first or the second?" -> "first"
             (the counts differ), "Which image shows the circle, the first or the second?"
             -> "second" (exactly one shows it), "Is there a square in both images?" -> "no".
-    video   three frames of one shape moving along the middle row or column, or staying:
-            "Frames: <image> <image> <image>\\nWhich way does the circle move?" -> "right"
+    video   a three-frame video file of one shape moving along the middle row or column, or
+            staying: "Frames: <video>\\nWhich way does the circle move?" -> "right"
             (or "left", "up", "down", "none"); training conversations also ask where the
             shape is in the first and in the last frame, in random order with it. Positions along the row are left, center,
             right (column: top, center, bottom); a moving shape goes from a start cell to
@@ -21,8 +21,14 @@ template "NAME@inline", e.g. "vicuna_v1@inline"):
             left starts "right" or "none"; a centre frame fits every answer): the task
             needs the first and the last frame compared.
 
-The frames are images (LLaVA-Interleave's way with video: frames as images); the pooled
-video path of LLaVA-OneVision models is proved against transformers by the parity tests.
+Each video is a real file (`video_{split}_NNNNNN.mkv`, FFV1: lossless, so its decoded
+frames are the rendered ones), read by the training pipeline and the evaluator as any
+video is (`data.example`: PyAV, F = `data.video_frames` = 3 frames sampled). The tiny
+model has no video token, so it sees a video as its frames: "Frames: <video>" becomes
+"Frames: <image> <image> <image>" (LLaVA-Interleave's way); `configs/tiny_shapes.py`
+with `video=1` gives it a video token instead (one video slot, the frames' features
+unpooled). The pooled video path of LLaVA-OneVision models is proved against
+transformers by the parity tests.
 
 Held out: a pair is on the validation side iff both its scenes are (`synthetic.is_heldout`),
 a video iff its (colour, shape, direction) is one of the held-out ones (`video_heldout`).
@@ -30,9 +36,10 @@ a video iff its (colour, shape, direction) is one of the held-out ones (`video_h
 Files (`out_dir` is the `write_synthetic` directory; its tokenizer is not changed, so the
 stage-1/2 runs the multi-image stage starts from keep their vocabulary):
 
-    images/{pair,video}_{train,val}_NNNNNN_K.png   the K-th image of a sample
+    images/pair_{train,val}_NNNNNN_K.png          the K-th image of a pair
+    images/video_{train,val}_NNNNNN.mkv           a video (FRAMES frames, FFV1)
     stage3.jsonl, stage3_val.jsonl                  pairs + videos (+ `replay` stage-2 conversations)
-    eval_multi_questions.jsonl                      {"question_id", "image": [...], "text", "category"}
+    eval_multi_questions.jsonl                      {"question_id", "image": [...] | "video", "text", "category"}
     eval_multi_annotations.jsonl                    category "compare", "presence", "both" or "motion"
 """
 
@@ -44,13 +51,14 @@ import os
 import numpy as np
 
 from llava_jax.data import synthetic as sy
+from llava_jax.data.video import write_video
 
 FRAMES = 3  # per video
 DIRECTIONS = ("left", "right", "up", "down", "none")  # the video answers
 _LINES = {"row": ("left", "center", "right"), "column": ("top", "center", "bottom")}
 _DIRECTION = {("row", 1): "right", ("row", -1): "left", ("column", 1): "down", ("column", -1): "up"}
 PAIR_PROMPT = "Image one: <image>\nImage two: <image>\n"
-VIDEO_PROMPT = "Frames: " + " ".join([sy.IMAGE_TAG] * FRAMES) + "\n"
+VIDEO_PROMPT = "Frames: <video>\n"  # the video's FRAMES frames, for a model that takes them as images
 
 
 def pair_questions(a: sy.Scene, b: sy.Scene) -> list[tuple[str, str, str]]:
@@ -180,11 +188,9 @@ def write_multi(
       if video_heldout(shape, direction) != heldout:
         continue
       sid = f"{sy.NAME}-video-{split}-{i:06d}"
-      frames = [sy.Shape(shape.kind, shape.color, p) for p in positions]
-      images = [
-          _save(image_dir, f"video_{split}_{i:06d}_{k}.png", sy.render_scene((f,), image_size))
-          for k, f in enumerate(frames)
-      ]
+      frames = np.stack([sy.render_scene((sy.Shape(shape.kind, shape.color, p),), image_size) for p in positions])
+      clip = f"video_{split}_{i:06d}.mkv"
+      write_video(os.path.join(image_dir, clip), frames)
       q = f"Which way does the {shape.kind} move?"
       # With the motion question, in random order, where the shape is in the first and the
       # last frame: the two looks the answer is made of (the held-out question is asked first).
@@ -193,10 +199,10 @@ def write_multi(
           for which, k in (("first", 0), ("last", -1))
       ][:frame_questions]
       qas = [qas[j] for j in rng.permutation(len(qas))]
-      rows.append({"id": sid, "image": images, "conversations": _conversation(VIDEO_PROMPT, qas)})
+      rows.append({"id": sid, "video": clip, "conversations": _conversation(VIDEO_PROMPT, qas)})
       if heldout:
         eval_rows.append(
-            {"question_id": sid, "image": images, "text": VIDEO_PROMPT + sy.question_text(q), "category": "motion"}
+            {"question_id": sid, "video": clip, "text": VIDEO_PROMPT + sy.question_text(q), "category": "motion"}
         )
         eval_answers.append({"question_id": sid, "answer": direction})
       i += 1

@@ -49,9 +49,11 @@ from typing import TYPE_CHECKING, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
-from llava_jax.data.records import RecordError, image_list, sample_id_of
+from llava_jax.data.media_tags import tag_order
+from llava_jax.data.records import RecordError, image_list, sample_id_of, video_list
 from llava_jax.data.templates import (
     IMAGE_TAG,
+    VIDEO_TAG,
     ConversationError,
     Segment,
     Template,
@@ -80,6 +82,7 @@ class RejectReason(str, enum.Enum):
   TRUNCATED_IMAGE = "truncated_image"  # max_len cut into or past an image's tokens; answers remain
   NO_TARGET = "no_target"  # nothing to learn even before truncation
   BAD_IMAGE = "bad_image"  # reserved for the image loader
+  BAD_VIDEO = "bad_video"  # a video that cannot be read, decoded or sampled (data.video)
   BAD_RECORD = "bad_record"  # unreadable (bad UTF-8, cut or invalid JSON) or contradictory ("image" and "images")
   EMPTY_ANSWER = "empty_answer"  # an assistant turn with no text: it would train an end token only
   IMAGE_OVER_BUDGET = "image_over_budget"  # an anyres image needs more tiles/tokens than a slot holds
@@ -217,6 +220,8 @@ def tokenize_conversation(
     num_image_tokens: int | Sequence[int],
     max_len: int,
     add_bos: bool | None = None,
+    video_token_id: int | None = None,
+    num_video_tokens: int = 0,
 ) -> TokenizedSample | Rejected:
   """Renders, tokenizes and masks one record (see the module docstring).
 
@@ -233,6 +238,10 @@ def tokenize_conversation(
     max_len: keep at most this many tokens (the end is cut).
     add_bos: prepend BOS; None = iff the tokenizer has one (Llama/Mistral/Gemma
       yes, Qwen2 no) and the rendered text does not start with it already.
+    video_token_id, num_video_tokens: each `<video>` tag (the sample's "videos", in
+      order) becomes `num_video_tokens` copies of `video_token_id`; without a video
+      token a `<video>` tag is a `image_count_mismatch` (`data.example` writes a video
+      as its frames' `<image>` tags for such models).
 
   Returns:
     TokenizedSample with input_ids, labels int32[L] (L <= max_len), or
@@ -268,23 +277,32 @@ def tokenize_conversation(
   text = "".join(s.text for s in segments)
 
   try:
-    n_images = len(image_list(sample))
+    n_images, n_videos = len(image_list(sample)), len(video_list(sample))
   except RecordError as e:  # both "image" and "images": which is meant is not ours to guess
     return reject(RejectReason.BAD_RECORD, str(e))
-  n_tags = text.count(IMAGE_TAG)
+  order = tag_order([{"value": text}])  # media tags of the rendered text, in order
+  n_tags, n_video_tags = order.count(IMAGE_TAG), order.count(VIDEO_TAG)
   if n_tags != n_images:
     return reject(
         RejectReason.IMAGE_COUNT_MISMATCH, f"{n_tags} {IMAGE_TAG} tags in the rendered text, {n_images} images given"
     )
+  if n_video_tags != n_videos or (n_videos and video_token_id is None):
+    given = f"{n_videos} videos given" + ("" if video_token_id is not None else " (this model takes no video token)")
+    return reject(RejectReason.IMAGE_COUNT_MISMATCH, f"{n_video_tags} {VIDEO_TAG} tags in the rendered text, {given}")
+  if n_videos:  # one kind of tag from here on ("<video>" and "<image>" are both 7 characters: offsets hold)
+    segments = [Segment(seg.text.replace(VIDEO_TAG, IMAGE_TAG), seg.is_target) for seg in segments]
+    text = "".join(seg.text for seg in segments)
 
   whole, chunks = _encode_chunks(
       text, tokenizer, _wants_bos(text, tokenizer, add_bos), _splits_at_images(template, tokenizer)
   )
-  if image_token_id in whole:
-    return reject(
-        RejectReason.IMAGE_COUNT_MISMATCH,
-        f"the text itself tokenizes to image_token_id {image_token_id} at token {whole.index(image_token_id)}",
-    )
+  for placeholder in [image_token_id] + ([video_token_id] if n_videos else []):
+    if placeholder in whole:
+      return reject(
+          RejectReason.IMAGE_COUNT_MISMATCH,
+          f"the text itself tokenizes to {'image' if placeholder == image_token_id else 'video'}_token_id "
+          f"{placeholder} at token {whole.index(placeholder)}",
+      )
 
   labels = [IGNORE] * len(whole)
   seg_start, start_tok = 0, 0
@@ -316,11 +334,15 @@ def tokenize_conversation(
 
   if per_image is not None and len(per_image) != n_images:
     raise ValueError(f"sample {sid}: {len(per_image)} image token counts for {n_images} images")
-  counts = np.asarray(per_image if per_image is not None else [num_image_tokens] * n_images, np.int64)
+  image_counts = iter(per_image if per_image is not None else [num_image_tokens] * n_images)
+  counts = np.asarray([num_video_tokens if t == VIDEO_TAG else next(image_counts) for t in order], np.int64)
+  tag_ids = [video_token_id if t == VIDEO_TAG else image_token_id for t in order]
   is_image = ids == _IMAGE
   reps = np.ones(len(ids), np.int64)
   reps[is_image] = counts
-  input_ids = np.repeat(np.where(is_image, image_token_id, ids), reps).astype(np.int32)
+  placed = ids.copy()
+  placed[is_image] = tag_ids
+  input_ids = np.repeat(placed, reps).astype(np.int32)
   labels_out = np.repeat(lab, reps).astype(np.int32)
 
   truncated = len(input_ids) > max_len
@@ -335,7 +357,8 @@ def tokenize_conversation(
     if cut:
       return reject(
           RejectReason.TRUNCATED_IMAGE,
-          f"max_len {max_len} cuts image {cut[0]} of {n_images} (its {int(counts[cut[0]])} tokens start at "
+          f"max_len {max_len} cuts {'video' if order[cut[0]] == VIDEO_TAG else 'image'} {cut[0]} of {len(order)} "
+          f"media (its {int(counts[cut[0]])} tokens start at "
           f"{int(image_starts[cut[0]])})",
       )
   return TokenizedSample(sid, input_ids, labels_out, n_images, truncated)

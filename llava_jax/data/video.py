@@ -30,6 +30,7 @@ FileNotFoundError (an OSError).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from typing import NamedTuple, Union
@@ -191,3 +192,36 @@ def sample_frames(source: VideoSource, num_frames: int | None = None, fps: float
         f"(frame {last} was to be sampled)"
     )
   return VideoFrames(np.stack(frames), indices, times, total, video_fps)
+
+
+def video_image_config(cfg, image_config):
+  """How a video frame is preprocessed: as transformers' video processors do, a plain
+  S x S resize for OneVision (bilinear pooling, ``LlavaOnevisionVideoProcessor``), a
+  shortest-edge resize and centre crop for NeXT-Video (``LlavaNextVideoVideoProcessor``),
+  with the image statistics."""
+  mode = "resize" if cfg.video_pooling == "bilinear" else "square"
+  return dataclasses.replace(image_config, size=cfg.vision.image_size, mode=mode, crop=True)
+
+
+def write_video(path, frames: np.ndarray, fps: int = 6, codec: str = "ffv1") -> str:
+  """Writes uint8[F, H, W, 3] RGB frames to a video file with PyAV; returns the path.
+
+  ``codec="ffv1"`` (in a ``.mkv``) is lossless, so the decoded frames are the written ones
+  (the embedded dataset's clips and the tests); ``"libx264"`` (``.mp4``, yuv420p, even
+  sides) is what most real videos are.
+  """
+  import av
+
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+    raise ValueError(f"write_video expects uint8[F, H, W, 3] with F >= 1, got {frames.dtype}{list(frames.shape)}")
+  with av.open(os.fspath(path), "w") as container:
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"
+    for frame in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  return os.fspath(path)

@@ -43,6 +43,7 @@ _LIMIT = flags.DEFINE_integer("limit", None, "only the first N questions")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "answer length limit")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_VIDEO_FRAMES = flags.DEFINE_integer("video_frames", 8, "frames sampled uniformly from each question's video")
 _TEMPLATE = flags.DEFINE_string("template", None, "override the conversation template")
 _STEP = flags.DEFINE_integer("step", None, "training workdirs: checkpoint step (default latest)")
 _MESH = flags.DEFINE_string(
@@ -93,6 +94,7 @@ def main(argv):
       temperature=_TEMPERATURE.value,
       seed=_SEED.value,
       model_id=os.path.basename(os.path.normpath(_CHECKPOINT.value)),
+      video_frames=_VIDEO_FRAMES.value,
   )
   if distributed.is_primary():
     print(json.dumps(result, indent=1))

@@ -16,29 +16,17 @@ How a model sees it depends on its config:
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Sequence
 
 import numpy as np
 
-from llava_jax.data.templates import IMAGE_TAG, VIDEO_TAG
-
-_TAGS = re.compile(f"{re.escape(IMAGE_TAG)}|{re.escape(VIDEO_TAG)}")
-
-
-def _text(turn) -> str:
-  text = turn.get("value", turn.get("content"))
-  return text if isinstance(text, str) else ""
-
-
-def tag_order(conversation) -> list[str]:
-  """The media tags of all turns in order: a list of ``IMAGE_TAG`` / ``VIDEO_TAG``."""
-  return [m.group(0) for turn in conversation for m in _TAGS.finditer(_text(turn))]
-
-
-def count_videos(conversation) -> int:
-  return sum(_text(turn).count(VIDEO_TAG) for turn in conversation)
+from llava_jax.data.media_tags import (  # noqa: F401  (re-exported: media.tag_order, ...)
+    count_videos,
+    expand_videos_as_images,
+    interleave,
+    tag_order,
+)
+from llava_jax.data.templates import VIDEO_TAG
+from llava_jax.data.video import video_image_config  # noqa: F401  (re-exported)
 
 
 def frames_per_video(video_frames, num_videos: int) -> list[int]:
@@ -59,39 +47,6 @@ def frames_per_video(video_frames, num_videos: int) -> list[int]:
   if any(f < 1 for f in counts):
     raise ValueError(f"every video needs at least one frame, got frame counts {counts}")
   return counts
-
-
-def expand_videos_as_images(conversation, frames: Sequence[int]) -> list[dict]:
-  """The conversation with the k-th ``<video>`` replaced by ``frames[k]`` ``<image>`` tags
-  separated by spaces (a copy; other keys kept)."""
-  counter = iter(frames)
-  out = []
-  for turn in conversation:
-    key = "value" if "value" in turn else "content"
-    text = turn.get(key)
-    if isinstance(text, str) and VIDEO_TAG in text:
-      parts = text.split(VIDEO_TAG)
-      text = parts[0] + "".join(" ".join([IMAGE_TAG] * next(counter)) + part for part in parts[1:])
-      turn = {**turn, key: text}
-    out.append(turn)
-  return out
-
-
-def interleave(conversation, images: Sequence, videos: Sequence) -> list:
-  """Images and videos' frames as one image list in tag order (for a model that takes a
-  video as its frames). Raises ValueError when the tags and the media differ in number."""
-  order = tag_order(conversation)
-  tags = (order.count(IMAGE_TAG), order.count(VIDEO_TAG))
-  if tags != (len(images), len(videos)):
-    raise ValueError(
-        f"the prompt has {tags[0]} {IMAGE_TAG} and {tags[1]} {VIDEO_TAG} tag(s) but {len(images)} image(s) and "
-        f"{len(videos)} video(s) were given; one tag per image and per video, in order"
-    )
-  images, videos = iter(images), iter(videos)
-  out = []
-  for tag in order:
-    out.extend([next(images)] if tag == IMAGE_TAG else list(next(videos)))
-  return out
 
 
 def as_list(x) -> list:
@@ -116,12 +71,3 @@ def load_videos(videos, num_frames: int | None = 8, fps: float | None = None) ->
       raise ValueError(f"video frames must be uint8[F, H, W, 3] with F >= 1, got {v.dtype}{list(v.shape)}")
     out.append(v)
   return out
-
-
-def video_image_config(cfg, image_config):
-  """How a video frame is preprocessed: as transformers' video processors do, a plain
-  S x S resize for OneVision (bilinear pooling, ``LlavaOnevisionVideoProcessor``), a
-  shortest-edge resize and centre crop for NeXT-Video (``LlavaNextVideoVideoProcessor``),
-  with the image statistics."""
-  mode = "resize" if cfg.video_pooling == "bilinear" else "square"
-  return dataclasses.replace(image_config, size=cfg.vision.image_size, mode=mode, crop=True)

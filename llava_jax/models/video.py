@@ -37,6 +37,9 @@ from llava_jax.models.anyres import _linear_taps  # torch's bilinear taps, float
 POOLINGS = ("bilinear", "average", "max")
 
 
+VIDEO_KEYS = ("pixel_values_videos", "video_mask")  # a batch's videos: the model's arguments of those names
+
+
 def check_config(cfg) -> None:
   """Validates a LlavaConfig's video fields (all None, or a token id, pooling and stride)."""
   fields = (cfg.video_token_id, cfg.video_pooling, cfg.video_pool_stride)

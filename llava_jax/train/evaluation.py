@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from llava_jax import sharding
 from llava_jax.models.llava import Llava
-from llava_jax.train.step import IGNORE, apply_model, batch_ndims, model_keys, token_loss
+from llava_jax.train.step import IGNORE, apply_model, token_loss
 
 
 def answer_counts(weights, correct):
@@ -47,15 +47,22 @@ def eval_batch_size(requested: int, mesh, rules=None) -> int:
 
 
 def make_eval_fn(
-    cfg, params_shardings, mesh, rules, batches: Callable[[], Iterable[dict]], global_rows: int
+    cfg,
+    params_shardings,
+    mesh,
+    rules,
+    batches: Callable[[], Iterable[dict]],
+    global_rows: int,
+    batch_ndims: dict[str, int],
 ) -> Callable[[Any, int], dict]:
   """``eval_fn(params, step)`` over the (process-local) batches of ``batches()``.
 
   Each local batch holds ``global_rows / process_count`` rows; it becomes a global array
   on ``mesh`` and one jitted pass returns the summed statistics, replicated.
+  ``batch_ndims``: the model keys of a batch and their ranks.
   """
-  keys = model_keys(cfg)
-  batch_shardings = {k: sharding.batch_sharding(mesh, ndim, rules) for k, ndim in batch_ndims(cfg).items()}
+  keys = tuple(batch_ndims)
+  batch_shardings = {k: sharding.batch_sharding(mesh, ndim, rules) for k, ndim in batch_ndims.items()}
 
   def stats(params, batch):
     logits = apply_model(Llava(cfg), params, batch)
@@ -120,7 +127,9 @@ def make_eval(config, cfg, example, params_shardings, mesh, rules) -> Callable |
     finally:
       it.close()
 
-  return make_eval_fn(cfg, params_shardings, mesh, rules, batches, rows)
+  empty = pipeline.empty_example(example)  # one row: the batch's keys and ranks
+  ndims = {k: empty[k].ndim + 1 for k in example.keys() if k != "ids"}
+  return make_eval_fn(cfg, params_shardings, mesh, rules, batches, rows, ndims)
 
 
 __all__ = ["answer_counts", "eval_batch_size", "make_eval_fn", "make_eval", "IGNORE"]

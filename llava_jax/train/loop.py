@@ -224,6 +224,8 @@ def _prepare_run(config, workdir: str) -> Run:
       max_len=d.max_len,
       max_images=d.max_images,
       over_budget=d.over_budget,
+      video_frames=d.video_frames,
+      max_videos=d.max_videos,
   )
   return Run(tokenizer, cfg, image_config, example)
 

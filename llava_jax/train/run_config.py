@@ -39,6 +39,7 @@ class ConfigError(ValueError):
 
 
 ANYRES_KEYS = ("image_grid_pinpoints", "vision_aspect_ratio", "max_tiles_per_image", "max_image_tokens")
+VIDEO_OPTION_KEYS = ("token", "pooling", "pool_stride")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,10 @@ class ModelOptions:
   # Any resolution (LLaVA-NeXT / OneVision): LlavaConfig's image_grid_pinpoints,
   # vision_aspect_ratio, max_tiles_per_image, max_image_tokens; None: LLaVA-1.5.
   anyres: Union[dict, None] = None
+  # Videos through a video token (OneVision, NeXT-Video): {"token": "<video>" (a token of
+  # the tokenizer, or an id), "pooling": "bilinear" | "average", "pool_stride": int};
+  # None: a video is its frames, as images (data.video_frames).
+  video: Union[dict, None] = None
 
   def __post_init__(self):
     from llava_jax.models.configs import LLMConfig, VisionConfig
@@ -61,6 +66,9 @@ class ModelOptions:
     for name in self.anyres or {}:
       if name not in known:
         raise ConfigError(f"unknown config key model.anyres.{name}{_suggest(name, known, 'model.anyres.')}")
+    for name in self.video or {}:
+      if name not in VIDEO_OPTION_KEYS:
+        raise ConfigError(f"unknown config key model.video.{name}{_suggest(name, VIDEO_OPTION_KEYS, 'model.video.')}")
     if self.anyres is not None and not self.anyres.get("image_grid_pinpoints"):
       raise ConfigError("model.anyres needs image_grid_pinpoints ([[height, width], ...], multiples of the tile)")
 
@@ -88,6 +96,8 @@ class DataOptions:
   max_images: int = 1  # image slots per row (packed: per row too)
   # anyres: an image needing more tiles/tokens than a slot holds (data.anyres_example)
   over_budget: Literal["reject", "downscale"] = "reject"
+  video_frames: int = 0  # F frames sampled uniformly per video (0: records with videos are rejected)
+  max_videos: int = 0  # video slots per row (models with model.video); others count frames as images
   policy: Literal["skip", "raise"] = "skip"  # a bad record is counted and skipped, or stops
   workers: int = 0  # grain worker processes (0: in-process)
   read_threads: Union[int, None] = None  # parallel image reads (None: by storage)

@@ -32,7 +32,7 @@ from llava_jax.train import run_config
 from llava_jax.train import state as state_lib
 from llava_jax.train import validate
 from llava_jax.data.anyres_example import sources_per_token
-from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step, model_keys
+from llava_jax.train.step import MODEL_KEYS, StepConfig, TrainState, init_state, make_train_step
 
 
 def model_config(config, tokenizer=None) -> LlavaConfig:
@@ -57,8 +57,18 @@ def model_config(config, tokenizer=None) -> LlavaConfig:
   if image_token_id is None:
     image_token_id = llm.vocab_size  # outside the vocabulary: placeholders map to row 0
   pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
-  anyres = {k: tuple(map(tuple, v)) if k == "image_grid_pinpoints" else v for k, v in (m.anyres or {}).items()}
-  return llava_config(vision, llm, projector=m.projector, image_token_id=image_token_id, pad_token_id=pad, **anyres)
+  extra = {k: tuple(map(tuple, v)) if k == "image_grid_pinpoints" else v for k, v in (m.anyres or {}).items()}
+  if m.video is not None:  # the video placeholder: a token of the tokenizer, an id, or past the vocabulary
+    token = m.video.get("token", "<video>")
+    video_id = token if isinstance(token, int) else tokenizer.token_to_id(token) if tokenizer is not None else None
+    if video_id is None or video_id == image_token_id:
+      video_id = llm.vocab_size + 1 if image_token_id == llm.vocab_size else llm.vocab_size
+    extra.update(
+        video_token_id=video_id,
+        video_pooling=m.video.get("pooling", "bilinear"),
+        video_pool_stride=m.video.get("pool_stride", 2),
+    )
+  return llava_config(vision, llm, projector=m.projector, image_token_id=image_token_id, pad_token_id=pad, **extra)
 
 
 def optim_config(config) -> optim.OptimConfig:
@@ -100,7 +110,7 @@ def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> di
 
   B = ``train.batch_size`` (global), T = ``data.max_len``, M = ``data.max_images``,
   S = the tower's image size; anyres configs: P tiles per slot and the layout keys
-  (``data.anyres_example``).
+  (``data.anyres_example``); video slots (``data.max_videos`` V, ``data.video_frames`` F).
   """
   run = run_config.parse(config)
   b = batch_size or run.train.batch_size
@@ -119,6 +129,10 @@ def batch_spec(config, cfg: LlavaConfig, *, batch_size: int | None = None) -> di
     spec["image_index"] = jax.ShapeDtypeStruct((b, m, n, k), jnp.int32)
     spec["image_weight"] = jax.ShapeDtypeStruct((b, m, n, k), jnp.float32)
     spec["image_tokens"] = jax.ShapeDtypeStruct((b, m), jnp.int32)
+  v, f = run.data.max_videos, run.data.video_frames
+  if cfg.video_token_id is not None and v and f:  # video slots (data.example.VideoSpec)
+    spec["pixel_values_videos"] = jax.ShapeDtypeStruct((b, v, f, s, s, 3), jnp.float32)
+    spec["video_mask"] = jax.ShapeDtypeStruct((b, v), jnp.bool_)
   return spec
 
 
@@ -160,7 +174,7 @@ class TrainSetup:
     no host-local array reaches the jitted step.
     """
     out = {}
-    for k in model_keys(self.cfg):
+    for k in self.batch_shardings:
       v = local[k]
       shape = (self.global_batch_size,) + tuple(v.shape[1:])
       out[k] = jax.make_array_from_process_local_data(self.batch_shardings[k], v, shape)
@@ -189,7 +203,8 @@ class TrainSetup:
         self.cfg,
         tokens=int(np.prod(spec["input_ids"].shape)),
         seq_len=spec["input_ids"].shape[1],
-        images=int(np.prod(spec["pixel_values"].shape[:-3])),  # anyres: every tile slot
+        # every tile slot (anyres) and video frame goes through the tower
+        images=sum(int(np.prod(spec[k].shape[:-3])) for k in ("pixel_values", "pixel_values_videos") if k in spec),
         train_img=groups["img"],
         train_projector=groups["projector"],
         train_llm=groups["llm"],

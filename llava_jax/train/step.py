@@ -6,7 +6,8 @@ int32[B, T]`` (IGNORE = -100 except assistant answers), ``attention_mask int32[B
 int32[B, T]`` (optional; RoPE positions restarting per example),
 ``pixel_values float32[B, M, S, S, 3]``, ``image_mask bool[B, M]``; any-resolution
 configs: ``pixel_values float32[B, M, P, S, S, 3]`` and the layout keys ``image_index``,
-``image_weight``, ``image_tokens`` (``data.anyres_example``).
+``image_weight``, ``image_tokens`` (``data.anyres_example``); video slots:
+``pixel_values_videos float32[B, V, F, S, S, 3]``, ``video_mask bool[B, V]``.
 """
 
 from __future__ import annotations
@@ -24,24 +25,20 @@ from llava_jax.data.anyres_example import LAYOUT_KEYS
 from llava_jax.data.tokenize import IGNORE
 from llava_jax.models.configs import LlavaConfig
 from llava_jax.models.llava import Llava
+from llava_jax.models.video import VIDEO_KEYS
 
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "positions", "pixel_values", "image_mask")
 
 
-def model_keys(cfg: LlavaConfig) -> tuple[str, ...]:
+def model_keys(cfg: LlavaConfig, *, videos: bool = False) -> tuple[str, ...]:
   """The batch keys the step reads: ``MODEL_KEYS``, plus the image layout of anyres configs
-  (``data.anyres_example.LAYOUT_KEYS``)."""
-  return MODEL_KEYS + (LAYOUT_KEYS if cfg.anyres else ())
-
-
-def batch_ndims(cfg: LlavaConfig) -> dict[str, int]:
-  """Rank of each ``model_keys(cfg)`` array in a batch (``data.pipeline``)."""
-  ndims = {"pixel_values": 6 if cfg.anyres else 5, "image_index": 4, "image_weight": 4}
-  return {k: ndims.get(k, 2) for k in model_keys(cfg)}
+  (``data.anyres_example.LAYOUT_KEYS``) and, with ``videos`` (video slots), ``VIDEO_KEYS``."""
+  return MODEL_KEYS + (LAYOUT_KEYS if cfg.anyres else ()) + (VIDEO_KEYS if videos else ())
 
 
 def apply_model(model: Llava, params, batch, **kwargs):
-  """``model`` on a batch's model keys (an anyres batch's layout included); kwargs as ``Llava.__call__``."""
+  """``model`` on a batch's model keys (an anyres batch's layout, a batch's videos
+  included); kwargs as ``Llava.__call__``."""
   layout = None
   if "image_index" in batch:
     layout = (batch["image_index"], batch["image_weight"], batch["image_tokens"])
@@ -53,6 +50,8 @@ def apply_model(model: Llava, params, batch, **kwargs):
       positions=batch.get("positions"),
       image_mask=batch.get("image_mask"),
       image_layout=layout,
+      pixel_values_videos=batch.get("pixel_values_videos"),
+      video_mask=batch.get("video_mask"),
       **kwargs,
   )
 
@@ -170,7 +169,7 @@ def loss_fn(params, batch, cfg: LlavaConfig, step_cfg: StepConfig):
   "examples" and the per-example mean (``loss_norm="example"``) count each example of
   a packed row on its own.
   """
-  model_batch = {k: batch[k] for k in model_keys(cfg) if k in batch}
+  model_batch = {k: batch[k] for k in model_keys(cfg, videos=True) if k in batch}
   mask = model_batch.get("attention_mask")
   model = Llava(cfg)
   out = apply_model(model, params, model_batch, hidden_only=step_cfg.target_fraction is not None)

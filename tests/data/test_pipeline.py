@@ -179,6 +179,7 @@ def test_each_bad_input_is_counted_under_its_reason_and_skipped(data, tmp_path, 
       "bad_record": 0,
       "empty_answer": 0,
       "image_over_budget": 0,
+      "bad_video": 0,
   }
   for r in bad:
     assert f"'{r['id']}'" in caplog.text  # every rejection logged with its id

@@ -10,8 +10,9 @@ import pytest
 from llava_jax.data import pipeline as P
 from llava_jax.data import synthetic as sy
 from llava_jax.data import synthetic_multi as sm
-from llava_jax.data.images import image_config_for
+from llava_jax.data.images import image_config_for, preprocess
 from llava_jax.data.sources import LlavaJsonSource
+from llava_jax.data.video import sample_frames
 from llava_jax.tokenizer import load_tokenizer
 
 
@@ -68,9 +69,13 @@ def test_files_split_and_determinism(ds, tmp_path):
   assert {q["category"] for q in questions} == {"compare", "presence", "both", "motion"}
   assert {a["answer"] for a in answers if a["question_id"].split("-")[1] == "video"} == set(sm.DIRECTIONS)
   for q in questions:
-    assert q["text"].count(sy.IMAGE_TAG) == len(q["image"]) and all(
-        os.path.exists(d / "images" / i) for i in q["image"]
-    )
+    if "video" in q:  # a real video file of FRAMES frames
+      assert q["text"].count("<video>") == 1 and sy.IMAGE_TAG not in q["text"]
+      assert len(sample_frames(str(d / "images" / q["video"]), num_frames=sm.FRAMES).frames) == sm.FRAMES
+    else:
+      assert q["text"].count(sy.IMAGE_TAG) == len(q["image"]) and all(
+          os.path.exists(d / "images" / i) for i in q["image"]
+      )
   # Held out: no training video moves a held-out (colour, shape) in its held-out direction.
   for r in train:
     if r["id"].split("-")[1] == "video":
@@ -90,9 +95,7 @@ def test_files_split_and_determinism(ds, tmp_path):
 
 
 def _video_color(d, record):
-  from PIL import Image
-
-  pixels = np.asarray(Image.open(d / "images" / record["image"][0]))
+  pixels = sample_frames(str(d / "images" / record["video"]), num_frames=1).frames[0]
   colors = {tuple(p) for p in pixels.reshape(-1, 3)} - {sy.BACKGROUND}
   return next(name for name, rgb in sy.COLORS.items() if rgb in colors)
 
@@ -109,6 +112,7 @@ def test_the_pipeline_takes_every_sample_with_images_in_place(ds):
       num_image_tokens=4,
       max_len=160,
       max_images=3,
+      video=P.VideoSpec(frames=sm.FRAMES),  # no video token: a video is its frames, as images
   )
   config = P.PipelineConfig(example, batch_size=10, seed=0, shuffle=False, num_epochs=1, drop_remainder=False)
   it = P.make_dataset(LlavaJsonSource(paths["stage3"], image_root=paths["images"]), config)
@@ -124,3 +128,10 @@ def test_the_pipeline_takes_every_sample_with_images_in_place(ds):
   where = np.flatnonzero(ids == image_token_id)
   assert len(where) == 8 and where[3] + 1 < where[4] and b["image_mask"][r].tolist() == [True, True, False]
   assert "two" in tok.decode(ids[where[3] + 1 : where[4]].tolist()).lower()
+  # A video: its three decoded frames in the three image slots, "Frames: <image> <image> <image>".
+  b, r = next((b, r) for b in batches for r in range(len(b["ids"])) if b["ids"][r].startswith("shapes-video"))
+  assert b["image_mask"][r].tolist() == [True, True, True] and (b["input_ids"][r] == image_token_id).sum() == 12
+  rec = next(x for x in _rows(paths["stage3"]) if x["id"] == b["ids"][r])
+  frames = sample_frames(str(d / "images" / rec["video"]), num_frames=sm.FRAMES).frames
+  for k in range(3):
+    np.testing.assert_array_equal(b["pixel_values"][r, k], preprocess(frames[k], example.image_config))

@@ -102,7 +102,7 @@ def test_defaults_are_stated_once_and_filled():
   for section in ("data", "train", "optim", "mesh", "init", "model"):
     cls = {f.name: f.type for f in dataclasses.fields(run_config.RunConfig)}[section]
     names = {f.name for f in dataclasses.fields(getattr(run_config, cls) if isinstance(cls, str) else cls)}
-    assert names - {"synthetic", "anyres"} <= set(sk[section]), section  # optional sections
+    assert names - {"synthetic", "anyres", "video"} <= set(sk[section]), section  # optional sections
   assert sk.train.keep == run_config.TrainOptions(steps=1, batch_size=1).keep
   # frozen: settings cannot drift during a run
   with pytest.raises(dataclasses.FrozenInstanceError):
