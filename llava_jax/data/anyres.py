@@ -19,8 +19,8 @@ exactly (``tests/data/test_anyres.py``); both resize uint8 images with PIL (bicu
 
 Colour conversion: as ``images.preprocess``, alpha is dropped by default (LLaVA's
 ``convert("RGB")``); HF processors composite it on white, which ``composite_alpha=True``
-does. OneVision's multi-image mode (several images in one sample, each padded to a square
-instead of tiled) is not implemented here.
+does. OneVision's multi-image mode (several images in one sample: each padded to a square,
+one tile, no grid) is ``preprocess_square``.
 
 The model re-assembles the tile features with ``llava_jax.models.anyres``, which needs
 the original ``image_size`` this module returns.
@@ -168,6 +168,26 @@ def preprocess_anyres(
   for i, t in enumerate(tiles):
     out[i] = preprocess(t, cfg)
   return out, (img.size[1], img.size[0])
+
+
+def preprocess_square(img: ImageLike, cfg: ImageConfig, *, composite_alpha: bool = False) -> tuple[np.ndarray, Size]:
+  """OneVision's multi-image mode (``models.anyres.square_images``): the image padded to a
+  square with the mean colour (``int(x * 255)``, centred), resized to S x S, as one tile.
+
+  Returns ``(tiles, (h, w))``: float32[1, S, S, 3] and the original (height, width), as
+  ``preprocess_anyres``. Equal to ``LlavaOnevisionImageProcessorPil`` with several images
+  per sample (``pad_to_square``, then resize; ``tests/data/test_anyres.py``).
+  """
+  import dataclasses
+
+  from PIL import Image
+
+  from llava_jax.data.images import preprocess, to_rgb
+
+  if isinstance(img, np.ndarray):
+    img = Image.fromarray(img)
+  img = to_rgb(img, composite_alpha=composite_alpha)
+  return preprocess(img, dataclasses.replace(cfg, mode="pad", crop=True))[None], (img.size[1], img.size[0])
 
 
 def pad_tiles(tiles: np.ndarray, budget: int) -> np.ndarray:

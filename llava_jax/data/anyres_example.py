@@ -18,6 +18,10 @@ budget) is, by ``data.over_budget``:
   sizes and the grids. An image never fits only if even a 1x1-pixel version does not
   (a budget below the smallest pinpoint's grid): then it is rejected.
 
+OneVision configs (``anyres_max_N``) take a sample of several images as transformers
+does: each image is one tile, padded to a square, and packs to its base features plus
+``image_newline`` (``models.anyres.square_images``); the budget never binds then.
+
 Nothing is ever cropped. Tiles and token layout are those of inference
 (``infer.loading.LoadedModel``): ``data.anyres.preprocess_anyres`` and
 ``models.anyres.feature_layout`` of the (possibly downscaled) size, so a model trained
@@ -107,8 +111,9 @@ def prepare_images(images, cfg, image_config: ImageConfig, policy: OverBudget = 
     image_config: the tower's preprocessing (tile side S = ``image_config.size``).
     policy: what an image over the budget gets (module docstring).
   """
+  from llava_jax.data.anyres import preprocess_square
   from llava_jax.data.images import _RESAMPLE
-  from llava_jax.models.anyres import feature_layout
+  from llava_jax.models.anyres import feature_layout, square_images
 
   if policy not in OVER_BUDGET_POLICIES:
     raise ValueError(f"over_budget must be one of {OVER_BUDGET_POLICIES}, got {policy!r}")
@@ -121,7 +126,15 @@ def prepare_images(images, cfg, image_config: ImageConfig, policy: OverBudget = 
       np.zeros((len(images),), np.int32),
   )
   notes = []
+  square = square_images(cfg, len(images))  # OneVision, several images: one padded tile each
   for i, img in enumerate(images):
+    if square:
+      tiles, size = preprocess_square(img, image_config)
+      out.pixel_values[i] = pad_tiles(tiles, p)
+      index, weight = feature_layout(size, cfg, square=True)
+      out.image_index[i, : len(index)], out.image_weight[i, : len(index)] = index, weight
+      out.image_tokens[i] = len(index)
+      continue
     size = (img.size[1], img.size[0])
     why = over_budget(size, cfg)
     if why is not None:

@@ -173,6 +173,28 @@ def check_inputs(
   return cfg, layout
 
 
+def square_slots(cfg: LlavaConfig, input_ids, pixel_values, image_mask):
+  """Which image slots take OneVision's multi-image mode (``models.anyres.square_images``):
+  those of rows holding several images. [B, M, ...] pixel_values: per row, from
+  ``image_mask``; [I, ...]: one row holds all I, several rows one image each (anything
+  else needs the [B, M, ...] form, which says which row an image is in)."""
+  if anyres.max_patches(cfg) is None:
+    return None
+  if np.ndim(pixel_values) == 6:
+    b, m = np.shape(pixel_values)[:2]
+    mask = np.ones((b, m), bool) if image_mask is None else np.asarray(image_mask, bool).reshape(b, m)
+    return anyres.square_flags(cfg, mask)
+  rows, images = np.shape(input_ids)[0], np.shape(pixel_values)[0]
+  if rows == 1:
+    return np.full(images, anyres.square_images(cfg, images))
+  if images > rows:
+    raise ValueError(
+        f"{images} images for {rows} rows in a flat [I, P, S, S, 3] pixel_values: a OneVision config packs a row of "
+        "several images differently from a row of one, so pass them as [B, M, P, S, S, 3] with image_mask"
+    )
+  return None
+
+
 def anyres_layout(cfg: LlavaConfig, input_ids, pixel_values, image_mask, image_layout, image_sizes):
   """The ``ImageLayout`` of an anyres prompt's images (built from ``image_sizes`` on the
   host when not given); None for LLaVA-1.5 configs, which take neither."""
@@ -211,7 +233,9 @@ def anyres_layout(cfg: LlavaConfig, input_ids, pixel_values, image_mask, image_l
       raise ValueError(
           f"image_sizes must be positive (height, width) wherever image_mask marks a real image, got {sizes.tolist()}"
       )
-    image_layout = anyres.image_layout(image_sizes, cfg, image_mask)
+    image_layout = anyres.image_layout(
+        image_sizes, cfg, image_mask, square_slots(cfg, input_ids, pixel_values, image_mask)
+    )
   slots = int(np.prod(np.shape(pixel_values)[:-4]))
   if np.shape(image_layout.num_tokens)[0] != slots:
     raise ValueError(

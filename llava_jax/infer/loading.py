@@ -97,10 +97,12 @@ class LoadedModel:
     from llava_jax.models import anyres
 
     counts = []
-    for k, size in enumerate(np.asarray(image_sizes).reshape(-1, 2)):
+    sizes = np.asarray(image_sizes).reshape(-1, 2)
+    square = anyres.square_images(self.cfg, len(sizes))  # OneVision, several images: one tile each
+    for k, size in enumerate(sizes):
       size = (int(size[0]), int(size[1]))
       try:
-        n = anyres.num_image_tokens(size, self.cfg)
+        n = anyres.num_image_tokens(size, self.cfg, square)
       except ValueError as e:
         raise ValueError(f"image {k + 1} of {len(image_sizes)}: {e}") from e
       if n > self.cfg.image_token_budget:
@@ -191,12 +193,17 @@ class LoadedModel:
 
       return np.stack([preprocess(im, self.image_config) for im in images]), None
     from llava_jax.data import anyres
+    from llava_jax.models.anyres import square_images
 
     tiles, sizes = [], []
+    square = square_images(self.cfg, len(images))  # OneVision, several images: one padded tile each
     for k, im in enumerate(images):
       try:
-        t, size = anyres.preprocess_anyres(im, self.image_config, self.cfg.image_grid_pinpoints)
-        self.image_token_counts([size])
+        if square:
+          t, size = anyres.preprocess_square(im, self.image_config)
+        else:
+          t, size = anyres.preprocess_anyres(im, self.image_config, self.cfg.image_grid_pinpoints)
+          self.image_token_counts([size])
         tiles.append(anyres.pad_tiles(t, self.cfg.tiles_per_image))
       except ValueError as e:
         raise ValueError(f"image {k + 1} of {len(images)}: {e}") from e

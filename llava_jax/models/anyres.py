@@ -149,16 +149,38 @@ def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
   return i0, i1, np.float32(1) - lam, lam
 
 
-def feature_layout(image_size: Size, cfg) -> tuple[np.ndarray, np.ndarray]:
+def square_images(cfg, images_in_sample: int) -> bool:
+  """OneVision's multi-image mode: in a sample of several images (``anyres_max_N``
+  configs) each image is one tile, padded to a square (``data.anyres.preprocess_square``),
+  and packs to its ``n`` base features plus ``image_newline`` (transformers:
+  ``batch_num_images[i] > 1`` -> no patching). LLaVA-NeXT tiles every image."""
+  return max_patches(cfg) is not None and images_in_sample > 1
+
+
+def square_flags(cfg, image_mask) -> np.ndarray:
+  """bool[B, M]: which slots of [B, M] rows (``image_mask``) take OneVision's multi-image mode."""
+  mask = np.asarray(image_mask, bool)
+  counts = mask.sum(axis=-1, keepdims=True)
+  return mask & (counts > 1) if max_patches(cfg) is not None else np.zeros_like(mask)
+
+
+def feature_layout(image_size: Size, cfg, square: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """One image's gather: (index int32[T, K], weight float32[T, K]), T its packed tokens.
 
   Args:
     image_size: the original (height, width), as ``data.anyres.preprocess_anyres`` returns.
     cfg: an anyres ``LlavaConfig``.
+    square: the image is one padded square tile (``square_images``): its base features
+      then ``image_newline``.
   """
   v = cfg.vision
   tile, p, n = v.image_size, v.image_size // v.patch_size, v.num_features
   budget_tiles = cfg.tiles_per_image
+  if square:
+    k = 1 if max_patches(cfg) is None else 4
+    index, weight = np.zeros((n + 1, k), np.int32), np.zeros((n + 1, k), np.float32)
+    index[:n, 0], index[n, 0], weight[:, 0] = np.arange(n), budget_tiles * n, 1
+    return index, weight
   rows, cols = grid_shape(tuple(int(x) for x in image_size), cfg.image_grid_pinpoints, tile)
   if 1 + rows * cols > budget_tiles:
     raise ValueError(
@@ -200,18 +222,21 @@ def feature_layout(image_size: Size, cfg) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate([base_idx, grid_idx]).astype(np.int32), np.concatenate([base_w, grid_w])
 
 
-def num_image_tokens(image_size: Size, cfg) -> int:
-  """Image placeholders an image of ``image_size`` (height, width) takes in ``input_ids``."""
-  return feature_layout(image_size, cfg)[0].shape[0]
+def num_image_tokens(image_size: Size, cfg, square: bool = False) -> int:
+  """Image placeholders an image of ``image_size`` (height, width) takes in ``input_ids``
+  (``square``: OneVision's multi-image mode, ``square_images``)."""
+  return feature_layout(image_size, cfg, square)[0].shape[0]
 
 
-def image_layout(image_sizes, cfg, image_mask=None) -> ImageLayout:
+def image_layout(image_sizes, cfg, image_mask=None, square=None) -> ImageLayout:
   """Host-side gather layout of a batch of images.
 
   Args:
     image_sizes: int[I, 2] (or [B, M, 2]) original (height, width) of each image.
     cfg: an anyres ``LlavaConfig``.
     image_mask: bool[I] (or [B, M]); False marks an empty slot (its sizes are ignored).
+    square: bool[I] (or [B, M]): images in OneVision's multi-image mode (``square_flags``);
+      None: none.
   Returns:
     ``ImageLayout`` with N = ``cfg.image_token_budget``; flattened to I images.
   """
@@ -219,6 +244,9 @@ def image_layout(image_sizes, cfg, image_mask=None) -> ImageLayout:
   mask = np.ones(len(sizes), bool) if image_mask is None else np.asarray(image_mask, bool).reshape(-1)
   if mask.shape[0] != sizes.shape[0]:
     raise ValueError(f"image_mask has {mask.shape[0]} slots but image_sizes has {sizes.shape[0]} images")
+  flat_square = np.zeros(len(sizes), bool) if square is None else np.asarray(square, bool).reshape(-1)
+  if flat_square.shape[0] != sizes.shape[0]:
+    raise ValueError(f"square has {flat_square.shape[0]} slots but image_sizes has {sizes.shape[0]} images")
   budget, k = cfg.image_token_budget, 1 if max_patches(cfg) is None else 4
   index = np.zeros((len(sizes), budget, k), np.int32)
   weight = np.zeros((len(sizes), budget, k), np.float32)
@@ -226,7 +254,7 @@ def image_layout(image_sizes, cfg, image_mask=None) -> ImageLayout:
   for i, (size, real) in enumerate(zip(sizes, mask)):
     if not real:
       continue
-    idx, w = feature_layout((int(size[0]), int(size[1])), cfg)
+    idx, w = feature_layout((int(size[0]), int(size[1])), cfg, bool(flat_square[i]))
     if idx.shape[0] > budget:
       raise ValueError(
           f"image {i} of size {tuple(int(s) for s in size)} packs to {idx.shape[0]} image tokens, more than "

@@ -134,3 +134,21 @@ def test_bad_pinpoints_are_named():
     anyres.preprocess_anyres(_image(10, 10, "RGB"), cfg, [])
   with pytest.raises(ValueError, match=r"expects uint8\[H, W, 3\]"):
     anyres.preprocess_anyres(np.zeros((4, 4, 3), np.float32), cfg, anyres.LLAVA_NEXT_PINPOINTS)
+
+
+def test_onevision_multi_image_sample_equals_hf_square_mode():
+  """Several images in one sample ([[a, b, c]]): transformers' OneVision processor pads each
+  to a square with the mean colour and resizes it, one tile, no grid; so does
+  preprocess_square."""
+  make, cfg, _ = FAMILIES["onevision"]
+  proc = make()
+  imgs = [_image(300, 800, "RGB", seed=1), _image(900, 250, "RGB", seed=2), _image(400, 400, "L", seed=3)]
+  out = proc([imgs], return_tensors="np")
+  assert out["batch_num_images"].tolist() == [3]
+  ref = out["pixel_values"].transpose(0, 1, 3, 4, 2)  # [3 images, padded tiles, S, S, 3]
+  for k, img in enumerate(imgs):
+    tiles, size = anyres.preprocess_square(img, cfg)
+    assert tiles.shape == (1, 384, 384, 3) and size == tuple(out["image_sizes"][k]) == (img.size[1], img.size[0])
+    err = np.abs(tiles[0] - ref[k, 0]).max()
+    assert err <= TOL, (k, err)
+    assert not ref[k, 1:].any()  # HF pads the batch with zero tiles: one real tile per image

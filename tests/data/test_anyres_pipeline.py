@@ -184,3 +184,22 @@ def test_packed_anyres_rows_keep_each_image_with_its_layout(data):
     for j in np.flatnonzero(b["image_mask"][row]):
       t = b["image_tokens"][row, j]
       assert b["image_weight"][row, j, :t].sum() > 0 and not b["image_weight"][row, j, t:].any()
+
+
+def test_onevision_samples_of_several_images_take_one_square_tile_each(data):
+  """OneVision (anyres_max_N): a sample of two images gives each one padded square tile and
+  its base features + newline, as transformers' processor and model do
+  (tests/models/test_llava_next.py); a single image is still tiled."""
+  tok, records, files = data
+  cfg = _cfg(tok, vision_aspect_ratio="anyres_max_1")
+  _, pc = _pipeline(tok, cfg)
+  (batch,) = list(P.make_dataset(records, pc))
+  ids = list(batch["ids"])
+  row, n = ids.index("two"), cfg.vision.num_features
+  assert batch["image_tokens"][row].tolist() == [n + 1, n + 1]
+  assert (batch["input_ids"][row] == cfg.image_token_id).sum() == 2 * (n + 1)
+  for k, f in enumerate(files[:2]):
+    tiles, _ = data_anyres.preprocess_square(load_image(f), image_config_for("clip", 28))
+    np.testing.assert_array_equal(batch["pixel_values"][row, k], data_anyres.pad_tiles(tiles, cfg.tiles_per_image))
+  one = ids.index("one-0")
+  assert batch["image_tokens"][one, 0] == anyres.num_image_tokens(SIZES[0], cfg) != n + 1

@@ -72,16 +72,26 @@ def hf_dir(request, tmp_path_factory):
   return model, image_proc, proc, str(path), images, template
 
 
+def _hf_images(image_proc, images, return_tensors):
+  """HF's image processor on the images of one prompt: OneVision's takes them as one
+  sample (``[[a, b]]``: its multi-image mode, ``batch_num_images``), NeXT's as a list."""
+  if isinstance(image_proc, tf.LlavaOnevisionImageProcessorPil):
+    return image_proc([images], return_tensors=return_tensors)
+  return image_proc(images, return_tensors=return_tensors)
+
+
 def _hf_generate(model, loaded, ids, images, image_proc):
   """HF greedy tokens for our ``ids`` and HF-preprocessed ``images``, padded to NEW."""
-  px = image_proc(images, return_tensors="pt")
+  px = _hf_images(image_proc, images, "pt")
   stops = loaded.stop_token_ids()
+  extra = {"batch_num_images": px["batch_num_images"]} if "batch_num_images" in px else {}
   with torch.no_grad():
     out = model.generate(
         input_ids=torch.from_numpy(ids[None]).long(),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
         pixel_values=px["pixel_values"],
         image_sizes=px["image_sizes"],
+        **extra,
         max_new_tokens=NEW,
         do_sample=False,
         pad_token_id=loaded.cfg.pad_token_id,
@@ -93,12 +103,14 @@ def _hf_generate(model, loaded, ids, images, image_proc):
 def _check_inputs_against_hf(loaded, image_proc, proc, images, pixels, sizes, ids):
   """Our tiles/sizes equal HF's image processor's; each image's placeholder run is as long
   as HF's processor (when there is one) makes it."""
-  ref = image_proc(images, return_tensors="np")
+  ref = _hf_images(image_proc, images, "np")
   ref_px = ref["pixel_values"].transpose(0, 1, 3, 4, 2)  # [I, P, 3, S, S] -> NHWC
   np.testing.assert_array_equal(sizes, ref["image_sizes"])
   assert pixels.shape == (len(images), loaded.cfg.tiles_per_image) + ref_px.shape[2:]
+  square = llava_next.anyres.square_images(loaded.cfg, len(images))  # OneVision, several images
   for k, (h, w) in enumerate(sizes):
     n = llava_next.data_anyres.num_tiles((h, w), loaded.cfg.image_grid_pinpoints, loaded.cfg.vision.image_size)
+    n = 1 if square else n
     np.testing.assert_array_equal(pixels[k, :n], ref_px[k, :n])
     assert not pixels[k, n:].any()
   if proc is None:
@@ -116,7 +128,7 @@ def test_answer_equals_hf_generate_on_wide_tall_and_both(hf_dir):
   assert loaded.cfg.anyres and loaded.image_config.mean == tuple(image_proc.image_mean)
   cases = [([paths["wide"]], f"<image>\n{QUESTION}"), ([paths["tall"]], f"<image>\n{QUESTION}")]
   cases.append(([paths["wide"], paths["tall"]], "Is the square in <image> where it is in <image>?"))
-  answers = []
+  answers, last = [], []
   for files, message in cases:
     images = [Image.open(f).convert("RGB") for f in files]
     conversation = [{"from": "human", "value": message}]
@@ -137,7 +149,23 @@ def test_answer_equals_hf_generate_on_wide_tall_and_both(hf_dir):
     answer = loaded.answer(conversation, images if len(images) > 1 else images[0], max_new_tokens=NEW)
     assert answer == loaded.decode_answer(ref)
     answers.append(answer)
-  assert all(answers) and len(set(answers)) > 1, answers  # the random model says different things
+    px = _hf_images(image_proc, images, "pt")
+    extra = {"batch_num_images": px["batch_num_images"]} if "batch_num_images" in px else {}
+    with torch.no_grad():
+      last.append(
+          model(
+              input_ids=torch.from_numpy(ids[None]).long(),
+              pixel_values=px["pixel_values"],
+              image_sizes=px["image_sizes"],
+              **extra,
+          )
+          .logits[0, -1]
+          .numpy()
+      )
+  assert all(answers), answers
+  # The images matter (a random tiny model may still greedy-decode the same text for all):
+  # the next-token logits differ between the cases.
+  assert min(np.abs(a - b).max() for a, b in ((last[0], last[1]), (last[0], last[2]), (last[1], last[2]))) > 1e-3
 
 
 def test_encode_prompt_needs_one_size_per_image_tag(hf_dir):

@@ -308,3 +308,52 @@ def test_config_dict_round_trip_and_llava15_unchanged(hf_anyres):
     LlavaConfig(vision_aspect_ratio="anyres_max_9")
   with pytest.raises(ValueError, match="packs to .* image tokens, more than max_image_tokens=20"):
     anyres.image_layout([(40, 100)], LlavaConfig.from_dict({**cfg.to_dict(), "max_image_tokens": 20}))
+
+
+def test_onevision_multi_image_row_matches_hf(hf_anyres):
+  """A row of two images (OneVision's multi-image mode: each one padded square tile plus
+  image_newline) beside a row of one anyres image, as transformers' processor and model
+  take ``[[a, b], [c]]`` (``batch_num_images`` [2, 1]); our slots' mode comes from the rows."""
+  model, proc, image_cfg, cfg, params = hf_anyres
+  if cfg.vision_aspect_ratio is None:
+    pytest.skip("LLaVA-NeXT tiles every image; the multi-image mode is OneVision's")
+  a, b = _images()
+  c = _images(seed=1)[0]
+  hf_in = proc([[a, b], [c]], return_tensors="np")
+  assert hf_in["batch_num_images"].tolist() == [2, 1]
+  px = np.zeros((2, 2, cfg.tiles_per_image, 28, 28, 3), np.float32)
+  sizes = np.zeros((2, 2, 2), np.int32)
+  for k, img in enumerate((a, b)):
+    t, sizes[0, k] = data_anyres.preprocess_square(img, image_cfg)
+    px[0, k] = data_anyres.pad_tiles(t, cfg.tiles_per_image)
+  t, sizes[1, 0] = data_anyres.preprocess_anyres(c, image_cfg, cfg.image_grid_pinpoints)
+  px[1, 0] = data_anyres.pad_tiles(t, cfg.tiles_per_image)
+  image_mask = np.array([[True, True], [True, False]])
+  square = anyres.square_flags(cfg, image_mask)
+  assert square.tolist() == [[True, True], [False, False]]
+  layout = anyres.image_layout(sizes, cfg, image_mask, square)
+  counts = layout.num_tokens.reshape(2, 2)
+  assert counts[0].tolist() == [cfg.vision.num_features + 1] * 2  # base features + newline each
+  rng = np.random.default_rng(3)
+  text = lambda n: list(rng.integers(3, 100, n))
+  rows = [
+      text(2) + [cfg.image_token_id] * int(counts[0, 0]) + text(2) + [cfg.image_token_id] * int(counts[0, 1]) + text(3),
+      text(2) + [cfg.image_token_id] * int(counts[1, 0]) + text(3),
+  ]
+  ids = np.zeros((2, max(map(len, rows))), np.int32)
+  mask = np.zeros_like(ids)
+  for i, r in enumerate(rows):
+    ids[i, : len(r)], mask[i, : len(r)] = r, 1
+  with torch.no_grad():
+    ref = model(
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(mask).long(),
+        pixel_values=torch.from_numpy(hf_in["pixel_values"]),
+        image_sizes=torch.from_numpy(hf_in["image_sizes"]),
+        batch_num_images=torch.from_numpy(hf_in["batch_num_images"]),
+    ).logits.numpy()
+  out = np.asarray(Llava(cfg).apply({"params": params}, ids, px, mask, image_mask=image_mask, image_layout=layout))
+  valid = mask.astype(bool)
+  err = np.abs(out[valid] - ref[valid]).max()
+  print(f"OneVision multi-image row: tokens {counts.tolist()}, max |logit diff| {err:.2e}")
+  assert err < 1e-4
