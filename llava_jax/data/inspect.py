@@ -13,8 +13,10 @@ packing would fill (to choose `max_len` and `data.pack`).
 
 It reads the data as training does (`data.train`, `data.tokenizer`,
 `data.template`, `data.max_len`, the model's image tokens; the embedded data
-is written first if the config asks for it) but does not decode images, so
-`bad_image` is not counted. First thing to run on new data.
+is written first if the config asks for it; videos as `data.video_frames` frames or
+a model's video slots; anyres images by their sizes, read from the file headers) but
+does not decode images or frames, so `bad_image` and `bad_video` are not counted. First
+thing to run on new data.
 """
 
 from __future__ import annotations
@@ -45,16 +47,99 @@ class Data:
   image_token_id: int
   num_image_tokens: int
   max_len: int
+  video_frames: int = 0  # data.video_frames
+  video_token_id: int | None = None  # the model's, with video slots; None: a video is its frames
+  num_video_tokens: int = 0
+  anyres: Any = None  # the anyres LlavaConfig: image token counts from the images' sizes
+  over_budget: str = "reject"
 
   def tokenize(self, record, max_len: int | None = None) -> TokenizedSample | Rejected:
+    """As `data.example.prepare_example` tokenizes `record`, reading image sizes (anyres)
+    from the files' headers and never decoding pixels or frames."""
+    from llava_jax.data.media_tags import expand_videos_as_images, tag_order, video_tags_from_images
+    from llava_jax.data.records import RecordError, image_list, sample_id_of, video_list
+    from llava_jax.data.templates import VIDEO_TAG
+
+    sid = sample_id_of(record)
+    try:
+      images, videos = image_list(record), video_list(record)
+    except RecordError as e:
+      return Rejected(sid, RejectReason.BAD_RECORD, str(e))
+    conversation = record.get("conversations")
+    if videos and self.video_frames and isinstance(conversation, list):
+      conversation = video_tags_from_images(conversation, len(images), len(videos))
+      if self.video_token_id is None:  # the frames become images, in the video's place
+        order, media, it_images, it_videos = tag_order(conversation), [], iter(images), iter(videos)
+        for tag in order:
+          media += (
+              [next(it_images, None)] if tag != VIDEO_TAG else [("frame", next(it_videos, None))] * self.video_frames
+          )
+        conversation, images, videos = (
+            expand_videos_as_images(conversation, [self.video_frames] * len(videos)),
+            media,
+            [],
+        )
+    counts = self.num_image_tokens
+    if self.anyres is not None:
+      counts = self._anyres_counts(sid, images)
+      if isinstance(counts, Rejected):
+        return counts
     return tokenize_conversation(
-        record,
+        {"id": sid, "conversations": conversation, "images": images, "videos": videos},
         self.tokenizer,
         self.template,
         image_token_id=self.image_token_id,
-        num_image_tokens=self.num_image_tokens,
+        num_image_tokens=counts,
         max_len=max_len or self.max_len,
+        video_token_id=self.video_token_id,
+        num_video_tokens=self.num_video_tokens,
     )
+
+  def _anyres_counts(self, sid: str, images: list) -> list[int] | Rejected:
+    """Each image's packed token count from its size (file header; a video frame: the
+    stream's size), under the slot budget and `over_budget`, as `anyres_example` counts it."""
+    from llava_jax.data import anyres_example
+    from llava_jax.models.anyres import num_image_tokens, square_images
+
+    square, counts = square_images(self.anyres, len(images)), []
+    for k, image in enumerate(images):
+      try:
+        size = _media_size(image)
+      except (ValueError, OSError) as e:
+        reason = RejectReason.BAD_VIDEO if isinstance(image, tuple) else RejectReason.BAD_IMAGE
+        return Rejected(sid, reason, f"image {k} of {len(images)}: {e}")
+      if not square and anyres_example.over_budget(size, self.anyres) is not None:
+        fitted = anyres_example.downscaled_size(size, self.anyres) if self.over_budget == "downscale" else None
+        if fitted is None:
+          why = anyres_example.over_budget(size, self.anyres)
+          return Rejected(
+              sid, RejectReason.IMAGE_OVER_BUDGET, f"image {k} of {len(images)}, {size[0]}x{size[1]}: {why}"
+          )
+        size = fitted
+      counts.append(num_image_tokens(size, self.anyres, square))
+    return counts
+
+
+def _media_size(image) -> tuple[int, int]:
+  """(height, width) of an image file or bytes from its header; ("frame", video): the video stream's."""
+  import io
+
+  if isinstance(image, tuple):
+    import av
+
+    source = image[1]
+    with av.open(io.BytesIO(storage.read_bytes(source)) if storage.is_remote(source) else source) as c:
+      stream = c.streams.video[0]
+      return stream.height, stream.width
+  from PIL import Image
+
+  if image is None:
+    raise ValueError("missing (None)")
+  fp = io.BytesIO(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else image
+  if isinstance(fp, str) and storage.is_remote(fp):
+    fp = io.BytesIO(storage.read_bytes(fp))
+  with Image.open(fp) as img:
+    return img.size[1], img.size[0]
 
 
 def open_data(config, split: str = "train") -> Data:
@@ -76,6 +161,9 @@ def open_data(config, split: str = "train") -> Data:
     raise ValueError(f"config has no data.{split}")
   tokenizer = load_tokenizer(d.tokenizer, template=d.template)
   cfg = model_config(config, tokenizer)
+  video = cfg.video_token_id is not None and d.max_videos > 0 and d.video_frames > 0
+  if video:
+    from llava_jax.models.video import num_video_tokens
   return Data(
       sources.open_source(path, image_root=d.image_root),
       tokenizer,
@@ -83,6 +171,11 @@ def open_data(config, split: str = "train") -> Data:
       cfg.image_token_id,
       cfg.num_image_tokens,
       d.max_len,
+      video_frames=d.video_frames,
+      video_token_id=cfg.video_token_id if video else None,
+      num_video_tokens=num_video_tokens(cfg, d.video_frames) if video else 0,
+      anyres=cfg if cfg.anyres else None,
+      over_budget=d.over_budget,
   )
 
 
@@ -116,19 +209,22 @@ def _raw_text(tokenizer, ids: Sequence[int]) -> str:
   return "".join(out)
 
 
-def token_pieces(ids: Sequence[int], labels: Sequence[int], tokenizer, image_token_id: int) -> list[tuple[str, bool]]:
-  """int32[L] ids and labels -> [(text, learned)], image placeholder runs as "<image xN>".
+def token_pieces(
+    ids: Sequence[int], labels: Sequence[int], tokenizer, image_token_id: int, video_token_id: int | None = None
+) -> list[tuple[str, bool]]:
+  """int32[L] ids and labels -> [(text, learned)], image / video placeholder runs as
+  "<image xN>" / "<video xN>".
 
   Text is decoded per stretch between images (special tokens kept), and each
   learned / not learned run within a stretch is the difference of decoded
   prefixes, so spaces and multi-byte characters come out as the model reads them.
   """
   ids, labels = [int(i) for i in ids], [int(l) for l in labels]
-  is_image = [i == image_token_id for i in ids]
+  kind = {image_token_id: "image"} | ({video_token_id: "video"} if video_token_id is not None else {})
   out = []
-  for s, e, image in _runs(is_image):
-    if image:
-      out.append((f"<image x{e - s}>", False))
+  for s, e, media in _runs([kind.get(i) for i in ids]):
+    if media:
+      out.append((f"<{media} x{e - s}>", False))
       continue
     decoded = lambda j: _raw_text(tokenizer, ids[s:j])
     prev = ""
@@ -154,12 +250,16 @@ def describe_sample(result: TokenizedSample | Rejected, data: Data, color: bool,
   if isinstance(result, Rejected):
     return f"sample {result.sample_id!r}{where} rejected ({result.reason.value}): {result.detail}"
   n_image = int((result.input_ids == data.image_token_id).sum())
+  n_video = 0 if data.video_token_id is None else int((result.input_ids == data.video_token_id).sum())
   head = (
       f"sample {result.sample_id!r}{where}: {len(result.input_ids)} tokens ({n_image} image, "
-      f"{result.num_target_tokens} learned), {result.num_images} image(s)"
+      + (f"{n_video} video, " if n_video else "")
+      + f"{result.num_target_tokens} learned), {result.num_images} image(s)"
       + (f", truncated to max_len {data.max_len}" if result.truncated else "")
   )
-  body = highlight(token_pieces(result.input_ids, result.labels, data.tokenizer, data.image_token_id), color)
+  body = highlight(
+      token_pieces(result.input_ids, result.labels, data.tokenizer, data.image_token_id, data.video_token_id), color
+  )
   return head + "\n" + body
 
 

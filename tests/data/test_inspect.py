@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from llava_jax import tokenizer as tk
@@ -117,3 +118,29 @@ def test_command_line(root):
   assert "sample 'shapes-train-000003-qa' (record 3)" in out.stdout and "\x1b[30;42m" in out.stdout
   assert "first 10 samples: 10 trained on, 0 rejected" in out.stdout
   assert "sentencepiece back end" in out.stderr  # the back end is logged
+
+
+def test_videos_and_anyres_images_are_counted_as_training_counts_them(tmp_path):
+  """Configs with videos (stage 3: a clip is its frames as images; video=1: a video token's
+  slot) and an anyres one: the inspector's tokens equal the training pipeline's for every
+  sample, without decoding a pixel."""
+  from llava_jax.data import pipeline as P
+  from llava_jax.train import loop, run_config
+
+  spec = importlib.util.spec_from_file_location("tiny_shapes", os.path.join(ROOT, "configs", "tiny_shapes.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for arg in ("stage3", "test,video=1", "test,anyres=1"):
+    config = module.get_config(f"{arg},root={tmp_path / 'data'}")
+    if arg == "stage3":  # a small stage 3 (its own data is 8000 scenes)
+      config.data.synthetic.update(n_train=40, n_val=4, multi=dict(n_train=12, n_val=4, replay=4))
+    data = ins.open_data(config)
+    example = loop._prepare_run(run_config.parse(config), str(tmp_path / arg)).example
+    checked = 0
+    for i in range(len(data.source)):
+      record = data.source[i]
+      got, want = data.tokenize(record), P.prepare_example(record, example, pad=False)
+      assert isinstance(want, dict) and not isinstance(got, ins.Rejected), (arg, i, got, want)
+      np.testing.assert_array_equal(got.input_ids, want["input_ids"], err_msg=f"{arg} record {i}")
+      checked += "video" in record or "videos" in record or arg.endswith("anyres=1")
+    assert checked > 0, arg
