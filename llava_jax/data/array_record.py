@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 from llava_jax import storage
 from llava_jax.data.images import load_image
-from llava_jax.data.records import RecordError, image_list, sample_id_of
+from llava_jax.data.records import RecordError, image_list, sample_id_of, video_list
 from llava_jax.data.sources import record_features, resolve_image
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class ConversionReport:
   Attributes:
     written: records written.
     shard_lengths: records per shard file.
-    skipped: records left out, per reason ("missing_image", "bad_image", "bad_record").
+    skipped: records left out, per reason ("missing_image", "bad_image", "bad_record", "has_video").
     skipped_ids: ids of the first 100 skipped records, with their reason.
     files: the shard paths.
   """
@@ -167,9 +167,10 @@ def write_array_record(
       without "id" is stored as "<name>-<split>:<index in records>".
     name: dataset name in the file names.
     policy: a record whose image file is missing ("missing_image") or
-      undecodable and not JPEG/PNG ("bad_image"), or that names images under
-      both "image" and "images" ("bad_record"): "skip" (count, log, leave it
-      out) or "raise" (ValueError naming the record id and the image).
+      undecodable and not JPEG/PNG ("bad_image"), that names images under
+      both "image" and "images" ("bad_record"), or that names videos ("has_video":
+      the shards hold images only): "skip" (count, log, leave it out) or "raise"
+      (ValueError naming the record id and the image).
     jpeg_quality: for re-encoded images.
 
   Returns:
@@ -213,6 +214,12 @@ def write_array_record(
       names, blobs, problem = [], [], None
       try:
         images = image_list(record)
+        if video_list(record):  # the shards' features hold images only: never drop a video silently
+          images, problem = [], (
+              "has_video",
+              "names videos; array_record shards hold images only: train video data "
+              "from its JSON/JSONL (data.train), which reads the files",
+          )
       except RecordError as e:  # both "image" and "images"
         images, problem = [], ("bad_record", str(e))
       for image in images:

@@ -68,11 +68,13 @@ def test_conversion_counts_missing_and_bad_images(llava_files, caplog):
   recs = recs[:3] + [
       {"id": "gone", "image": "nothere.png", "conversations": []},
       {"id": "junk", "image": "junk.gif", "conversations": []},
+      {"id": "clip", "video": "clip.mp4", "conversations": []},  # never stored without its video
   ]
   report = AR.write_array_record(recs, d / "ar", image_root=d, split="train")
   assert report.written == 3
-  assert report.skipped == {"missing_image": 1, "bad_image": 1}
-  assert report.skipped_ids == [("gone", "missing_image"), ("junk", "bad_image")]
+  assert report.skipped == {"missing_image": 1, "bad_image": 1, "has_video": 1}
+  assert report.skipped_ids == [("gone", "missing_image"), ("junk", "bad_image"), ("clip", "has_video")]
+  assert "'clip'" in caplog.text and "hold images only" in caplog.text
   assert "'gone'" in caplog.text and "nothere.png" in caplog.text
   assert [r["id"] for r in S.ArrayRecordLlavaSource(d / "ar")] == ["r0", "r1", "r2"]
   with pytest.raises(ValueError, match=r"id 'gone'.*missing_image.*nothere.png"):
