@@ -14,12 +14,12 @@ about two images, the direction of a shape moving over three frames) with every
 ``<image>`` where the text puts it (``vicuna_v1@inline``), single-image conversations
 mixed back in.
 
-``video=1`` (stage 3, or the few-step ``test``) gives the model a video token
+``video=1`` (stage 3, or the few-step ``test``, which then trains on a small stage 3) gives the model a video token
 (``model.video``): each clip goes to a video slot (``pixel_values_videos``) instead of
 being its frames as images. ``anyres=1`` (any stage) makes the model any-resolution (LLaVA-NeXT's tiling over
 ``ANYRES_PINPOINTS``, ``llava_jax/data/anyres_example.py``): each 42 px scene becomes a
 base tile plus a 1x2 grid of 42 px tiles, 30 image tokens instead of 9. The multi-process
-and CLI tests train it that way.
+and CLI tests (tests/train/test_media_train.py) train it that way, with video=1.
 """
 
 from llava_jax.train.run_config import parse_arg, skeleton
