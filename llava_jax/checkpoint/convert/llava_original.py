@@ -1,19 +1,50 @@
-"""Original haotian-liu/LLaVA checkpoints (LLaVA-1.5 style) -> llava_jax params.
+"""Original LLaVA checkpoints (haotian-liu/LLaVA 1.5, LLaVA-NeXT v1.6 and lmms-lab
+LLaVA-OneVision, as the LLaVA-NeXT repository saves them) -> llava_jax params.
 
-A checkpoint directory holds a ``config.json`` (a LlamaConfig / MistralConfig plus the
-``mm_*`` fields) and safetensors with the LLM under ``model.*`` / ``lm_head``, the
-projector under ``model.mm_projector`` (``.0`` and ``.2`` for ``mlp2x_gelu``, no index
-for ``linear``) and, only in some checkpoints, the CLIP tower under
-``model.vision_tower.vision_tower.vision_model.*`` (``vision_model.`` absent when saved
-by transformers >= 5). Otherwise the tower is a separate
-HF ``CLIPVisionModel`` named by ``mm_vision_tower``; it is read from a local directory
-only (``vision_tower_path``, or ``mm_vision_tower`` when that is a directory), never
-downloaded.
+A checkpoint directory holds a ``config.json`` (a Llama / Mistral / Qwen2 config plus the
+``mm_*`` fields; the family comes from ``model_type`` ``llava_llama`` / ``llava_mistral``
+/ ``llava_qwen``, or from ``architectures`` ``Llava{Llama,Mistral,Qwen}ForCausalLM`` when
+``model_type`` is plain ``llava``, as in lmms-lab's configs) and safetensors with the LLM
+under ``model.*`` / ``lm_head``, the projector under ``model.mm_projector`` (``.0`` and
+``.2`` for ``mlp2x_gelu``, no index for ``linear``) and, in checkpoints that tuned it, the
+vision tower under ``model.vision_tower.vision_tower.vision_model.*`` (``vision_model.``
+absent when saved by transformers >= 5). Otherwise the tower is a separate HF
+``CLIPVisionModel`` / ``SiglipVisionModel`` named by ``mm_vision_tower``; it is read from
+a local directory only (``vision_tower_path``, or ``mm_vision_tower`` when that is a
+directory), never downloaded. Hub towers in ``KNOWN_TOWERS`` need no directory when the
+weights are in the checkpoint.
+
+Vision features: a CLIP tower gives ``hidden_states[mm_vision_select_layer]``, minus the
+class token for ``mm_vision_select_feature="patch"``. A SigLIP tower follows LLaVA-NeXT's
+``SigLipVisionTower``, which ignores both fields: it deletes the tower's last encoder
+layer and its head, and takes every token of the new last layer (before
+``post_layernorm``). The loaded config is that truncated tower (OneVision's so400m: 26 of
+27 layers, ``select_layer=-1``, ``select_feature="cls_patch"``), as transformers'
+OneVision conversion has it; a stored last layer or head is dropped with a log line.
+
+Any resolution (LLaVA-NeXT, OneVision): ``image_aspect_ratio`` "anyres" or
+"anyres_max_N" with ``mm_patch_merge_type="spatial_unpad"`` and a ``model.image_newline``
+weight load as an anyres ``LlavaConfig`` (``llava_jax.models.anyres``: base tile first,
+the unpadded tile grid with ``image_newline`` after each row, OneVision's bilinear shrink
+to ~N tiles' worth). ``image_grid_pinpoints`` is a list of pairs (or its ``str``), or a
+range such as "(1x1),...,(6x6)": every grid from the first to the last times the tower's
+image size. Original pinpoints are ``[width, height]`` (``llava/mm_utils.py``); they are
+stored as our ``(height, width)`` in the original order, which decides ties (all images
+within one tile pick the first smallest grid: LLaVA-NeXT's ``[336, 672]`` is 2 rows x 1
+column). Other merge types ("flat" with anyres, "spatial", "spatial_unpad_nobase",
+"maxpool2x2" …) and ``image_aspect_ratio`` "highres" / "crop_split" are refused. Video
+settings (``mm_spatial_pool_*``, ``mm_newline_position``, ``add_faster_video``) are not
+read: the loaded model takes images only. One rounding differs from the original: its
+``unpad_image`` truncates ``height * scale`` where transformers (and ``models.anyres``)
+round to 7 decimals first, so for rare sizes (36 of the 1.44M sizes up to 1200 x 1200
+under LLaVA-NeXT's pinpoints, e.g. 55 x 176) the original crops one more feature row or
+column on each side.
 
 Settings that affect the inputs, not the weights, stay with the caller
 (``prompt_options``): ``image_aspect_ratio`` ("pad" = ``data.images.expand2square`` with
-the processor's mean colour), ``mm_use_im_start_end`` / ``mm_use_im_patch_token`` (extra
-tokens around the image, part of the resized vocabulary and prompt template).
+the processor's mean colour; "anyres*" = ``data.anyres.preprocess_anyres`` with the
+config's pinpoints), ``mm_use_im_start_end`` / ``mm_use_im_patch_token`` (extra tokens
+around the image, part of the resized vocabulary and prompt template).
 
 Image placeholders differ: original LLaVA writes one ``IMAGE_TOKEN_INDEX = -200`` per
 image into ``input_ids`` and expands it inside the model; ``Llava`` follows HF (one
@@ -27,15 +58,17 @@ Pickled ``.bin`` checkpoints are refused (convert them to safetensors first).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import os
+import re
 from typing import Sequence
 
 import numpy as np
 
 from llava_jax.checkpoint.convert import common, hf
-from llava_jax.checkpoint.convert.common import prefixed
+from llava_jax.checkpoint.convert.common import prefixed, same
 from llava_jax.models.configs import (VISION_VARIANTS, LLMConfig, LlavaConfig, ProjectorConfig, VisionConfig)
 
 log = logging.getLogger(__name__)
@@ -53,13 +86,37 @@ _FAMILIES = {
     "llava_qwen2": "qwen2",
     "qwen2": "qwen2",
 }
+# ``architectures[0]`` -> family, read when ``model_type`` is the generic "llava" (lmms-lab's
+# OneVision configs say "llava" with LlavaQwenForCausalLM).
+_ARCHITECTURES = {
+    "LlavaLlamaForCausalLM": "llama",
+    "LlavaMistralForCausalLM": "mistral",
+    "LlavaQwenForCausalLM": "qwen2",
+    "LlavaQwen2ForCausalLM": "qwen2",
+}
 
 # Hub towers whose architecture is known without their config.json; enough when the
 # tower weights are stored inside the checkpoint.
-KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": "clip-L/14-336", "openai/clip-vit-large-patch14": "clip-L/14"}
+KNOWN_TOWERS = {
+    "openai/clip-vit-large-patch14-336": "clip-L/14-336",
+    "openai/clip-vit-large-patch14": "clip-L/14",
+    "google/siglip-so400m-patch14-384": "siglip-So400m/14-384",  # OneVision
+}
 
 _PROJECTOR_NAMES = {"linear": ("mm_projector",), "mlp2x_gelu": ("mm_projector.0", "mm_projector.2"), "identity": ()}
 _EMBEDDED_TOWER = "vision_tower.vision_tower."  # + "vision_model." (transformers 4.x)
+_MERGE_TYPES = ("flat", "spatial_unpad")
+_ANYRES_MAX = re.compile(r"anyres_max_(\d+)")
+_GRID = re.compile(r"\((\d+)x(\d+)\)")
+# Read by the original code for videos only; the loaded model takes images.
+_VIDEO_FIELDS = (
+    "mm_spatial_pool_mode",
+    "mm_spatial_pool_stride",
+    "mm_spatial_pool_out_channels",
+    "mm_newline_position",
+    "add_faster_video",
+    "faster_token_stride",
+)
 
 
 def _strip_model(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,34 +133,139 @@ def prompt_options(config: dict) -> dict:
   }
 
 
-def expand_image_placeholders(input_ids: Sequence[int], cfg: LlavaConfig) -> list[int]:
-  """Original-style ids (one ``-200`` per image) -> ours (``cfg.num_image_tokens`` copies
-  of ``cfg.image_token_id`` per image). ``int[T]`` -> ``int[T + images * (N - 1)]``."""
+def expand_image_placeholders(
+    input_ids: Sequence[int], cfg: LlavaConfig, image_sizes: Sequence[Sequence[int]] | None = None
+) -> list[int]:
+  """Original-style ids (one ``-200`` per image) -> ours (copies of ``cfg.image_token_id``).
+
+  LLaVA-1.5 configs: ``cfg.num_image_tokens`` copies per image, ``image_sizes`` unused.
+  Anyres configs: image k takes ``models.anyres.num_image_tokens(image_sizes[k], cfg)``
+  copies, ``image_sizes`` the images' original ``(height, width)`` in order (as
+  ``data.anyres.preprocess_anyres`` returns them; original LLaVA's own ``image_sizes`` are
+  PIL ``(width, height)``). Several images in one sequence of a OneVision config take
+  its multi-image mode (``models.anyres.square_images``), as the model does for a row.
+  """
+  ids = [int(i) for i in input_ids]
+  count = sum(i == IMAGE_TOKEN_INDEX for i in ids)
+  if cfg.anyres:
+    from llava_jax.models import anyres
+
+    if image_sizes is None or len(image_sizes) != count:
+      got = "none" if image_sizes is None else len(image_sizes)
+      raise ValueError(
+          f"an anyres config needs one image size (height, width) per {IMAGE_TOKEN_INDEX} placeholder: the ids "
+          f"have {count}, image_sizes {got}"
+      )
+    square = anyres.square_images(cfg, count)
+    counts = iter([anyres.num_image_tokens(tuple(int(x) for x in s), cfg, square) for s in image_sizes])
+  else:
+    counts = iter([cfg.num_image_tokens] * count)
   out: list[int] = []
-  for i in input_ids:
-    out.extend([cfg.image_token_id] * cfg.num_image_tokens if int(i) == IMAGE_TOKEN_INDEX else [int(i)])
+  for i in ids:
+    out.extend([cfg.image_token_id] * next(counts) if i == IMAGE_TOKEN_INDEX else [i])
   return out
 
 
+def _is_anyres(ratio) -> bool:
+  return isinstance(ratio, str) and (ratio == "anyres" or "anyres_max" in ratio)  # llava/mm_utils.py
+
+
 def _check_supported(d: dict, tensors: dict, path: str):
-  if (
-      d.get("image_aspect_ratio") == "anyres"
-      or "image_newline" in tensors
-      or d.get("mm_patch_merge_type", "flat") != "flat"
-  ):
+  where = os.path.join(path, "config.json")
+  merge = d.get("mm_patch_merge_type", "flat")
+  ratio = d.get("image_aspect_ratio", "square")
+  if merge not in _MERGE_TYPES:
     raise ValueError(
-        f"{path}: LLaVA-NeXT 'anyres' checkpoints (image_newline, "
-        f"mm_patch_merge_type={d.get('mm_patch_merge_type')!r}) are not supported; "
-        "only single-tile LLaVA-1.5-style models are"
+        f"{where}: mm_patch_merge_type {merge!r} is not supported; only 'flat' (LLaVA-1.5) and "
+        "'spatial_unpad' (LLaVA-NeXT / OneVision: unpadded tile grid, image_newline, base tile first) are"
     )
+  if ratio in ("highres", "crop_split"):
+    raise ValueError(f"{where}: image_aspect_ratio {ratio!r} (several tiles, flat merge) is not supported")
+  if _is_anyres(ratio) != (merge == "spatial_unpad"):
+    raise ValueError(
+        f"{where}: image_aspect_ratio {ratio!r} with mm_patch_merge_type {merge!r} is not supported; "
+        "anyres ('anyres' / 'anyres_max_N') goes with 'spatial_unpad', other ratios with 'flat'"
+    )
+  if _is_anyres(ratio) and ratio != "anyres" and not _ANYRES_MAX.fullmatch(ratio):
+    raise ValueError(f"{where}: image_aspect_ratio {ratio!r}: expected 'anyres' or 'anyres_max_<N>'")
+  if "image_newline" in tensors and merge != "spatial_unpad":
+    raise ValueError(f"{path}: an image_newline weight, but mm_patch_merge_type is {merge!r}, not 'spatial_unpad'")
   kind = d.get("mm_projector_type", "linear")  # LLaVA's own default is linear
   if kind not in _PROJECTOR_NAMES:
-    raise ValueError(f"{path}: mm_projector_type {kind!r} not supported; expected one of {sorted(_PROJECTOR_NAMES)}")
+    raise ValueError(f"{where}: mm_projector_type {kind!r} not supported; expected one of {sorted(_PROJECTOR_NAMES)}")
+  video = sorted(k for k in _VIDEO_FIELDS if k in d)
+  if video:
+    log.info("%s: video settings %s are not read; the loaded model takes images only", where, video)
+
+
+def grid_pinpoints_from_original(value, tile: int, where: str = "config.json") -> tuple[tuple[int, int], ...]:
+  """An original ``image_grid_pinpoints`` -> our ``((height, width), ...)``, order kept.
+
+  Args:
+    value: ``[[width, height], ...]``, that list as a ``str``, or a range string
+      ``"(AxB),...,(CxD)"``: every ``(i * tile, j * tile)`` for i in A..C, j in B..D
+      (``llava/mm_utils.py``: only the first and last grids count).
+    tile: the vision tower's image size.
+    where: named in errors (the config file).
+  """
+
+  def bad(why: str):
+    return ValueError(
+        f"{where}: image_grid_pinpoints {value!r} {why}; expected [[width, height], ...] or a range "
+        "like '(1x1),...,(6x6)'"
+    )
+
+  pairs = value
+  if isinstance(value, str):
+    if "x" in value:
+      parts = [p.strip() for p in value.split(",")]
+      if not all(_GRID.fullmatch(p) or p == "..." for p in parts) or not (
+          _GRID.fullmatch(parts[0]) and _GRID.fullmatch(parts[-1])
+      ):
+        raise bad("is not a range of '(AxB)' grids")
+      (a, b), (c, e) = (tuple(map(int, _GRID.fullmatch(parts[k]).groups())) for k in (0, -1))
+      pairs = [(i * tile, j * tile) for i in range(max(a, 1), c + 1) for j in range(max(b, 1), e + 1)]
+      if not pairs or min(a, b) < 1:
+        raise bad("holds no grid")
+    else:
+      try:
+        pairs = ast.literal_eval(value)
+      except (ValueError, SyntaxError) as err:
+        raise bad("is not a list of pairs") from err
+  if (
+      not isinstance(pairs, (list, tuple))
+      or not pairs
+      or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in pairs)
+  ):
+    raise bad("is not a non-empty list of [width, height] pairs")
+  return tuple((int(h), int(w)) for w, h in pairs)
+
+
+def anyres_options(d: dict, tile: int, path: str) -> dict:
+  """The ``LlavaConfig`` anyres fields of an original config.json ({} unless anyres)."""
+  ratio = d.get("image_aspect_ratio", "square")
+  if not _is_anyres(ratio):
+    return {}
+  where = os.path.join(path, "config.json")
+  if d.get("image_grid_pinpoints") is None:
+    raise ValueError(f"{where}: image_aspect_ratio {ratio!r} but no image_grid_pinpoints")
+  return {
+      "image_grid_pinpoints": grid_pinpoints_from_original(d["image_grid_pinpoints"], tile, where),
+      "vision_aspect_ratio": None if ratio == "anyres" else ratio,
+  }
+
+
+def _family(d: dict) -> str | None:
+  model_type = d.get("model_type", "llava")
+  arch = (d.get("architectures") or [None])[0]
+  if model_type == "llava" and arch in _ARCHITECTURES:
+    return _ARCHITECTURES[arch]
+  return _FAMILIES.get(model_type)
 
 
 def llm_config_from_original(d: dict, tensors: dict, **overrides) -> LLMConfig:
   """LLMConfig from an original config.json (``model_type`` 'llava', 'llava_mistral' …)."""
-  family = _FAMILIES.get(d.get("model_type", "llava"))
+  family = _family(d)
   if family is None:
     raise ValueError(f"unsupported original LLaVA model_type {d.get('model_type')!r}; known: {sorted(_FAMILIES)}")
   return hf.llm_config_from_hf({**d, "model_type": family}, tie_embeddings="lm_head.weight" not in tensors, **overrides)
@@ -112,6 +274,20 @@ def llm_config_from_original(d: dict, tensors: dict, **overrides) -> LLMConfig:
 def _tower_config_json(tower_dir: str) -> dict:
   d = common.read_json(os.path.join(tower_dir, "config.json"))
   return d.get("vision_config", d) if d.get("model_type") in ("clip", "siglip") else d
+
+
+def _siglip_as_original(full: VisionConfig) -> VisionConfig:
+  """LLaVA-NeXT's SigLipVisionTower: the last layer and the head deleted, the new last
+  layer's tokens taken as they are (no post_layernorm, nothing dropped)."""
+  return dataclasses.replace(full, depth=full.depth - 1, head=False, select_layer=-1, select_feature="cls_patch")
+
+
+def _drop_siglip_tail(tensors: dict, depth: int, what: str) -> dict:
+  """Removes the last layer (index ``depth``, the full tower's last) and the head."""
+  drop = [k for k in tensors if k.startswith((f"encoder.layers.{depth}.", "head."))]
+  if drop:
+    log.info("%s: dropping %d keys of the last layer and head, unused by LLaVA's SigLIP tower", what, len(drop))
+  return {k: v for k, v in tensors.items() if k not in drop}
 
 
 def _load_vision(d: dict, embedded: dict, vision_tower_path: str | None, path: str) -> tuple[VisionConfig, common.Flat]:
@@ -125,9 +301,9 @@ def _load_vision(d: dict, embedded: dict, vision_tower_path: str | None, path: s
     raise FileNotFoundError(f"vision_tower_path {vision_tower_path!r} is not a directory")
   if embedded:
     if local is not None:
-      cfg = hf.vision_config_from_hf(_tower_config_json(local), **select)
+      full = hf.vision_config_from_hf(_tower_config_json(local))
     elif tower in KNOWN_TOWERS:
-      cfg = dataclasses.replace(VISION_VARIANTS[KNOWN_TOWERS[tower]], **select)
+      full = VISION_VARIANTS[KNOWN_TOWERS[tower]]
     else:
       raise FileNotFoundError(
           f"{path} stores the vision tower weights ({_EMBEDDED_TOWER}…) but its architecture "
@@ -135,18 +311,31 @@ def _load_vision(d: dict, embedded: dict, vision_tower_path: str | None, path: s
           f"{sorted(KNOWN_TOWERS)}; pass vision_tower_path=<dir with the tower's config.json>"
       )
     log.info("%s: using the vision tower weights stored in the checkpoint", path)
+    what = f"vision tower inside {path} (keys after {_EMBEDDED_TOWER!r})"
+    if full.kind == "siglip":
+      cfg = _siglip_as_original(full)
+      embedded = _drop_siglip_tail(embedded, cfg.depth, what)
+    else:
+      cfg = dataclasses.replace(full, **select)
     tensors = hf.split_in_proj(embedded, "head.attention.")
     ignore = hf.buffer_keys(tensors)
-    flat = common.apply_specs(
-        hf.vision_specs(cfg), tensors, f"vision tower inside {path} (keys after {_EMBEDDED_TOWER!r})", ignore
-    )
-    return cfg, flat
+    return cfg, common.apply_specs(hf.vision_specs(cfg), tensors, what, ignore)
   if local is None:
     raise FileNotFoundError(
         f"vision tower {tower!r} (config.json mm_vision_tower) is not a local directory and "
         f"{path} holds no {_EMBEDDED_TOWER}… weights; pass vision_tower_path=<a HF "
-        "CLIPVisionModel directory (config.json + safetensors)>. Nothing is downloaded."
+        "CLIPVisionModel / SiglipVisionModel directory (config.json + safetensors)>. Nothing is downloaded."
     )
+  if _tower_config_json(local).get("model_type") == "siglip_vision_model":
+    full, params = hf.load_hf_vision(local, scan=False)
+    cfg = _siglip_as_original(full)
+    flat = {
+        k: v
+        for k, v in common.flatten(params).items()
+        if k[0] != "head" and k[:2] != ("encoder", f"layers_{cfg.depth}")
+    }
+    log.info("%s: SigLIP tower from %s without its last layer and head (as LLaVA's SigLipVisionTower)", path, local)
+    return cfg, flat
   cfg, params = hf.load_hf_vision(local, scan=False, **select)
   return cfg, common.flatten(params)
 
@@ -158,20 +347,24 @@ def load_llava_original(
     vision_overrides: dict | None = None,
     llm_overrides: dict | None = None,
 ) -> tuple[LlavaConfig, dict]:
-  """Loads an original LLaVA checkpoint directory.
+  """Loads an original LLaVA / LLaVA-NeXT / LLaVA-OneVision checkpoint directory.
 
   Args:
     path: directory with config.json and ``*.safetensors`` (single or sharded).
-    vision_tower_path: local HF ``CLIPVisionModel`` directory; defaults to
-      ``mm_vision_tower`` when that is a local directory. Weights stored inside the
-      checkpoint (``model.vision_tower.vision_tower.vision_model.*``, e.g. after tuning the
-      tower) take precedence; the directory then supplies only the architecture.
+    vision_tower_path: local HF ``CLIPVisionModel`` / ``SiglipVisionModel`` directory (the
+      full hub tower); defaults to ``mm_vision_tower`` when that is a local directory.
+      Weights stored inside the checkpoint (``model.vision_tower.vision_tower.vision_model.*``,
+      e.g. after tuning the tower) take precedence; the directory then supplies only the
+      architecture.
     vision_overrides / llm_overrides: non-architectural fields (``scan``, ``remat``,
       ``dtype``, ``attn_impl``).
   Returns:
     ``(LlavaConfig, params)``, params a nested dict of float32 numpy arrays
-    ``{"img", "projector", "llm"}``. The vision config takes ``mm_vision_select_layer``
-    and ``mm_vision_select_feature`` ("patch" drops CLS, "cls_patch" keeps it);
+    ``{"img", "projector", "llm"}`` (plus ``image_newline`` for anyres). A CLIP tower's
+    config takes ``mm_vision_select_layer`` and ``mm_vision_select_feature`` ("patch"
+    drops CLS, "cls_patch" keeps it); a SigLIP tower is truncated as the original does
+    (see the module docstring). Anyres checkpoints get ``image_grid_pinpoints`` (as
+    ``(height, width)``) and, for "anyres_max_N", ``vision_aspect_ratio``.
     ``image_token_id = vocab_size`` (see the module docstring).
   """
   d = common.read_json(os.path.join(path, "config.json"))
@@ -189,11 +382,18 @@ def load_llava_original(
     raise ValueError(f"config mm_hidden_size {d['mm_hidden_size']} != vision tower width {vision.width}")
   proj = ProjectorConfig(kind, vision.width, llm.hidden_size, bias=True)
   cfg = LlavaConfig(
-      vision=vision, projector=proj, llm=llm, image_token_id=llm.vocab_size, pad_token_id=d.get("pad_token_id") or 0
+      vision=vision,
+      projector=proj,
+      llm=llm,
+      image_token_id=llm.vocab_size,
+      pad_token_id=d.get("pad_token_id") or 0,
+      **anyres_options(d, vision.image_size, path),
   )
   specs = prefixed(hf.projector_specs(proj, _PROJECTOR_NAMES[kind]), "", ("projector",)) + prefixed(
       hf.llm_specs(llm) + hf.lm_head_specs(llm), "", ("llm",)
   )
+  if cfg.anyres:
+    specs.append(same("image_newline", ("image_newline",)))
   ignore = hf.buffer_keys(rest)
   flat = common.apply_specs(specs, rest, f"original LLaVA checkpoint {path} (keys without 'model.')", ignore)
   flat.update({("img",) + k: v for k, v in img.items()})
