@@ -544,3 +544,43 @@ def test_unsupported_anyres_configs_are_clear_errors(parts, tmp_path, fields, me
   with pytest.raises(ValueError, match=message) as err:
     load_llava_original(path)
   assert os.path.join(path, "config.json") in str(err.value)
+
+
+def test_generate_cli_answers_from_an_original_anyres_checkpoint(anyres_original, tmp_path):
+  """What a user types: ``python -m llava_jax.generate --checkpoint=<original LLaVA-NeXT /
+  OneVision dir>``: it loads through load_llava_original (anyres), tiles the image and
+  answers as ``load_model(...).answer`` does in process."""
+  import shutil
+  import subprocess
+  import sys
+
+  import tiny_checkpoint
+  from PIL import Image
+
+  from llava_jax.infer.loading import load_model
+  from llava_jax.tokenizer import train_sentencepiece
+
+  family, _, _, path, tower_dir, cfg, _ = anyres_original
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(path, ckpt)
+  train_sentencepiece(tiny_checkpoint._sentences(), vocab_size=110).save(str(ckpt / "tokenizer.model"))
+  config = json.loads((ckpt / "config.json").read_text())  # the tiny tower's architecture, as a local dir
+  (ckpt / "config.json").write_text(json.dumps({**config, "mm_vision_tower": tower_dir}))
+  image = tmp_path / "wide.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 100, 3), dtype=np.uint8)).save(image)
+  loaded = load_model(str(ckpt), template="llava_v1")
+  assert loaded.source == "llava_original" and loaded.cfg.anyres
+  assert (loaded.cfg.vision, loaded.cfg.image_grid_pinpoints) == (cfg.vision, cfg.image_grid_pinpoints)
+  want = loaded.answer([{"from": "human", "value": "<image>\nWhat is it?"}], Image.open(image), max_new_tokens=6)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = subprocess.run(
+      [sys.executable, "-m", "llava_jax.generate", f"--checkpoint={ckpt}", f"--image={image}"]
+      + ["--prompt=What is it?", "--template=llava_v1", "--max_new_tokens=6"],
+      cwd=root,
+      env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith(want.strip()), (out.stdout[-500:], want)
