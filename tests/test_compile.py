@@ -18,8 +18,8 @@ import tiny_shapes  # noqa: E402
 TINY = ["--config=configs/tiny_shapes.py:test", "--config.model.vocab_from_tokenizer=False"]
 
 
-def _tiny(attn: str, **mesh):
-  c = tiny_shapes.get_config("test")
+def _tiny(attn: str, arg: str = "test", **mesh):
+  c = tiny_shapes.get_config(arg)
   c.model.vocab_from_tokenizer = False  # no tokenizer needed: the variant's vocabulary
   c.model.llm_overrides.attn_impl = attn
   c.model.vision_overrides.attn_impl = attn
@@ -114,6 +114,20 @@ def test_pallas_step_has_the_mosaic_kernel():
   )
   assert r["collectives"]["all-gather"] > 0  # FSDP gathers the param shards
   assert r["flops_per_step"] > 0 and r["compile_s"] > 0
+
+
+def test_anyres_step_compiles():
+  """An any-resolution step (P tiles per image slot, the layout gather; configs/llava_next.py,
+  llava_onevision.py) compiles for TPU with the Mosaic kernels."""
+  from llava_jax.train.setup import batch_spec, model_config
+
+  c = _tiny("pallas", "test,anyres=1")
+  cfg = model_config(c)
+  spec = batch_spec(c, cfg)
+  assert spec["pixel_values"].shape == (8, 1, cfg.tiles_per_image, 42, 42, 3) and cfg.tiles_per_image == 5
+  assert spec["image_index"].shape == (8, 1, cfg.image_token_budget, 1)
+  r = aot.compile_step(c, aot.parse_topology("v5e:2x2"))
+  assert r["fits"] and r["mosaic_kernels"] > 0 and r["memory"]["temporaries"] > 0
 
 
 @pytest.mark.slow

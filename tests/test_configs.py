@@ -45,3 +45,58 @@ def test_llava15_hyperparameters():
   assert s1.optim.warmup_ratio == s2.optim.warmup_ratio == 0.03
   assert [r for r, _ in s1.optim.lr_rules] == [r"projector/.*"]
   assert [r for r, _ in s2.optim.lr_rules] == [r"projector/.*", r"llm/.*"]
+
+
+def _lr_multipliers(c):
+  """Learning-rate multiplier per top-level param group ("frozen" if none), by the config's rules."""
+  import numpy as np
+
+  from llava_jax.train import optim, setup
+
+  leaf = np.zeros(1)
+  groups = {"img": {"w": leaf}, "projector": {"w": leaf}, "llm": {"w": leaf}, "image_newline": leaf}
+  labels = optim.lr_labels(groups, setup.optim_config(c))
+  return {g: (v if isinstance(v, str) else v["w"]) for g, v in labels.items()}
+
+
+def test_llava_next_recipe():
+  from llava_jax.train.setup import model_config
+
+  mod = _load(f"{ROOT}/configs/llava_next.py")
+  c = mod.get_config()
+  assert (c.model.vision, c.model.llm, c.data.template) == ("clip-L/14-336", "vicuna-7b", "vicuna_v1@llava_next")
+  assert (c.optim.lr, c.train.batch_size, c.data.max_len, c.optim.warmup_ratio) == (2e-5, 128, 4096, 0.03)
+  assert c.train.steps == -(-779_289 // 128) == 6089  # one epoch of LLaVA-NeXT-Data
+  assert c.init.from_run_params == r"projector/.*"
+  # vision tower at 2e-6, everything else (image_newline included) at 2e-5
+  assert _lr_multipliers(c) == {"img": "lr=0.1", "projector": "lr=1", "llm": "lr=1", "image_newline": "lr=1"}
+  cfg = model_config(c)  # no tokenizer: what llava_jax.compile builds
+  assert cfg.anyres and cfg.vision_aspect_ratio is None  # spatial_unpad, no shrink
+  assert (cfg.tiles_per_image, cfg.image_token_budget) == (5, 2928)  # base + 2x2; 576 + 48 * 49
+  assert (cfg.vision.select_layer, cfg.vision.num_features) == (-2, 576)
+  m = mod.get_config("llm=mistral-7b")
+  assert m.data.template == "mistral_instruct@llava_next"
+  mc = model_config(m)
+  assert (mc.llm.rope_theta, mc.llm.sliding_window) == (1e6, None)  # Mistral-7B-Instruct-v0.2
+  with pytest.raises(ValueError, match="llm='llama3-8b'"):
+    mod.get_config("llm=llama3-8b")
+
+
+def test_llava_onevision_recipe():
+  from llava_jax.train.setup import model_config
+
+  mod = _load(f"{ROOT}/configs/llava_onevision.py")
+  c = mod.get_config()
+  assert (c.model.vision, c.model.llm, c.data.template) == ("siglip-So400m/14-384", "qwen2-7b", "chatml_llava_next")
+  assert (c.optim.lr, c.train.batch_size, c.optim.warmup_ratio) == (1e-5, 256, 0.03)
+  assert c.data.over_budget == "downscale"
+  assert _lr_multipliers(c) == {"img": "lr=0.2", "projector": "lr=1", "llm": "lr=1", "image_newline": "lr=1"}
+  cfg = model_config(c)
+  assert cfg.vision_aspect_ratio == "anyres_max_9" and len(cfg.image_grid_pinpoints) == 36  # 1x1 .. 6x6
+  assert (cfg.tiles_per_image, cfg.image_token_budget) == (10, 7371)  # 3x3 + base; grids within 10 tiles
+  assert c.data.max_len > cfg.image_token_budget
+  # HF's OneVision tower: 26 of So400m's 27 layers, the last one's output, no class token
+  assert (cfg.vision.select_layer, cfg.vision.num_layers_used, cfg.vision.num_features) == (-2, 26, 729)
+  assert mod.get_config("stage=si,mid=/runs/mid").init.from_run_params == ".*"
+  with pytest.raises(ValueError, match="stage=ov"):
+    mod.get_config("stage=ov")
