@@ -1,6 +1,7 @@
-r"""LLaVA-OneVision, single-image stage (``stage=si``): SigLIP So400m/14-384 + Qwen2-7B, any resolution.
+r"""LLaVA-OneVision: SigLIP So400m/14-384 + Qwen2-7B, any resolution; single-image stage, then multi-image + video.
 
   python -m llava_jax.train --config=configs/llava_onevision.py:stage=si,data=/data/onevision_si,mid=/runs/onevision-mid,llm=/ckpt/Qwen2-7B-Instruct --workdir=/runs/onevision-si
+  python -m llava_jax.train --config=configs/llava_onevision.py:stage=ov,data=/data/onevision_ov,si=/runs/onevision-si,llm=/ckpt/Qwen2-7B-Instruct --workdir=/runs/onevision-ov
 
 The stage after OneVision's mid stage (1.5): ``mid=`` is a run of this model whose every
 parameter is taken (``init.from_run_params=".*"``). Without one, ``stage1=`` (a projector
@@ -46,28 +47,52 @@ up to 7371 tokens plus ~800 of text; longer conversations are cut, or rejected w
 leaves no answer), since Qwen2's 152K-entry head makes float32 logits of 8192 x 152064 x
 4 B = 4.6 GiB per row; the mesh and ``grad_accum`` below fit it.
 
-``stage=ov`` (OneVision stage: multi-image and video) is not here yet.
+``stage=ov``, the OneVision stage (docs/LLaVA_OneVision.md: "1.6M single-image,
+multi-image and video samples"; ``scripts/train/finetune_onevision.sh``: the same rates,
+``frames_upbound 32``), starts from the ``si=`` run (every parameter) and reads
+``llava_onevision_ov.json`` with images and videos under ``data/images`` (LLaVA-NeXT's
+separate ``video_folder``: give the records' video paths relative to that root, or
+absolute):
+
+- a sample of several images takes OneVision's multi-image mode: each image one padded
+  square tile, 729 features + ``image_newline`` (``models.anyres.square_images``); a single
+  image is tiled as in ``si``. ``data.max_images=3`` slots of P = 10 tiles each: a
+  multi-image slot uses one of its ten, so the tower spends most of those slots on zero
+  tiles (the price of one fixed shape for both kinds); a sample with more images is a
+  counted ``image_count_mismatch`` (raise ``max_images`` at that cost: each slot is
+  ~0.5 GiB a chip on a v5e-64, below);
+- a video (``"video"`` records, marked ``<image>`` in LLaVA-Video-178K's way or
+  ``<video>``) is 32 frames sampled uniformly (``data.video_frames``; OneVision's
+  ``frames_upbound``), each 27x27 grid pooled bilinearly to 14x14 (196 tokens) after the
+  projector, plus one ``image_newline`` per video: 6273 tokens (``model.video``, the HF
+  LlavaOnevision video path, parity in ``tests/models/test_llava_video.py``). The video
+  token is past Qwen2's vocabulary (its tokenizer has no ``<video>``).
 """
 
 from llava_jax.data.anyres import ONEVISION_PINPOINTS
 from llava_jax.train.recipes import llava_recipe
 from llava_jax.train.run_config import parse_arg
 
-STAGES = ("si",)  # "ov" (multi-image + video) to come
+STAGES = ("si", "ov")
 SAMPLES_SI = 3_200_000  # docs/LLaVA_OneVision.md: "3.2M instruction-following image samples"
+SAMPLES_OV = 1_600_000  # docs/LLaVA_OneVision.md: "1.6M single-image, multi-image and video samples"
+VIDEO_FRAMES = 32  # scripts/train/finetune_onevision.sh: --frames_upbound 32
 
 
 def get_config(arg: str = "stage=si"):
-  a = parse_arg(arg, stage="si", data="/data/onevision_si", mid="", stage1="", siglip="", llm="")
-  if a["stage"] == "ov":
-    raise ValueError(
-        "stage=ov (OneVision's multi-image + video stage) is not implemented in this config yet; "
-        "stage=si is the single-image stage"
-    )
+  a = parse_arg(arg, stage="si", data="", mid="", si="", stage1="", siglip="", llm="")
   if a["stage"] not in STAGES:
     raise ValueError(f"stage={a['stage']!r}: expected one of {STAGES}")
+  ov = a["stage"] == "ov"
+  if ov and (a["mid"] or a["stage1"] or a["siglip"]):
+    raise ValueError("stage=ov starts from the single-image run: give si=<its workdir> (not mid / stage1 / siglip)")
+  if a["si"] and not ov:
+    raise ValueError("si= is stage=ov's start (the single-image run); stage=si starts from mid= or stage1=")
+  data = a["data"] or f"/data/onevision_{a['stage']}"
   batch = 256
-  if a["mid"]:
+  if ov:
+    init = dict(from_run=a["si"] or None, from_run_params=r".*")
+  elif a["mid"]:
     init = dict(from_run=a["mid"], from_run_params=r".*")
   else:
     init = dict(
@@ -79,11 +104,11 @@ def get_config(arg: str = "stage=si"):
   c = llava_recipe(
       vision="siglip-So400m/14-384",
       llm="qwen2-7b",
-      data=dict(train=f"{a['data']}/llava_onevision_si.json", image_root=f"{a['data']}/images", tokenizer=a["llm"]),
+      data=dict(train=f"{data}/llava_onevision_{a['stage']}.json", image_root=f"{data}/images", tokenizer=a["llm"]),
       template="chatml_llava_next",
       lr=1e-5,
       batch_size=batch,
-      steps=-(-SAMPLES_SI // batch),
+      steps=-(-(SAMPLES_OV if ov else SAMPLES_SI) // batch),
       max_len=8192,
       init=init,
       lr_rules=[(r"img/.*", 0.2), (r"projector/.*", 1.0), (r"image_newline", 1.0), (r"llm/.*", 1.0)],
@@ -105,6 +130,15 @@ def get_config(arg: str = "stage=si"):
   # mesh.fsdp=-1, mesh.tensor=1, train.grad_accum=32 (56.33 of 95.74 GiB).
   c.mesh.update(fsdp=-1, tensor=2)
   c.train.grad_accum = 16
+  if ov:  # multi-image (square tiles) and 32-frame videos beside single images
+    c.model.video = dict(token="<video>", pooling="bilinear", pool_stride=2)
+    c.data.update(max_images=3, video_frames=VIDEO_FRAMES, max_videos=1)
+    # Fits a v5e-64 (benchmarks/RESULTS.md): 14.18 of 15.75 GiB per chip with fsdp=16,
+    # tensor=4, one row per FSDP shard. Refused: 4 image slots (by 61 MiB), a v5e-32 (by
+    # 1.74 GiB at fsdp=8, tensor=4). A v5p-16 (8 chips) takes 4 slots: mesh.tensor=1,
+    # train.grad_accum=32, data.max_images=4 (39.86 of 95.74 GiB).
+    c.mesh.update(fsdp=-1, tensor=4)
+    c.train.grad_accum = 16
   return c
 
 

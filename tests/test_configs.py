@@ -98,5 +98,18 @@ def test_llava_onevision_recipe():
   # HF's OneVision tower: 26 of So400m's 27 layers, the last one's output, no class token
   assert (cfg.vision.select_layer, cfg.vision.num_layers_used, cfg.vision.num_features) == (-2, 26, 729)
   assert mod.get_config("stage=si,mid=/runs/mid").init.from_run_params == ".*"
-  with pytest.raises(ValueError, match="stage=ov"):
-    mod.get_config("stage=ov")
+  # The OneVision stage: from the si run, multi-image slots and one 32-frame video slot.
+  ov = mod.get_config("stage=ov,si=/runs/si")
+  assert (ov.init.from_run, ov.init.from_run_params, ov.optim.lr) == ("/runs/si", ".*", 1e-5)
+  assert (ov.data.max_images, ov.data.video_frames, ov.data.max_videos) == (3, 32, 1)
+  assert ov.data.train.endswith("llava_onevision_ov.json") and ov.train.steps == -(-1_600_000 // 256)
+  ov_cfg = model_config(ov)
+  from llava_jax.models.video import num_video_tokens
+
+  assert (ov_cfg.video_pooling, ov_cfg.video_pool_stride) == ("bilinear", 2)
+  assert num_video_tokens(ov_cfg, 32) == 32 * 14 * 14 + 1  # 196 per frame + one newline
+  assert ov_cfg.video_token_id not in (None, ov_cfg.image_token_id)
+  with pytest.raises(ValueError, match="si="):
+    mod.get_config("stage=ov,mid=/runs/mid")
+  with pytest.raises(ValueError, match="stage="):
+    mod.get_config("stage=xx")
