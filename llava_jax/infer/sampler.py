@@ -248,12 +248,12 @@ def generate(
     placeholders (``models.video.check_video_tokens``) and videos given to a config
     without ``video_token_id``.
   """
-  rng, stop_ids = _sampling(temperature, rng, max_new_tokens, eos_token_id, stop_token_ids, mesh)
-  x = prepare_inputs(
+  x, rng, sampling = _start(
       cfg,
       input_ids,
       pixel_values,
       attention_mask,
+      sampling=(temperature, top_k, top_p, rng, max_new_tokens, eos_token_id, stop_token_ids),
       image_mask=image_mask,
       image_sizes=image_sizes,
       image_layout=image_layout,
@@ -262,10 +262,22 @@ def generate(
       mesh=mesh,
       rules=rules,
   )
-  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stop_ids)
   with _mesh_ctx(x.ctx):
     tokens, steps = _generate(params, x, rng, max_new_tokens=max_new_tokens, **sampling)
   return (tokens, steps) if return_num_steps else tokens
+
+
+def _start(cfg, input_ids, pixel_values, attention_mask, *, sampling, mesh, **inputs):
+  """What ``generate`` and ``generate_stream`` both begin with: the sampling arguments
+  checked first (``_sampling``), then the inputs (``inputs.prepare_inputs``).
+
+  ``sampling``: (temperature, top_k, top_p, rng, max_new_tokens, eos_token_id,
+  stop_token_ids). Returns (PreparedInputs, rng, the jitted functions' static sampling
+  keywords)."""
+  temperature, top_k, top_p, rng, max_new_tokens, eos_token_id, stop_token_ids = sampling
+  rng, stop_ids = _sampling(temperature, rng, max_new_tokens, eos_token_id, stop_token_ids, mesh)
+  x = prepare_inputs(cfg, input_ids, pixel_values, attention_mask, mesh=mesh, **inputs)
+  return x, rng, dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stop_ids)
 
 
 _SAMPLING_STATIC = ("temperature", "top_k", "top_p", "stop_ids")
@@ -323,12 +335,12 @@ def generate_stream(
   they exist: numpy int32[B] per step, at most ``max_new_tokens`` times, stopping after
   the step in which every row has emitted a stop token. A host loop over a jitted
   single-step function (the cache is donated), for interactive use."""
-  rng, stop_ids = _sampling(temperature, rng, max_new_tokens, eos_token_id, stop_token_ids, mesh)
-  x = prepare_inputs(
+  x, rng, sampling = _start(
       cfg,
       input_ids,
       pixel_values,
       attention_mask,
+      sampling=(temperature, top_k, top_p, rng, max_new_tokens, eos_token_id, stop_token_ids),
       image_mask=image_mask,
       image_sizes=image_sizes,
       image_layout=image_layout,
@@ -337,7 +349,6 @@ def generate_stream(
       mesh=mesh,
       rules=rules,
   )
-  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, stop_ids=stop_ids)
   step = functools.partial(_stream_step, x.cfg, params, ctx=x.ctx, **sampling)
   p = x.input_ids.shape[1]
   with _mesh_ctx(x.ctx):
