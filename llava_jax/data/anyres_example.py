@@ -90,6 +90,20 @@ def downscaled_size(size: tuple[int, int], cfg) -> tuple[int, int] | None:
   return None
 
 
+def fit_size(size: tuple[int, int], cfg, policy: OverBudget) -> tuple[tuple[int, int] | None, str | None, str | None]:
+  """Where an image of ``size`` (height, width) goes under the slot budget and ``policy``:
+  (the size it is tiled at, a downscale note or None, an ``image_over_budget`` detail or
+  None). The training pipeline and ``data.inspect`` both count by it."""
+  why = over_budget(size, cfg)
+  if why is None:
+    return size, None, None
+  fitted = downscaled_size(size, cfg) if policy == "downscale" else None
+  if fitted is None:
+    hint = "" if policy == "downscale" else " (data.over_budget='downscale' would shrink it to fit)"
+    return None, None, f"{size[0]}x{size[1]} (HxW), needs {why}{hint}"
+  return fitted, f"{size[0]}x{size[1]} needs {why}; downscaled to {fitted[0]}x{fitted[1]}", None
+
+
 @dataclasses.dataclass(frozen=True)
 class AnyresImages:
   """One example's anyres images (I of them), or why they cannot be used (``error``)."""
@@ -136,16 +150,12 @@ def prepare_images(images, cfg, image_config: ImageConfig, policy: OverBudget = 
       out.image_tokens[i] = len(index)
       continue
     size = (img.size[1], img.size[0])
-    why = over_budget(size, cfg)
-    if why is not None:
-      fitted = downscaled_size(size, cfg) if policy == "downscale" else None
-      if fitted is None:
-        hint = "" if policy == "downscale" else " (data.over_budget='downscale' would shrink it to fit)"
-        return AnyresImages(error=f"image {i} of {len(images)}, {size[0]}x{size[1]} (HxW), needs {why}{hint}")
+    fitted, note, error = fit_size(size, cfg, policy)
+    if error is not None:
+      return AnyresImages(error=f"image {i} of {len(images)}, {error}")
+    if note is not None:
       img = img.resize((fitted[1], fitted[0]), resample=_RESAMPLE[image_config.resample])
-      notes.append(
-          f"image {i} of {len(images)}: {size[0]}x{size[1]} needs {why}; downscaled to {fitted[0]}x{fitted[1]}"
-      )
+      notes.append(f"image {i} of {len(images)}: {note}")
     tiles, size = preprocess_anyres(img, image_config, cfg.image_grid_pinpoints)
     out.pixel_values[i] = pad_tiles(tiles, p)
     index, weight = feature_layout(size, cfg)

@@ -108,14 +108,10 @@ class Data:
       except (ValueError, OSError) as e:
         reason = RejectReason.BAD_VIDEO if isinstance(image, tuple) else RejectReason.BAD_IMAGE
         return Rejected(sid, reason, f"image {k} of {len(images)}: {e}")
-      if not square and anyres_example.over_budget(size, self.anyres) is not None:
-        fitted = anyres_example.downscaled_size(size, self.anyres) if self.over_budget == "downscale" else None
-        if fitted is None:
-          why = anyres_example.over_budget(size, self.anyres)
-          return Rejected(
-              sid, RejectReason.IMAGE_OVER_BUDGET, f"image {k} of {len(images)}, {size[0]}x{size[1]}: {why}"
-          )
-        size = fitted
+      if not square:  # the pipeline's own rule (a square tile always fits)
+        size, _, error = anyres_example.fit_size(size, self.anyres, self.over_budget)
+        if error is not None:
+          return Rejected(sid, RejectReason.IMAGE_OVER_BUDGET, f"image {k} of {len(images)}, {error}")
       counts.append(num_image_tokens(size, self.anyres, square))
     return counts
 
