@@ -73,11 +73,29 @@ def _batch(cfg, counts, seed=0, length=None):
   """One row per image: text, the image's placeholders, text; right padding (to ``length``)."""
   rng = np.random.default_rng(seed)
   rows = [list(rng.integers(3, 100, 2)) + [cfg.image_token_id] * int(n) + list(rng.integers(3, 100, 3)) for n in counts]
+  return _pad_rows(rows, length)
+
+
+def _pad_rows(rows, length=None):
+  """Token rows -> right-padded ids and mask, int32[len(rows), length or the longest]."""
   ids = np.zeros((len(rows), length or max(map(len, rows))), np.int32)
   mask = np.zeros_like(ids)
   for i, r in enumerate(rows):
     ids[i, : len(r)], mask[i, : len(r)] = r, 1
   return ids, mask
+
+
+def _hf_logits(model, ids, mask, hf_in):
+  """HF logits of our ids on HF-processed images (``batch_num_images`` when the processor gives it)."""
+  extra = {"batch_num_images": torch.from_numpy(hf_in["batch_num_images"])} if "batch_num_images" in hf_in else {}
+  with torch.no_grad():
+    return model(
+        input_ids=torch.from_numpy(ids).long(),
+        attention_mask=torch.from_numpy(mask).long(),
+        pixel_values=torch.from_numpy(hf_in["pixel_values"]),
+        image_sizes=torch.from_numpy(hf_in["image_sizes"]),
+        **extra,
+    ).logits.numpy()
 
 
 @functools.cache  # one compiled forward per config
@@ -106,13 +124,7 @@ def test_logits_match_hf_with_both_processors(hf_anyres):
 
   layout = anyres.image_layout(sizes, cfg)
   ids, mask = _batch(cfg, layout.num_tokens)
-  with torch.no_grad():
-    ref = model(
-        input_ids=torch.from_numpy(ids).long(),
-        attention_mask=torch.from_numpy(mask).long(),
-        pixel_values=torch.from_numpy(hf_in["pixel_values"]),
-        image_sizes=torch.from_numpy(hf_in["image_sizes"]),
-    ).logits.numpy()  # HF raises if our placeholder counts differ from its packed features
+  ref = _hf_logits(model, ids, mask, hf_in)  # HF raises if our placeholder counts differ from its packed features
   out = np.asarray(_forward(cfg)(params, ids, px, mask, layout))
   valid = mask.astype(bool)
   err = np.abs(out[valid] - ref[valid]).max()
@@ -340,18 +352,8 @@ def test_onevision_multi_image_row_matches_hf(hf_anyres):
       text(2) + [cfg.image_token_id] * int(counts[0, 0]) + text(2) + [cfg.image_token_id] * int(counts[0, 1]) + text(3),
       text(2) + [cfg.image_token_id] * int(counts[1, 0]) + text(3),
   ]
-  ids = np.zeros((2, max(map(len, rows))), np.int32)
-  mask = np.zeros_like(ids)
-  for i, r in enumerate(rows):
-    ids[i, : len(r)], mask[i, : len(r)] = r, 1
-  with torch.no_grad():
-    ref = model(
-        input_ids=torch.from_numpy(ids).long(),
-        attention_mask=torch.from_numpy(mask).long(),
-        pixel_values=torch.from_numpy(hf_in["pixel_values"]),
-        image_sizes=torch.from_numpy(hf_in["image_sizes"]),
-        batch_num_images=torch.from_numpy(hf_in["batch_num_images"]),
-    ).logits.numpy()
+  ids, mask = _pad_rows(rows)
+  ref = _hf_logits(model, ids, mask, hf_in)
   out = np.asarray(Llava(cfg).apply({"params": params}, ids, px, mask, image_mask=image_mask, image_layout=layout))
   valid = mask.astype(bool)
   err = np.abs(out[valid] - ref[valid]).max()
