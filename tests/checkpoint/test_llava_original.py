@@ -325,8 +325,8 @@ def _original_anyres_config(model, family: str, tower: str) -> dict:
       image_grid_pinpoints=OV_RANGE,
       mm_vision_select_layer=-2,  # as OneVision's config; its SigLIP tower does not read it
       mm_vision_select_feature="patch",
-      mm_spatial_pool_mode="bilinear",  # video settings: not read
-      mm_spatial_pool_stride=2,
+      mm_spatial_pool_mode="bilinear",  # video settings: a newline per grid row is not implemented,
+      mm_spatial_pool_stride=2,  # so this model takes no video (test_llava_original_video.py: one_token)
       mm_newline_position="grid",
   )
 

@@ -33,8 +33,10 @@ stored as our ``(height, width)`` in the original order, which decides ties (all
 within one tile pick the first smallest grid: LLaVA-NeXT's ``[336, 672]`` is 2 rows x 1
 column). Other merge types ("flat" with anyres, "spatial", "spatial_unpad_nobase",
 "maxpool2x2" …) and ``image_aspect_ratio`` "highres" / "crop_split" are refused. Video
-settings (``mm_spatial_pool_*``, ``mm_newline_position``, ``add_faster_video``) are not
-read: the loaded model takes images only. One rounding differs from the original: its
+settings: OneVision's (``mm_spatial_pool_mode="bilinear"``, ``mm_newline_position=
+"one_token"``) give the loaded model a video token (``video_options``: a video is one
+``<video>`` tag and ``video_token_id = vocab_size + 1`` placeholders); others are logged
+and not read. One rounding differs from the original: its
 ``unpad_image`` truncates ``height * scale`` where transformers (and ``models.anyres``)
 round to 7 decimals first, so for rare sizes (36 of the 1.44M sizes up to 1200 x 1200
 under LLaVA-NeXT's pinpoints, e.g. 55 x 176) the original crops one more feature row or
@@ -108,15 +110,6 @@ _EMBEDDED_TOWER = "vision_tower.vision_tower."  # + "vision_model." (transformer
 _MERGE_TYPES = ("flat", "spatial_unpad")
 _ANYRES_MAX = re.compile(r"anyres_max_(\d+)")
 _GRID = re.compile(r"\((\d+)x(\d+)\)")
-# Read by the original code for videos only; the loaded model takes images.
-_VIDEO_FIELDS = (
-    "mm_spatial_pool_mode",
-    "mm_spatial_pool_stride",
-    "mm_spatial_pool_out_channels",
-    "mm_newline_position",
-    "add_faster_video",
-    "faster_token_stride",
-)
 
 
 def _strip_model(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -193,9 +186,6 @@ def _check_supported(d: dict, tensors: dict, path: str):
   kind = d.get("mm_projector_type", "linear")  # LLaVA's own default is linear
   if kind not in _PROJECTOR_NAMES:
     raise ValueError(f"{where}: mm_projector_type {kind!r} not supported; expected one of {sorted(_PROJECTOR_NAMES)}")
-  video = sorted(k for k in _VIDEO_FIELDS if k in d)
-  if video:
-    log.info("%s: video settings %s are not read; the loaded model takes images only", where, video)
 
 
 def grid_pinpoints_from_original(value, tile: int, where: str = "config.json") -> tuple[tuple[int, int], ...]:
@@ -253,6 +243,45 @@ def anyres_options(d: dict, tile: int, path: str) -> dict:
       "image_grid_pinpoints": grid_pinpoints_from_original(d["image_grid_pinpoints"], tile, where),
       "vision_aspect_ratio": None if ratio == "anyres" else ratio,
   }
+
+
+def video_options(d: dict, vocab_size: int, path: str) -> dict:
+  """The ``LlavaConfig`` video fields of an original config.json ({} for a model without videos).
+
+  The original (``llava_arch.py``) marks a video with one ``<image>`` and ``modalities=["video"]``:
+  each frame goes through the tower and the projector, the projected grid is pooled by
+  ``get_2dPool`` (``mm_spatial_pool_mode``, ``mm_spatial_pool_stride``), and with
+  ``mm_newline_position="one_token"`` (its default) and a ``spatial_unpad`` merge the frames'
+  tokens are followed by one ``image_newline``. That is OneVision's video path in
+  transformers and ``models.video``'s ``"bilinear"`` pooling, so a bilinear checkpoint loads
+  with ``video_token_id = vocab_size + 1`` (a placeholder outside the vocabulary, as the image
+  one). No ``mm_spatial_pool_mode`` (LLaVA-1.5 / NeXT v1.6: the original cannot take a video)
+  gives {}; so do settings ``models.video`` does not implement ("average" / "max" after the
+  projector, a newline per grid row or frame, ``add_faster_video``, a resampler), logged with
+  the reason: a video given to such a model is then read as its frames, one image each.
+  """
+  if "mm_spatial_pool_mode" not in d:
+    return {}
+  where = os.path.join(path, "config.json")
+  mode, stride = d["mm_spatial_pool_mode"], d.get("mm_spatial_pool_stride", 2)  # get_2dPool(stride=2)
+  newline = d.get("mm_newline_position", "one_token")
+  why = None
+  if d.get("mm_patch_merge_type", "flat") != "spatial_unpad":
+    why = f"mm_patch_merge_type {d.get('mm_patch_merge_type', 'flat')!r} (a video's newline needs 'spatial_unpad')"
+  elif mode != "bilinear":
+    why = f"mm_spatial_pool_mode {mode!r} pools after the projector; only 'bilinear' is implemented"
+  elif newline != "one_token":
+    why = f"mm_newline_position {newline!r}; only 'one_token' (one image_newline after a video) is implemented"
+  elif d.get("add_faster_video"):
+    why = "add_faster_video is set"
+  elif d.get("mm_resampler_type"):
+    why = f"mm_resampler_type {d['mm_resampler_type']!r}"
+  elif not isinstance(stride, int) or stride < 1:
+    why = f"mm_spatial_pool_stride {stride!r} is not a positive int"
+  if why:
+    log.warning("%s: videos are not read as the original reads them (%s); a video is taken as its frames", where, why)
+    return {}
+  return {"video_token_id": vocab_size + 1, "video_pooling": "bilinear", "video_pool_stride": stride}
 
 
 def _family(d: dict) -> str | None:
@@ -364,7 +393,8 @@ def load_llava_original(
     config takes ``mm_vision_select_layer`` and ``mm_vision_select_feature`` ("patch"
     drops CLS, "cls_patch" keeps it); a SigLIP tower is truncated as the original does
     (see the module docstring). Anyres checkpoints get ``image_grid_pinpoints`` (as
-    ``(height, width)``) and, for "anyres_max_N", ``vision_aspect_ratio``.
+    ``(height, width)``) and, for "anyres_max_N", ``vision_aspect_ratio``; OneVision's
+    bilinear video settings give the video fields (``video_options``).
     ``image_token_id = vocab_size`` (see the module docstring).
   """
   d = common.read_json(os.path.join(path, "config.json"))
@@ -388,6 +418,7 @@ def load_llava_original(
       image_token_id=llm.vocab_size,
       pad_token_id=d.get("pad_token_id") or 0,
       **anyres_options(d, vision.image_size, path),
+      **video_options(d, llm.vocab_size, path),
   )
   specs = prefixed(hf.projector_specs(proj, _PROJECTOR_NAMES[kind]), "", ("projector",)) + prefixed(
       hf.llm_specs(llm) + hf.lm_head_specs(llm), "", ("llm",)
