@@ -6,7 +6,6 @@ layout against ``tests/models/test_llava_next.py``'s tiny LlavaNext / LlavaOnevi
 models (imported, not copied), on wide, tall and small images."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -17,6 +16,7 @@ import transformers as tf
 from PIL import Image
 from safetensors.numpy import save_file
 
+import sibling
 import tiny_hf
 from llava_jax.checkpoint.convert import hf
 from llava_jax.checkpoint.convert import llava_original
@@ -35,10 +35,7 @@ from llava_jax.models.configs import VISION_VARIANTS
 from llava_jax.models.llava import Llava
 from llava_jax.models.projector import Projector
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("test_llava_next", os.path.join(ROOT, "tests/models/test_llava_next.py"))
-llava_next = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llava_next)
+llava_next = sibling.load("tests/models/test_llava_next.py")
 
 LLM_WIDTH = 48  # != CLIP width 64, so a transposed projector cannot pass
 HF_IMAGE_TOKEN = 127

@@ -8,7 +8,6 @@ HF's video path on the same weights: logits of an image + video row and a video 
 ``python -m llava_jax.generate --video`` equal to ``LoadedModel.answer``."""
 
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -17,10 +16,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.numpy import save_file
 
+import sibling
+from sibling import ROOT
 import tiny_checkpoint
 from llava_jax.checkpoint.convert.llava_original import load_llava_original, video_options
 from llava_jax.data import anyres as data_anyres
@@ -30,20 +30,11 @@ from llava_jax.infer.sampler import generate
 from llava_jax.models import anyres, video
 from llava_jax.tokenizer import train_sentencepiece
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+original = sibling.load("tests/checkpoint/test_llava_original.py")
+video_generate = sibling.load("tests/infer/test_video_generate.py")  # its HF generate call
+llava_video = video_generate.llava_video
 
-
-def _import(name, rel):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-original = _import("test_llava_original", "tests/checkpoint/test_llava_original.py")
-llava_video = _import("test_llava_video", "tests/models/test_llava_video.py")
-
-SIZE, FRAMES, NEW = 35, 4, 6  # 35 px / 7: a 5x5 grid pooled to 3x3 (real bilinear taps)
+SIZE, FRAMES, NEW = 35, 4, video_generate.NEW  # 35 px / 7: a 5x5 grid pooled to 3x3 (real bilinear taps)
 ONEVISION_VIDEO = dict(mm_spatial_pool_mode="bilinear", mm_spatial_pool_stride=2, mm_newline_position="one_token")
 
 
@@ -108,17 +99,7 @@ def test_generate_and_cli_answer_a_video_as_hf_does(ov_original):
   media = loaded.preprocess_media(conversation, videos=clip, num_frames=FRAMES)
   _, ids = loaded.encode_prompt(conversation, media.image_sizes, media.video_frames)
   assert np.sum(ids == loaded.cfg.video_token_id) == video.num_video_tokens(loaded.cfg, FRAMES)
-  with torch.no_grad():
-    ref = model.generate(
-        input_ids=torch.from_numpy(_to_hf(ids, loaded.cfg)[None]).long(),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        pixel_values_videos=torch.from_numpy(media.pixel_values_videos.transpose(0, 1, 4, 2, 3).copy()),
-        max_new_tokens=NEW,
-        do_sample=False,
-        pad_token_id=loaded.cfg.pad_token_id,
-        eos_token_id=loaded.stop_token_ids(),
-    )[0, len(ids) :].numpy()
-  ref = np.pad(ref, (0, NEW - len(ref)), constant_values=loaded.cfg.pad_token_id)  # HF stops early
+  ref = video_generate._hf_generate(model, loaded, _to_hf(ids, loaded.cfg), media.pixel_values_videos)
   ours = generate(
       loaded.cfg,
       loaded.params,

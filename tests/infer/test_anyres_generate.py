@@ -11,7 +11,6 @@ text around ``<image>`` differently from LLaVA's chunk-wise ``tokenizer_image_to
 (with ours), and our tiles with its image processor's.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,15 +23,14 @@ import transformers as tf
 from PIL import Image
 
 import tiny_checkpoint
+import sibling
+from sibling import ROOT
 import tiny_hf
 from llava_jax.infer.loading import load_model
 from llava_jax.infer.sampler import generate
 from llava_jax.tokenizer import train_sentencepiece
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("test_llava_next", os.path.join(ROOT, "tests/models/test_llava_next.py"))
-llava_next = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llava_next)
+llava_next = sibling.load("tests/models/test_llava_next.py")
 
 NEW = 8
 QUESTION = "What color is the square?"

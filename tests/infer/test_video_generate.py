@@ -9,7 +9,6 @@ installed; ``test_llava_video`` checks our frames against its per-frame processo
 (b) A tiny LLaVA-1.5 checkpoint, which has no video token: the video's frames are images.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,24 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
+import sibling
+from sibling import ROOT
 import tiny_checkpoint
 from llava_jax.infer.loading import load_model
 from llava_jax.infer.sampler import generate, prefill
 from llava_jax.models.video import num_video_tokens
 from llava_jax.tokenizer import train_sentencepiece
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _import(name, rel):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-video_files = _import("test_video", "tests/data/test_video.py")
-llava_video = _import("test_llava_video", "tests/models/test_llava_video.py")
+video_files = sibling.load("tests/data/test_video.py")
+llava_video = sibling.load("tests/models/test_llava_video.py")
 
 NEW, FRAMES = 6, 4
 QUESTION = "Where is the circle?"
